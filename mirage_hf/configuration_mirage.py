@@ -1,0 +1,182 @@
+"""MiraGe model configuration.
+
+Self-contained (transformers' single-file policy): this file ships to the Hub as remote code next to
+`modeling_mirage.py` and imports nothing from `mirage_hf`.
+"""
+
+from huggingface_hub.dataclasses import strict
+from transformers import CLIPConfig, PreTrainedConfig
+
+
+MIRAGE_MODES = ("zero_shot", "linear_probe", "coop", "maple", "mirage")
+"""The ablation ladder: what trains on top of the frozen CLIP (see the README)."""
+
+PROMPT_MODES = ("coop", "maple", "mirage")
+"""Modes with a learnable text context."""
+
+DEEP_PROMPT_MODES = ("maple", "mirage")
+"""Modes with deep multimodal prompts (text prompts coupled into the vision tower)."""
+
+ID2LABEL = {0: "real", 1: "fake"}
+
+
+@strict
+class MiraGeConfig(PreTrainedConfig):
+    r"""
+    Configuration of a MiraGe detector: a frozen CLIP plus learnable multimodal prompts.
+
+    Args:
+        clip_config (`dict` or `CLIPConfig`, *optional*):
+            The frozen CLIP backbone. Defaults to `CLIPConfig()` (ViT-B/32 sized).
+        mode (`str`, *optional*, defaults to `"mirage"`):
+            Rung of the ablation ladder: `zero_shot` (nothing trains), `linear_probe` (a linear head on image
+            features, UnivFD), `coop` (shallow text context, cross-entropy), `maple` (deep multimodal prompts,
+            cross-entropy), `mirage` (deep multimodal prompts, full MiraGe loss).
+        n_ctx (`int`, *optional*, defaults to 2):
+            Number of learnable context tokens (and of vision prompt tokens per layer).
+        prompt_depth (`int`, *optional*, defaults to 9):
+            Number of layers, counted from the first, that get prompts in both encoders (`maple`/`mirage`).
+        ctx_init (`str`, *optional*, defaults to `"a photo of a"`):
+            Words in front of each class name. The first `n_ctx` of its tokens are learnable and initialised
+            from their CLIP embeddings; `zero_shot` uses the sentence as written. `None` uses `n_ctx`
+            placeholder tokens with a random initialisation (CoOp style).
+        class_names (`list[str]`, *optional*, defaults to `["real", "fake"]`):
+            Words that end the two class prompts, in label order.
+        prompt_token_ids (`list[list[int]]`, *optional*):
+            The tokenised class prompts `<bos> ctx_init class_name . <eos>`, stored so that inference needs no
+            tokenizer. `from_clip` fills them with the CLIP tokenizer; without one, placeholder ids are used
+            (fine for randomly initialised models, meaningless for pretrained ones).
+        clip_name_or_path (`str`, *optional*):
+            Hub id or folder of the base CLIP (recorded by `from_clip`, used by adapters).
+        ce_weight, align_weight, sep_weight, supcon_weight (`float`):
+            Weights of the MiraGe loss terms (`mirage` mode; other modes train with cross-entropy only). A zero
+            weight switches the term off.
+        sep_margin (`float`, *optional*, defaults to 0.0):
+            Cosine to the other class anchor above which an image feature is penalised.
+        anchor_margin (`float`, *optional*, defaults to 0.5):
+            Cosine between the two anchors above which the anchors are pushed apart.
+        supcon_temperature (`float`, *optional*, defaults to 0.07):
+            Temperature of the supervised contrastive term.
+        memory_bank_size (`int`, *optional*, defaults to 1024):
+            Number of past image features kept (FIFO) as extra contrastive candidates; 0 disables the bank.
+        calibration_temperature (`float`, *optional*, defaults to 1.0):
+            Temperature dividing the logits, fitted on validation data.
+        decision_threshold (`float`, *optional*, defaults to 0.5):
+            Calibrated p(fake) from which an image is called fake. The output logits are shifted so that
+            `softmax(logits)[..., 1] >= 0.5` exactly when this threshold is reached, so `pipeline()` and every
+            other consumer of the logits uses the calibrated decision.
+    """
+
+    model_type = "mirage"
+    sub_configs_defaults = {"clip_config": CLIPConfig}
+
+    clip_config: dict | CLIPConfig | None = None
+    mode: str = "mirage"
+    n_ctx: int = 2
+    prompt_depth: int = 9
+    ctx_init: str | None = "a photo of a"
+    class_names: list[str] | None = None
+    prompt_token_ids: list[list[int]] | None = None
+    clip_name_or_path: str | None = None
+    ce_weight: float | int = 1.0
+    align_weight: float | int = 1.0
+    sep_weight: float | int = 1.0
+    supcon_weight: float | int = 0.1
+    sep_margin: float | int = 0.0
+    anchor_margin: float | int = 0.5
+    supcon_temperature: float | int = 0.07
+    memory_bank_size: int = 1024
+    calibration_temperature: float | int = 1.0
+    decision_threshold: float | int = 0.5
+
+    def __post_init__(self, **kwargs):
+        # The label set is part of the method, not a choice: drop whatever a caller or an old file says.
+        for key in ("id2label", "label2id", "num_labels"):
+            kwargs.pop(key, None)
+        self.id2label = dict(ID2LABEL)
+        self.label2id = {name: index for index, name in ID2LABEL.items()}
+        if self.class_names is None:
+            self.class_names = ["real", "fake"]
+        super().__post_init__(**kwargs)
+        self._check_values()
+        if self.prompt_token_ids is None:
+            self.prompt_token_ids = self._placeholder_prompt_token_ids()
+        self._check_prompt_token_ids()
+
+    @property
+    def text_prompt_depth(self) -> int:
+        """Text layers that receive learnable tokens (layer 0 = the context in the embeddings)."""
+        if self.mode in DEEP_PROMPT_MODES:
+            return self.prompt_depth
+        return 1 if self.mode == "coop" else 0
+
+    @property
+    def vision_prompt_depth(self) -> int:
+        """Vision layers that receive prompt tokens coupled from the text prompts."""
+        return self.prompt_depth if self.mode in DEEP_PROMPT_MODES else 0
+
+    @property
+    def num_learned_ctx(self) -> int:
+        """Learnable context tokens actually used by the mode."""
+        return self.n_ctx if self.mode in PROMPT_MODES else 0
+
+    def _check_values(self):
+        def fail(field, why):
+            raise ValueError(f"MiraGeConfig.{field}: {why}")
+
+        if self.mode not in MIRAGE_MODES:
+            fail("mode", f"unknown mode {self.mode!r}; choose one of {', '.join(MIRAGE_MODES)}")
+        if self.n_ctx < 0:
+            fail("n_ctx", f"must be >= 0, got {self.n_ctx}")
+        if self.mode in PROMPT_MODES and self.n_ctx == 0:
+            fail("n_ctx", f"mode {self.mode!r} learns context tokens, so n_ctx must be >= 1")
+        num_layers = min(
+            self.clip_config.text_config.num_hidden_layers, self.clip_config.vision_config.num_hidden_layers
+        )
+        if self.mode in DEEP_PROMPT_MODES and not 1 <= self.prompt_depth <= num_layers:
+            fail(
+                "prompt_depth",
+                f"must be between 1 and the number of layers of the shallower CLIP tower ({num_layers}), "
+                f"got {self.prompt_depth}",
+            )
+        if len(self.class_names) != 2:
+            fail("class_names", f"needs exactly two names (real, fake), got {self.class_names!r}")
+        for field in ("ce_weight", "align_weight", "sep_weight", "supcon_weight"):
+            if getattr(self, field) < 0:
+                fail(field, f"loss weights must be >= 0, got {getattr(self, field)}")
+        for field in ("sep_margin", "anchor_margin"):
+            if not -1.0 <= getattr(self, field) <= 1.0:
+                fail(field, f"is a cosine and must lie in [-1, 1], got {getattr(self, field)}")
+        if self.supcon_temperature <= 0:
+            fail("supcon_temperature", f"must be > 0, got {self.supcon_temperature}")
+        if self.memory_bank_size < 0:
+            fail("memory_bank_size", f"must be >= 0, got {self.memory_bank_size}")
+        if self.calibration_temperature <= 0:
+            fail("calibration_temperature", f"must be > 0, got {self.calibration_temperature}")
+        if not 0.0 < self.decision_threshold < 1.0:
+            fail("decision_threshold", f"must lie strictly between 0 and 1, got {self.decision_threshold}")
+
+    def _placeholder_prompt_token_ids(self) -> list[list[int]]:
+        """Distinct in-vocabulary ids shaped like real prompts, for models built without a tokenizer."""
+        text_config = self.clip_config.text_config
+        vocab = text_config.vocab_size
+        bos, eos = text_config.bos_token_id % vocab, text_config.eos_token_id % vocab
+        n_words = max(self.n_ctx, len(self.ctx_init.split()) if self.ctx_init else 0)
+        free_ids = (i % vocab for i in range(3, 3 + vocab) if i % vocab not in (bos, eos))
+        context = [next(free_ids) for _ in range(n_words)]
+        return [[bos, *context, next(free_ids), eos] for _ in ID2LABEL]
+
+    def _check_prompt_token_ids(self):
+        ids = self.prompt_token_ids
+        max_len = self.clip_config.text_config.max_position_embeddings
+        if len(ids) != 2:
+            raise ValueError(f"MiraGeConfig.prompt_token_ids: needs two prompts (real, fake), got {len(ids)}")
+        for prompt in ids:
+            if not self.num_learned_ctx + 2 <= len(prompt) <= max_len:
+                raise ValueError(
+                    f"MiraGeConfig.prompt_token_ids: a prompt of {len(prompt)} tokens cannot hold <bos>, "
+                    f"{self.num_learned_ctx} context tokens and <eos> within {max_len} positions"
+                )
+
+
+__all__ = ["MiraGeConfig"]

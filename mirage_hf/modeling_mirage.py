@@ -1,0 +1,559 @@
+"""MiraGe: a frozen CLIP with deep multimodal prompts for detecting AI-generated images.
+
+Self-contained (transformers' single-file policy): this file ships to the Hub as remote code next to
+`configuration_mirage.py` and imports nothing from `mirage_hf`.
+
+The prompts are inserted by an explicit loop over the stock CLIP layers (MaPLe's scheme, without forking
+CLIP), so SDPA / flash attention and activation checkpointing of `CLIPEncoderLayer` keep working and every
+CLIP checkpoint loads unchanged into `model.clip`.
+"""
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoTokenizer, CLIPConfig, CLIPModel, PreTrainedConfig, PreTrainedModel
+from transformers import initialization as init
+from transformers.utils import ModelOutput
+
+from .configuration_mirage import MiraGeConfig
+
+
+ADAPTER_CONFIG_NAME = "mirage_adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "mirage_adapter.safetensors"
+
+
+@dataclass
+class MiraGeOutput(ModelOutput):
+    r"""
+    loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` is given):
+        Weighted sum of the active loss terms.
+    logits (`torch.FloatTensor` of shape `(batch_size, 2)`):
+        Calibrated logits for (real, fake): `softmax(logits)[:, 1] >= 0.5` is the model's fake decision.
+    image_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`):
+        L2-normalised image features.
+    text_embeds (`torch.FloatTensor` of shape `(2, projection_dim)`, *optional*):
+        L2-normalised class anchors (real, fake); `None` in `linear_probe` mode, which has no anchors.
+    loss_ce, loss_align, loss_sep, loss_supcon (`torch.FloatTensor` of shape `()`, *optional*):
+        The unweighted loss terms that are switched on, for logging.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    image_embeds: torch.FloatTensor | None = None
+    text_embeds: torch.FloatTensor | None = None
+    loss_ce: torch.FloatTensor | None = None
+    loss_align: torch.FloatTensor | None = None
+    loss_sep: torch.FloatTensor | None = None
+    loss_supcon: torch.FloatTensor | None = None
+
+
+def _replace_tokens(hidden: torch.Tensor, prompts: torch.Tensor, start: int) -> torch.Tensor:
+    """Writes `prompts` (n, d) over n positions of every sequence in `hidden` (b, l, d) from `start`.
+
+    A negative `start` counts from the end, so `start=-n` replaces the last n tokens.
+    """
+    start = start % hidden.shape[1]
+    prompts = prompts.to(hidden.dtype).expand(hidden.shape[0], -1, -1)
+    return torch.cat([hidden[:, :start], prompts, hidden[:, start + prompts.shape[1] :]], dim=1)
+
+
+def calibrate_logits(logits: torch.Tensor, temperature: float, threshold: float) -> torch.Tensor:
+    """Applies the stored calibration: logits / T, with the fake logit shifted by -logit(threshold).
+
+    After this, `softmax(logits)[:, 1] >= 0.5` exactly when the calibrated p(fake) reaches `threshold`.
+    """
+    if temperature == 1.0 and threshold == 0.5:
+        return logits
+    shift = torch.tensor([0.0, math.log(threshold / (1.0 - threshold))], device=logits.device, dtype=logits.dtype)
+    return logits / temperature - shift
+
+
+class MiraGePromptLearner(nn.Module):
+    """Learnable prompts and the tokenised class prompts they are written into.
+
+    `text_prompts[0]` is the shallow context (the CoOp part) that replaces the first `n_ctx` words of each
+    class prompt; `text_prompts[i]` for i >= 1 replaces the same positions at the input of text layer i.
+    `vision_couplings[i]` maps `text_prompts[i]` to the `n_ctx` vision prompt tokens of vision layer i
+    (MaPLe's coupling: vision prompts are a function of the text prompts).
+    """
+
+    def __init__(self, config: MiraGeConfig):
+        super().__init__()
+        text_dim = config.clip_config.text_config.hidden_size
+        vision_dim = config.clip_config.vision_config.hidden_size
+        n_ctx = config.num_learned_ctx
+        self.text_prompts = nn.ParameterList(
+            [nn.Parameter(torch.empty(n_ctx, text_dim)) for _ in range(config.text_prompt_depth)]
+        )
+        self.vision_couplings = nn.ModuleList(
+            [nn.Linear(text_dim, vision_dim) for _ in range(config.vision_prompt_depth)]
+        )
+        token_ids, eos_positions = self.padded_prompt_ids(config)
+        self.token_ids = nn.Buffer(token_ids, persistent=False)
+        self.eos_positions = nn.Buffer(eos_positions, persistent=False)
+
+    @staticmethod
+    def padded_prompt_ids(config: MiraGeConfig) -> tuple[torch.Tensor, torch.Tensor]:
+        """The class prompts padded to one length, and the position of each one's end-of-text token.
+
+        Padding after the end token never reaches it through the causal mask, so any pad id works.
+        """
+        prompts = config.prompt_token_ids
+        length = max(len(p) for p in prompts)
+        eos_id = prompts[0][-1]
+        token_ids = torch.tensor([p + [eos_id] * (length - len(p)) for p in prompts], dtype=torch.long)
+        return token_ids, torch.tensor([len(p) - 1 for p in prompts], dtype=torch.long)
+
+    def forward(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Returns (text prompts per text layer, vision prompts per vision layer)."""
+        text_prompts = list(self.text_prompts)
+        vision_prompts = [coupling(prompt) for coupling, prompt in zip(self.vision_couplings, text_prompts)]
+        return text_prompts, vision_prompts
+
+
+class MiraGeMemoryBank(nn.Module):
+    """FIFO queue of past image features (detached, L2-normalised) and their labels.
+
+    What it stores and when: after each *training* forward with labels, the features of that micro-batch,
+    gathered from every process (so all ranks hold the same queue), are enqueued once the micro-batch's loss
+    has been computed. A batch therefore never meets itself in the bank; under gradient accumulation each
+    micro-batch sees the earlier ones of the same step, exactly as it would see earlier steps. Empty slots have
+    label -1 and are ignored. The queue is a persistent buffer, so `Accelerator.save_state` checkpoints it and
+    a resumed run continues with the same bank; `save_pretrained` leaves it out of exported models.
+    """
+
+    def __init__(self, size: int, dim: int):
+        super().__init__()
+        self.features = nn.Buffer(torch.zeros(size, dim))
+        self.labels = nn.Buffer(torch.full((size,), -1, dtype=torch.long))
+        self.position = nn.Buffer(torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def enqueue(self, features: torch.Tensor, labels: torch.Tensor):
+        features, labels = _gather_from_all_processes(features.detach()), _gather_from_all_processes(labels)
+        size = self.labels.shape[0]
+        features, labels = features[-size:], labels[-size:]
+        slots = (self.position + torch.arange(labels.shape[0], device=labels.device)) % size
+        self.features.index_copy_(0, slots, features.to(self.features.dtype))
+        self.labels.index_copy_(0, slots, labels)
+        self.position.add_(labels.shape[0]).remainder_(size)
+
+    def filled(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stored features and labels, without empty slots (order is irrelevant to the loss)."""
+        keep = self.labels >= 0
+        return self.features[keep], self.labels[keep]
+
+
+def _gather_from_all_processes(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenates `tensor` from every process (batches may differ in size); identity without DDP."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return tensor
+    world_size = torch.distributed.get_world_size()
+    if world_size == 1:
+        return tensor
+    size = torch.tensor([tensor.shape[0]], device=tensor.device)
+    sizes = [torch.zeros_like(size) for _ in range(world_size)]
+    torch.distributed.all_gather(sizes, size)
+    sizes = [int(s) for s in sizes]
+    padded = tensor.new_zeros((max(sizes), *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    gathered = [torch.zeros_like(padded) for _ in range(world_size)]
+    torch.distributed.all_gather(gathered, padded)
+    return torch.cat([chunk[:n] for chunk, n in zip(gathered, sizes)])
+
+
+class MiraGeLoss(nn.Module):
+    """The MiraGe objective: cross-entropy plus anchor alignment, anchor separation and supervised contrast.
+
+    Only `mirage` mode uses the extra terms; the other rungs of the ladder train with cross-entropy alone.
+    """
+
+    def __init__(self, config: MiraGeConfig):
+        super().__init__()
+        full = config.mode == "mirage"
+        self.weights = {
+            "ce": config.ce_weight if full else 1.0,
+            "align": config.align_weight if full else 0.0,
+            "sep": config.sep_weight if full else 0.0,
+            "supcon": config.supcon_weight if full else 0.0,
+        }
+        self.sep_margin = config.sep_margin
+        self.anchor_margin = config.anchor_margin
+        self.temperature = config.supcon_temperature
+        use_bank = self.weights["supcon"] > 0 and config.memory_bank_size > 0
+        self.memory_bank = (
+            MiraGeMemoryBank(config.memory_bank_size, config.clip_config.projection_dim) if use_bank else None
+        )
+
+    def forward(self, logits, image_embeds, text_embeds, labels) -> dict[str, torch.Tensor]:
+        """Returns the active terms and their weighted sum under "loss"."""
+        terms = {}
+        if self.weights["ce"] > 0:
+            terms["ce"] = F.cross_entropy(logits.float(), labels)
+        if text_embeds is not None:
+            image_embeds, text_embeds = image_embeds.float(), text_embeds.float()
+            if self.weights["align"] > 0:
+                terms["align"] = (1.0 - (image_embeds * text_embeds[labels]).sum(-1)).mean()
+            if self.weights["sep"] > 0:
+                to_other = (image_embeds * text_embeds[1 - labels]).sum(-1)
+                between_anchors = text_embeds[0] @ text_embeds[1]
+                terms["sep"] = F.relu(to_other - self.sep_margin).mean() + F.relu(between_anchors - self.anchor_margin)
+            if self.weights["supcon"] > 0:
+                terms["supcon"] = self.supervised_contrastive(image_embeds, labels, text_embeds)
+        terms["loss"] = sum(self.weights[name] * value for name, value in terms.items())
+        if self.training and self.memory_bank is not None:
+            self.memory_bank.enqueue(image_embeds, labels)
+        return terms
+
+    def supervised_contrastive(self, features, labels, text_embeds):
+        """SupCon over the batch, the memory bank and the two anchors; positives share the label."""
+        candidates, candidate_labels = [features], [labels]
+        if self.memory_bank is not None:
+            bank_features, bank_labels = self.memory_bank.filled()
+            candidates.append(bank_features.to(features.dtype))
+            candidate_labels.append(bank_labels)
+        candidates.append(text_embeds)
+        candidate_labels.append(torch.arange(2, device=labels.device))
+        candidates, candidate_labels = torch.cat(candidates), torch.cat(candidate_labels)
+
+        logits = features @ candidates.T / self.temperature
+        not_self = torch.ones_like(logits, dtype=torch.bool)
+        not_self[:, : features.shape[0]].fill_diagonal_(False)
+        log_prob = logits - torch.logsumexp(logits.masked_fill(~not_self, float("-inf")), dim=1, keepdim=True)
+        positives = not_self & (candidate_labels[None, :] == labels[:, None])
+        per_sample = -torch.where(positives, log_prob, 0.0).sum(1) / positives.sum(1)
+        return per_sample.mean()
+
+
+class MiraGePreTrainedModel(PreTrainedModel):
+    config: MiraGeConfig
+    base_model_prefix = "clip"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    _no_split_modules = ["CLIPTextEmbeddings", "CLIPEncoderLayer", "CLIPVisionEmbeddings"]
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+    _keys_to_ignore_on_load_missing = [r"loss_fn\.memory_bank\."]
+    _keys_to_ignore_on_save = [
+        "loss_fn.memory_bank.features",
+        "loss_fn.memory_bank.labels",
+        "loss_fn.memory_bank.position",
+    ]
+
+    def _init_weights(self, module):
+        """Initialises what a CLIP checkpoint does not hold (the nested CLIPModel initialises itself)."""
+        if isinstance(module, MiraGePromptLearner):
+            for prompt in module.text_prompts:
+                init.normal_(prompt, std=0.02)
+            token_ids, eos_positions = module.padded_prompt_ids(self.config)
+            init.copy_(module.token_ids, token_ids)
+            init.copy_(module.eos_positions, eos_positions)
+            for coupling in module.vision_couplings:
+                init.normal_(coupling.weight, std=coupling.in_features**-0.5)
+                init.zeros_(coupling.bias)
+        elif isinstance(module, MiraGeMemoryBank):
+            init.zeros_(module.features)
+            init.constant_(module.labels, -1)
+            init.zeros_(module.position)
+        elif module is getattr(self, "classifier", None):
+            init.normal_(module.weight, std=0.02)
+            init.zeros_(module.bias)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """Loads as usual, then freezes CLIP again (loading materialises every weight as trainable)."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        model.clip.requires_grad_(False)
+        return loaded
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Saves as usual; models registered for remote code list both Auto classes in `auto_map`."""
+        if self._auto_class is not None:
+            self.config.auto_map = {
+                **(getattr(self.config, "auto_map", None) or {}),
+                "AutoModel": "modeling_mirage.MiraGeModel",
+                "AutoModelForImageClassification": "modeling_mirage.MiraGeForImageClassification",
+            }
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+
+class MiraGeModel(MiraGePreTrainedModel):
+    """Frozen CLIP + prompt learner (+ a linear head in `linear_probe` mode). Returns logits and embeddings."""
+
+    def __init__(self, config: MiraGeConfig):
+        super().__init__(config)
+        self.clip = CLIPModel(config.clip_config)
+        self.clip.requires_grad_(False)
+        self.prompt_learner = MiraGePromptLearner(config)
+        projection_dim = config.clip_config.projection_dim
+        self.classifier = nn.Linear(projection_dim, 2) if config.mode == "linear_probe" else None
+        self._anchor_cache = None
+        self.post_init()
+
+    # ----------------------------------------------------------------------------------------- encoders
+
+    def encode_text_anchors(self, text_prompts: list[torch.Tensor]) -> torch.Tensor:
+        """Projected (not normalised) features of the two class prompts with the text prompts inserted."""
+        text_model = self.clip.text_model
+        token_ids = self.prompt_learner.token_ids
+        embeds = text_model.embeddings.token_embedding(token_ids)
+        if text_prompts:
+            embeds = _replace_tokens(embeds, text_prompts[0], start=1)
+        hidden = text_model.embeddings(inputs_embeds=embeds)
+        causal_mask = self._causal_mask(hidden)
+        for index, layer in enumerate(text_model.encoder.layers):
+            if 1 <= index < len(text_prompts):
+                hidden = _replace_tokens(hidden, text_prompts[index], start=1)
+            hidden = layer(hidden, causal_mask, is_causal=True)
+        hidden = text_model.final_layer_norm(hidden)
+        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), self.prompt_learner.eos_positions]
+        return self.clip.text_projection(pooled)
+
+    def encode_image(self, pixel_values: torch.Tensor, vision_prompts: list[torch.Tensor]) -> torch.Tensor:
+        """Projected (not normalised) image features with the vision prompts appended after the patches."""
+        vision_model = self.clip.vision_model
+        hidden = vision_model.embeddings(pixel_values.to(self.clip.visual_projection.weight.dtype))
+        if vision_prompts:
+            hidden = torch.cat([hidden, vision_prompts[0].to(hidden.dtype).expand(hidden.shape[0], -1, -1)], 1)
+        hidden = vision_model.pre_layrnorm(hidden)
+        for index, layer in enumerate(vision_model.encoder.layers):
+            if 1 <= index < len(vision_prompts):
+                hidden = _replace_tokens(hidden, vision_prompts[index], start=-vision_prompts[index].shape[0])
+            hidden = layer(hidden, None)
+        pooled = vision_model.post_layernorm(hidden[:, 0])
+        return self.clip.visual_projection(pooled)
+
+    def _causal_mask(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Eager attention needs an explicit mask; SDPA and flash attention use `is_causal` instead."""
+        if self.config.clip_config.text_config._attn_implementation != "eager":
+            return None
+        length = hidden.shape[1]
+        blocked = torch.full((length, length), torch.finfo(hidden.dtype).min, device=hidden.device)
+        return torch.triu(blocked, diagonal=1).to(hidden.dtype)[None, None]
+
+    # ------------------------------------------------------------------------------------------ anchors
+
+    def prompts_and_anchors(self) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """(normalised text anchors or None, vision prompts). Cached in eval mode until a prompt changes."""
+        if self.training:
+            self._anchor_cache = None
+            return self._compute_prompts_and_anchors()
+        key = self._anchor_cache_key()
+        if self._anchor_cache is None or self._anchor_cache[0] != key:
+            with torch.inference_mode(False), torch.no_grad():
+                self._anchor_cache = (key, self._compute_prompts_and_anchors())
+        return self._anchor_cache[1]
+
+    def _compute_prompts_and_anchors(self):
+        text_prompts, vision_prompts = self.prompt_learner()
+        if self.classifier is not None:
+            return None, vision_prompts
+        return F.normalize(self.encode_text_anchors(text_prompts), dim=-1), vision_prompts
+
+    def _anchor_cache_key(self) -> tuple:
+        """Changes whenever a tensor the anchors depend on is replaced, moved, cast or updated in place."""
+        modules = (self.prompt_learner, self.clip.text_model, self.clip.text_projection)
+        tensors = [t for module in modules for t in (*module.parameters(), *module.buffers())]
+        return (
+            self.clip.logit_scale.device,
+            self.clip.logit_scale.dtype,
+            tuple((id(t), t._version) for t in tensors),
+        )
+
+    # ---------------------------------------------------------------------------------------- inference
+
+    def _check_pixel_values(self, pixel_values: torch.Tensor | None):
+        vision_config = self.config.clip_config.vision_config
+        expected = (vision_config.num_channels, vision_config.image_size, vision_config.image_size)
+        if pixel_values is None or pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
+            got = None if pixel_values is None else tuple(pixel_values.shape)
+            raise ValueError(
+                f"pixel_values must have shape (batch, {', '.join(map(str, expected))}) for this model, got {got}. "
+                f"Preprocess images with the model's image processor (its crop size must be {expected[1]})."
+            )
+
+    def detect(self, pixel_values: torch.Tensor):
+        """Uncalibrated logits, normalised image embeddings and anchors (None in linear_probe mode)."""
+        self._check_pixel_values(pixel_values)
+        text_embeds, vision_prompts = self.prompts_and_anchors()
+        image_features = self.encode_image(pixel_values, vision_prompts)
+        image_embeds = F.normalize(image_features, dim=-1)
+        if self.classifier is not None:
+            logits = self.classifier(image_features)
+        else:
+            logits = self.clip.logit_scale.exp() * image_embeds @ text_embeds.to(image_embeds.dtype).T
+        return logits, image_embeds, text_embeds
+
+    def calibrated(self, logits: torch.Tensor) -> torch.Tensor:
+        return calibrate_logits(logits, self.config.calibration_temperature, self.config.decision_threshold)
+
+    def forward(self, pixel_values: torch.Tensor | None = None, **kwargs) -> MiraGeOutput:
+        logits, image_embeds, text_embeds = self.detect(pixel_values)
+        return MiraGeOutput(logits=self.calibrated(logits), image_embeds=image_embeds, text_embeds=text_embeds)
+
+    # ------------------------------------------------------------------------------- building / adapters
+
+    @classmethod
+    def from_clip(cls, name_or_path, *, tokenizer=None, dtype=torch.float32, **config_overrides):
+        """Builds a MiraGe model on a pretrained CLIP (Hub id or local folder with weights and tokenizer).
+
+        The CLIP weights go into `model.clip` (frozen); the class prompts are tokenised with the checkpoint's
+        tokenizer (or `tokenizer`) and stored in the config, so the saved model needs no tokenizer.
+        """
+        config_dict, _ = PreTrainedConfig.get_config_dict(name_or_path)
+        if config_dict.get("model_type") != "clip":
+            raise ValueError(
+                f"{name_or_path!r} is not a CLIP checkpoint (its config says model_type="
+                f"{config_dict.get('model_type')!r}); MiraGe needs a transformers CLIPModel checkpoint such as "
+                "'openai/clip-vit-large-patch14'."
+            )
+        build_config = partial(
+            MiraGeConfig, clip_config=CLIPConfig.from_dict(config_dict), clip_name_or_path=str(name_or_path)
+        )
+        config = build_config(**config_overrides)
+        if "prompt_token_ids" not in config_overrides:
+            tokenizer = tokenizer or cls._load_tokenizer(name_or_path)
+            config = build_config(prompt_token_ids=_tokenize_class_prompts(tokenizer, config), **config_overrides)
+        model, info = cls.from_pretrained(name_or_path, config=config, dtype=dtype, output_loading_info=True)
+        not_clip = ("prompt_learner.", "classifier.", "loss_fn.")
+        missing_clip = [key for key in info["missing_keys"] if not key.startswith(not_clip)]
+        if missing_clip:
+            raise ValueError(f"{name_or_path!r} lacks CLIP weights: {', '.join(sorted(missing_clip)[:5])} ...")
+        model.init_context_from_words()
+        return model
+
+    @staticmethod
+    def _load_tokenizer(name_or_path):
+        try:
+            return AutoTokenizer.from_pretrained(name_or_path)
+        except (OSError, ValueError, TypeError) as error:
+            raise ValueError(
+                f"from_clip needs the CLIP tokenizer of {name_or_path!r} to write the class prompts, and it could "
+                f"not be loaded ({error}). Save the tokenizer next to the weights, or pass tokenizer=..."
+            ) from error
+
+    @torch.no_grad()
+    def init_context_from_words(self):
+        """Starts the learnable context from the CLIP embeddings of the words it replaces (MaPLe/CoOp init)."""
+        if not (self.config.ctx_init and self.prompt_learner.text_prompts):
+            return
+        n_ctx = self.config.num_learned_ctx
+        words = self.prompt_learner.token_ids[0, 1 : 1 + n_ctx]
+        self.prompt_learner.text_prompts[0].copy_(self.clip.text_model.embeddings.token_embedding(words))
+        self._anchor_cache = None
+
+    def save_adapter(self, save_directory):
+        """Writes only the trainable weights (safetensors) and the settings needed to rebuild the model."""
+        from safetensors.torch import save_file
+
+        trainable = {name for name, param in self.named_parameters() if param.requires_grad}
+        state = {name: tensor.detach().contiguous() for name, tensor in self.state_dict().items() if name in trainable}
+        own_fields = set(MiraGeConfig.__annotations__) - {"clip_config", "clip_name_or_path"}
+        settings = {key: getattr(self.config, key) for key in sorted(own_fields)}
+        adapter_config = {
+            "base_model_name_or_path": self.config.clip_name_or_path,
+            "model_class": type(self).__name__,
+            "mirage_config": settings,
+        }
+        os.makedirs(save_directory, exist_ok=True)
+        _atomic_write(os.path.join(save_directory, ADAPTER_WEIGHTS_NAME), lambda path: save_file(state, path))
+        _atomic_write(
+            os.path.join(save_directory, ADAPTER_CONFIG_NAME),
+            lambda path: open(path, "w").write(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n"),
+        )
+
+    @classmethod
+    def from_adapter(cls, adapter_directory, base_model=None, **kwargs):
+        """Rebuilds a model from `save_adapter` output on top of its base CLIP (or `base_model`)."""
+        from safetensors.torch import load_file
+
+        with open(os.path.join(adapter_directory, ADAPTER_CONFIG_NAME)) as handle:
+            adapter_config = json.load(handle)
+        base_model = base_model or adapter_config["base_model_name_or_path"]
+        if base_model is None:
+            raise ValueError("The adapter does not name its base CLIP; pass base_model=<Hub id or folder>.")
+        model = cls.from_clip(base_model, **adapter_config["mirage_config"], **kwargs)
+        state = load_file(os.path.join(adapter_directory, ADAPTER_WEIGHTS_NAME))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+        if unexpected or trainable - state.keys():
+            raise ValueError(
+                f"The adapter in {adapter_directory!r} does not match the model it describes: "
+                f"unexpected {sorted(unexpected)}, missing {sorted(trainable - state.keys())}"
+            )
+        return model
+
+
+def _tokenize_class_prompts(tokenizer, config: MiraGeConfig) -> list[list[int]]:
+    """`<bos> ctx_init class_name . <eos>` per class; the first n_ctx context words become learnable."""
+    n_ctx = config.num_learned_ctx
+    if config.ctx_init:
+        prefix = config.ctx_init
+        n_words = len(tokenizer(prefix)["input_ids"]) - 2
+        if n_words < n_ctx:
+            raise ValueError(
+                f"MiraGeConfig.ctx_init {prefix!r} has {n_words} tokens, fewer than n_ctx={n_ctx}; "
+                "lengthen ctx_init or lower n_ctx"
+            )
+    else:
+        prefix = " ".join(["X"] * n_ctx)
+    return [tokenizer(f"{prefix} {name}.".strip())["input_ids"] for name in config.class_names]
+
+
+def _atomic_write(path: str, write):
+    """Writes through `write(tmp_path)` into a temporary file, then renames it over `path`."""
+    directory = os.path.dirname(os.path.abspath(path))
+    handle, tmp_path = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+    os.close(handle)
+    try:
+        write(tmp_path)
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise
+
+
+class MiraGeForImageClassification(MiraGeModel):
+    """MiraGe detector: `MiraGeModel` plus the MiraGe loss when `labels` (0 real, 1 fake) are given."""
+
+    def __init__(self, config: MiraGeConfig):
+        super().__init__(config)
+        self.loss_fn = MiraGeLoss(config)
+        self.post_init()
+
+    def forward(
+        self, pixel_values: torch.Tensor | None = None, labels: torch.LongTensor | None = None, **kwargs
+    ) -> MiraGeOutput:
+        logits, image_embeds, text_embeds = self.detect(pixel_values)
+        terms = {}
+        if labels is not None:
+            terms = self.loss_fn(logits, image_embeds, text_embeds, labels.to(logits.device))
+        return MiraGeOutput(
+            loss=terms.get("loss"),
+            logits=self.calibrated(logits),
+            image_embeds=image_embeds,
+            text_embeds=text_embeds,
+            **{f"loss_{name}": value for name, value in terms.items() if name != "loss"},
+        )
+
+
+__all__ = [
+    "MiraGeForImageClassification",
+    "MiraGeModel",
+    "MiraGeOutput",
+    "MiraGePreTrainedModel",
+    "MiraGePromptLearner",
+    "MiraGeLoss",
+    "MiraGeMemoryBank",
+]
