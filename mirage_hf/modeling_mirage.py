@@ -507,7 +507,13 @@ def _tokenize_class_prompts(tokenizer, config: MiraGeConfig) -> list[list[int]]:
             )
     else:
         prefix = " ".join(["X"] * n_ctx)
-    return [tokenizer(f"{prefix} {name}.".strip())["input_ids"] for name in config.class_names]
+    prompts = [tokenizer(f"{prefix} {name}.".strip())["input_ids"] for name in config.class_names]
+    if any(token == tokenizer.unk_token_id for prompt in prompts for token in prompt[1:-1]):
+        raise ValueError(
+            f"The tokenizer cannot encode the class prompts {[f'{prefix} {n}.' for n in config.class_names]} "
+            "(unknown tokens): from_clip needs the CLIP tokenizer saved next to the weights, or pass tokenizer=..."
+        )
+    return prompts
 
 
 def _atomic_write(path: str, write):

@@ -1,0 +1,177 @@
+"""Every way a user loads a MiraGe model gives the same logits."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoModel, AutoModelForImageClassification, CLIPModel, pipeline
+
+from mirage_hf import MiraGeForImageClassification, MiraGeModel
+from mirage_hf.lora import add_lora
+
+from conftest import tiny_clip_config
+
+
+def trained(model, steps=3):
+    """Moves the prompts away from their initialisation, so round trips test real values."""
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    pixels = torch.randn(4, 3, 30, 30, generator=torch.Generator().manual_seed(1))
+    for _ in range(steps):
+        model(pixels, labels=torch.tensor([0, 1, 0, 1])).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval()
+
+
+def logits(model, pixel_values):
+    with torch.no_grad():
+        return model(pixel_values=pixel_values).logits
+
+
+def test_from_clip_loads_every_clip_weight_and_initialises_the_context(clip_dir, make_model):
+    model = make_model("mirage")
+    reference = CLIPModel.from_pretrained(clip_dir)
+    for key, value in reference.state_dict().items():
+        assert torch.equal(model.clip.state_dict()[key], value), key
+    words = model.prompt_learner.token_ids[0, 1:3]
+    torch.testing.assert_close(
+        model.prompt_learner.text_prompts[0], model.clip.text_model.embeddings.token_embedding(words)
+    )
+    assert model.config.clip_name_or_path == str(clip_dir)
+    assert model.config.prompt_token_ids[0][:-3] == model.config.prompt_token_ids[1][:-3]
+
+
+def test_from_pretrained_leaves_prompts_finite_and_small(clip_dir, make_model):
+    model = make_model("mirage")
+    for name, param in model.prompt_learner.named_parameters():
+        assert torch.isfinite(param).all(), name
+        assert param.abs().max() < 5.0, name
+
+
+def test_from_clip_without_tokenizer_is_a_clear_error(tmp_path):
+    CLIPModel(tiny_clip_config()).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="needs the CLIP tokenizer"):
+        MiraGeForImageClassification.from_clip(tmp_path, prompt_depth=2)
+
+
+def test_from_clip_rejects_a_checkpoint_that_is_not_clip(tmp_path):
+    from transformers import BertConfig
+
+    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37).save_pretrained(
+        tmp_path
+    )
+    with pytest.raises(ValueError, match="is not a CLIP checkpoint.*model_type='bert'"):
+        MiraGeForImageClassification.from_clip(tmp_path)
+
+
+def test_ctx_init_shorter_than_n_ctx_is_a_clear_error(clip_dir):
+    with pytest.raises(ValueError, match="ctx_init 'a photo' has 2 tokens, fewer than n_ctx=3"):
+        MiraGeForImageClassification.from_clip(clip_dir, ctx_init="a photo", n_ctx=3, prompt_depth=2)
+
+
+@pytest.mark.parametrize("mode", ["linear_probe", "mirage"])
+def test_save_and_load_through_auto_classes(make_model, pixel_values, tmp_path, mode):
+    model = trained(make_model(mode))
+    model.save_pretrained(tmp_path)
+    for auto in (AutoModelForImageClassification, AutoModel):
+        loaded = auto.from_pretrained(tmp_path)
+        assert type(loaded) is (MiraGeForImageClassification if auto is AutoModelForImageClassification else MiraGeModel)
+        assert not any(p.requires_grad for p in loaded.clip.parameters())
+        torch.testing.assert_close(logits(loaded, pixel_values), logits(model, pixel_values))
+
+
+def save_detector_folder(model, clip_dir, path):
+    from transformers import AutoImageProcessor
+
+    model.save_pretrained(path)
+    AutoImageProcessor.from_pretrained(clip_dir).save_pretrained(path)
+
+
+def test_pipeline_scores_real_and_fake(make_model, clip_dir, tmp_path):
+    model = trained(make_model("mirage"))
+    save_detector_folder(model, clip_dir, tmp_path)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8))
+    detector = pipeline("image-classification", model=str(tmp_path))
+    scores = {row["label"]: row["score"] for row in detector(image)}
+    assert set(scores) == {"real", "fake"} and sum(scores.values()) == pytest.approx(1.0, abs=1e-5)
+    pixel_values = detector.image_processor(images=image, return_tensors="pt")["pixel_values"]
+    expected = logits(model, pixel_values).softmax(-1)[0]
+    assert scores["fake"] == pytest.approx(expected[1].item(), abs=1e-5)
+
+
+def test_remote_code_loads_in_a_process_that_never_imported_mirage_hf(make_model, clip_dir, tmp_path):
+    model = trained(make_model("mirage"))
+    save_detector_folder(model, clip_dir, tmp_path / "model")
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForImageClassification"] == "modeling_mirage.MiraGeForImageClassification"
+    assert (tmp_path / "model" / "modeling_mirage.py").exists()
+    pixel_values = torch.randn(2, 3, 30, 30, generator=torch.Generator().manual_seed(3))
+    torch.save(pixel_values, tmp_path / "pixels.pt")
+    script = textwrap.dedent(
+        f"""
+        import sys, torch
+        from transformers import AutoModelForImageClassification, pipeline
+        model = AutoModelForImageClassification.from_pretrained({str(tmp_path / "model")!r}, trust_remote_code=True)
+        assert "mirage_hf" not in sys.modules, "mirage_hf was imported"
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        with torch.no_grad():
+            torch.save(model(pixel_values=torch.load({str(tmp_path / "pixels.pt")!r})).logits, {str(tmp_path / "out.pt")!r})
+        detector = pipeline("image-classification", model={str(tmp_path / "model")!r}, trust_remote_code=True)
+        from PIL import Image
+        assert {{r["label"] for r in detector(Image.new("RGB", (40, 40)))}} == {{"real", "fake"}}
+        """
+    )
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"), "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), logits(model, pixel_values))
+
+
+def test_adapter_holds_only_trainable_weights_and_rebuilds_the_model(make_model, clip_dir, pixel_values, tmp_path):
+    from safetensors import safe_open
+
+    model = trained(make_model("mirage", n_ctx=3))
+    model.save_adapter(tmp_path)
+    with safe_open(tmp_path / "mirage_adapter.safetensors", "pt") as handle:
+        assert set(handle.keys()) == {n for n, p in model.named_parameters() if p.requires_grad}
+    adapter_config = json.loads((tmp_path / "mirage_adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(clip_dir)
+    assert adapter_config["mirage_config"]["n_ctx"] == 3
+    rebuilt = MiraGeForImageClassification.from_adapter(tmp_path).eval()
+    torch.testing.assert_close(logits(rebuilt, pixel_values), logits(model, pixel_values))
+    rebuilt_on = MiraGeForImageClassification.from_adapter(tmp_path, base_model=clip_dir).eval()
+    torch.testing.assert_close(logits(rebuilt_on, pixel_values), logits(model, pixel_values))
+
+
+def test_lora_save_load_and_merge_give_identical_logits(make_model, clip_dir, pixel_values, tmp_path):
+    from peft import PeftModel
+
+    model = add_lora(make_model("mirage"), r=4, alpha=8, towers=("vision", "text"))
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert any("lora_A" in name for name in trainable) and any("prompt_learner" in name for name in trainable)
+    assert all("lora_" in name or "prompt_learner" in name for name in trainable)
+    trained(model)
+    # Move LoRA B away from zero so the adapter really changes CLIP.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.05)
+    expected = logits(model, pixel_values)
+    model.save_pretrained(tmp_path / "lora")
+    reloaded = PeftModel.from_pretrained(make_model("mirage"), tmp_path / "lora").eval()
+    torch.testing.assert_close(logits(reloaded, pixel_values), expected)
+    merged = reloaded.merge_and_unload()
+    assert isinstance(merged, MiraGeForImageClassification)
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    torch.testing.assert_close(logits(merged, pixel_values), expected, atol=1e-5, rtol=1e-5)
+    merged.save_pretrained(tmp_path / "merged")
+    torch.testing.assert_close(
+        logits(AutoModelForImageClassification.from_pretrained(tmp_path / "merged"), pixel_values),
+        expected, atol=1e-5, rtol=1e-5,
+    )
