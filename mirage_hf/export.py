@@ -1,0 +1,56 @@
+"""Export a detector as a self-sufficient model folder, atomically.
+
+The folder holds what `pipeline("image-classification", model=folder)` needs (weights as safetensors,
+config with `auto_map`, the remote-code files, the image processor) and optionally `eval_results.json`.
+It is written beside the target and renamed over it, so a reader never sees half a model.
+"""
+
+import copy
+import json
+import os
+import shutil
+from pathlib import Path
+
+from .modeling_mirage import MiraGeModel
+
+
+def mirage_core(model) -> MiraGeModel:
+    """The MiraGe model inside DDP / torch.compile / PEFT wrappers (LoRA layers stay injected in it)."""
+    while not isinstance(model, MiraGeModel):
+        if hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        elif hasattr(model, "module"):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            raise TypeError(f"no MiraGe model inside {type(model).__name__}")
+    return model
+
+
+def mergeable_copy(model) -> MiraGeModel:
+    """A plain MiraGe model to save: LoRA merged into CLIP on a copy, so training can go on."""
+    while hasattr(model, "module") and not hasattr(model, "merge_and_unload"):
+        model = model.module
+    if hasattr(model, "merge_and_unload"):
+        return copy.deepcopy(model).merge_and_unload()
+    return mirage_core(model)
+
+
+def export_model(model, image_processor, output_dir, eval_results: dict | None = None) -> Path:
+    """Writes the model folder atomically (temporary sibling, then rename) and returns its path."""
+    output_dir = Path(output_dir)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = output_dir.parent / f".tmp-{output_dir.name}"
+    shutil.rmtree(staging, ignore_errors=True)
+    mergeable_copy(model).save_pretrained(staging)
+    image_processor.save_pretrained(staging)
+    if eval_results is not None:
+        (staging / "eval_results.json").write_text(json.dumps(eval_results, indent=2, allow_nan=False) + "\n")
+    previous = output_dir.parent / f".old-{output_dir.name}"
+    shutil.rmtree(previous, ignore_errors=True)
+    if output_dir.exists():
+        os.replace(output_dir, previous)
+    os.replace(staging, output_dir)
+    shutil.rmtree(previous, ignore_errors=True)
+    return output_dir

@@ -1,0 +1,111 @@
+"""train.py end to end on tiny generated data: learning, exact resume, evaluation, calibration, export."""
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from transformers import pipeline
+
+from mirage_hf import MiraGeForImageClassification
+from mirage_hf.train_config import TrainConfig, parse_args
+from mirage_hf.training import main, train
+
+
+pytestmark = pytest.mark.slow
+
+TINY = [
+    "--tiny_clip", "{image_size: 16, patch_size: 4, hidden_size: 32, num_layers: 2, projection_dim: 16}",
+    "--synthetic", "{generators: [upsampler, diffusion], n_train_per_class: 24, n_val_per_class: 8, image_size: 16}",
+    "--prompt_depth", "2", "--batch_size", "8", "--eval_batch_size", "16", "--num_workers", "0",
+    "--memory_bank_size", "32", "--lora_r", "4", "--learning_rate", "0.01",
+]  # fmt: skip
+
+
+def run(tmp_path, *extra) -> dict:
+    return main(["--config", "demo", "--output_dir", str(tmp_path), *TINY, *extra])
+
+
+def trainable_state(output_dir):
+    model = MiraGeForImageClassification.from_pretrained(output_dir / "model")
+    return {k: v for k, v in model.state_dict().items() if k.startswith("prompt_learner.")}
+
+
+def test_presets_and_overrides_parse():
+    cfg = parse_args(["--config", "genimage_sd14", "--learning_rate", "1e-3", "--train_subsets", "[a, b]", "--robustness"])
+    assert cfg.clip_model == "openai/clip-vit-large-patch14" and cfg.learning_rate == 1e-3
+    assert cfg.train_subsets == ["a", "b"] and cfg.robustness is True
+    with pytest.raises(ValueError, match="mixed_precision"):
+        TrainConfig(mixed_precision="fp64")
+    with pytest.raises(ValueError, match="--eval_only needs --model"):
+        TrainConfig(eval_only=True)
+
+
+def test_training_exports_a_pipeline_model_and_per_generator_results(tmp_path, capsys):
+    results = run(tmp_path, "--max_steps", "4", "--train_subsets", "[upsampler]")
+    assert set(results["clean"]) == {"upsampler", "diffusion", "mean", "all"}
+    assert results["clean"]["upsampler"]["n"] == 16
+    written = json.loads((tmp_path / "eval_results.json").read_text())
+    assert written["clean"]["mean"]["accuracy"] == pytest.approx(results["clean"]["mean"]["accuracy"])
+    printed = capsys.readouterr().out
+    assert "upsampler" in printed and "mean" in printed
+    detector = pipeline("image-classification", model=str(tmp_path / "model"))
+    from PIL import Image
+
+    scores = detector(Image.new("RGB", (20, 20), "gray"))
+    assert {row["label"] for row in scores} == {"real", "fake"}
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert config["decision_threshold"] == pytest.approx(results["threshold"])
+    assert (tmp_path / "model" / "eval_results.json").exists()
+
+
+def test_interrupted_training_resumes_to_the_same_parameters(tmp_path, monkeypatch, caplog):
+    import mirage_hf.training as training
+
+    args = ["--max_steps", "6", "--save_every", "2", "--calibrate", "null"]
+    straight = run(tmp_path / "straight", *args)
+
+    real_save = training.save_checkpoint
+
+    class Killed(Exception):
+        pass
+
+    def save_then_die(accelerator, output_dir, progress, total_limit):
+        real_save(accelerator, output_dir, progress, total_limit)
+        if progress["global_step"] == 4:
+            raise Killed
+
+    monkeypatch.setattr(training, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        run(tmp_path / "resumed", *args)
+    monkeypatch.setattr(training, "save_checkpoint", real_save)
+    resumed = run(tmp_path / "resumed", *args, "--resume_from_checkpoint", "latest")
+    assert "resumed from step 4" in caplog.text
+
+    a, b = trainable_state(tmp_path / "straight"), trainable_state(tmp_path / "resumed")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+    assert resumed["clean"]["mean"] == straight["clean"]["mean"]
+
+
+def test_a_corrupt_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
+    args = ["--max_steps", "4", "--save_every", "2", "--checkpoints_total_limit", "3", "--calibrate", "null"]
+    run(tmp_path, *args)
+    checkpoints = sorted((tmp_path / "checkpoints").glob("step_*"))
+    assert [p.name for p in checkpoints] == ["step_00000002", "step_00000004"]
+    (checkpoints[-1] / "model.safetensors").write_bytes(b"truncated")
+    run(tmp_path, *args, "--resume_from_checkpoint", "latest")
+    assert "step_00000004 is unreadable" in caplog.text
+    assert "resumed from step 2" in caplog.text
+
+
+def test_eval_only_with_the_robustness_sweep(tmp_path):
+    run(tmp_path / "train", "--max_steps", "2")
+    results = main([
+        "--eval_only", "--model", str(tmp_path / "train" / "model"), "--output_dir", str(tmp_path / "eval"),
+        "--dataset", f"genimage:{tmp_path / 'train' / 'synthetic-data'}", "--robustness", "--num_workers", "0",
+    ])  # fmt: skip
+    assert {"clean", "jpeg95", "jpeg30", "blur3", "downscale0.25"} <= set(results)
+    assert (tmp_path / "eval" / "eval_results.json").exists()
