@@ -16,14 +16,7 @@ from tqdm.auto import tqdm
 from .calibration import calibrated_p_fake
 from .export import mirage_core
 from .metrics import per_subset_metrics
-from .transforms import BadImageReport, DetectionCollator, degrade
-
-
-ROBUSTNESS_SWEEP = (
-    ("jpeg", 95), ("jpeg", 75), ("jpeg", 50), ("jpeg", 30),
-    ("blur", 1), ("blur", 2), ("blur", 3),
-    ("downscale", 0.5), ("downscale", 0.25),
-)  # fmt: skip
+from .transforms import ROBUSTNESS_SWEEP, BadImageReport, DetectionCollator, degrade
 
 
 def condition_name(kind: str, value) -> str:
@@ -95,7 +88,11 @@ def evaluate(model, dataset, preprocess, accelerator, robustness=False, batch_si
     config = mirage_core(model).config
     conditions = [("clean", preprocess)]
     if robustness:
-        conditions += [(condition_name(k, v), Degraded(preprocess, k, v)) for k, v in ROBUSTNESS_SWEEP]
+        conditions += [
+            (condition_name(kind, value), Degraded(preprocess, kind, value))
+            for kind, values in ROBUSTNESS_SWEEP.items()
+            for value in values
+        ]
     results, clean_report = {}, None
     for name, condition in conditions:
         labels, diffs, subsets, report = predict(

@@ -138,6 +138,15 @@ def train_loader(dataset, cfg: TrainConfig, collate, epoch: int) -> DataLoader:
 # ------------------------------------------------------------------------------------------- training
 
 
+def configure_logging(is_main_process: bool):
+    """Progress messages from rank 0 only; the libraries' INFO chatter (each saved file) stays hidden."""
+    logger.setLevel(logging.INFO if is_main_process else logging.WARNING)
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+
+
 def empty_batch_loss(model):
     """A zero loss touching every trainable parameter, so DDP stays in step when a batch was all bad files."""
     return sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
@@ -150,7 +159,7 @@ def train(cfg: TrainConfig) -> dict:
         log_with=cfg.log_with or None,
         project_dir=cfg.output_dir,
     )
-    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING, format="%(message)s")
+    configure_logging(accelerator.is_main_process)
     output_dir = Path(cfg.output_dir)
     set_seed(cfg.seed)
 
@@ -309,6 +318,7 @@ def finish_evaluation(cfg, model, eval_set, preprocess, accelerator, image_proce
 
 def evaluate_only(cfg: TrainConfig) -> dict:
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    configure_logging(accelerator.is_main_process)
     model = MiraGeForImageClassification.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
     model.to(accelerator.device)
     image_processor = AutoImageProcessor.from_pretrained(cfg.model)

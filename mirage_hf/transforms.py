@@ -1,0 +1,334 @@
+"""Image decoding, degradations, training augmentation, eval preprocessing and batching.
+
+Decoding is defensive because detector data sets are scraped: a corrupt, truncated or hostile file must
+become one skipped row with a reason, never a crashed run or a silently padded image. Degradations are
+deterministic functions so that the robustness sweep is reproducible; the training augmentation draws their
+parameters from its own seeded generator.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, ImageFilter, ImageOps, UnidentifiedImageError
+
+# PIL's own bomb limit (~9459 x 9459). Checked against the header before any pixel is decoded.
+MAX_IMAGE_PIXELS = 89_478_485
+_INT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")  # 16-bit data (PNG, TIFF) in integer modes
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+
+
+class ImageLoadError(ValueError):
+    """An image that cannot be used; `source` is its path (None for in-memory bytes), `reason` says why."""
+
+    def __init__(self, source: str | None, reason: str):
+        self.source, self.reason = source, reason
+        super().__init__(f"cannot load image {source or '<in-memory bytes>'}: {reason}")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode as 8-bit RGB: 16-bit greys rescaled (PIL would clip them to white), alpha and
+    transparency keys composited on white (PIL would keep the hidden colours, often black)."""
+    if img.mode in _INT_MODES:
+        img = Image.fromarray(np.clip(np.rint(np.asarray(img, dtype=np.float32) / 257.0), 0, 255).astype(np.uint8))
+    if img.mode in _ALPHA_MODES or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation; a broken EXIF block leaves the pixels as stored rather than losing them."""
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception:  # noqa: BLE001 - any EXIF parsing error: keep the image, orientation unknown
+        return img.copy()
+
+
+def _open_target(source: Any) -> tuple[Any, str | None]:
+    """(something `Image.open` reads, path for messages) from a path, bytes or a ``{"path", "bytes"}`` dict."""
+    name = None
+    if isinstance(source, dict):  # bytes win: Hub rows keep the original file name, not a local path
+        name = source.get("path") or None
+        source = source["bytes"] if source.get("bytes") is not None else name
+        if source is None:
+            raise ImageLoadError(None, "row has neither bytes nor a path")
+    elif isinstance(source, (str, os.PathLike)):
+        name = os.fspath(source)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        if len(source) == 0:
+            raise ImageLoadError(name, "empty file")
+        return io.BytesIO(source), name
+    if not isinstance(source, (str, os.PathLike)):
+        raise ImageLoadError(None, f"unsupported source type {type(source).__name__}")
+    path = os.fspath(source)
+    if not os.path.exists(path):
+        raise ImageLoadError(name, "file not found")
+    if os.path.isdir(path):
+        raise ImageLoadError(name, "is a directory, not an image file")
+    if os.path.getsize(path) == 0:
+        raise ImageLoadError(name, "empty file")
+    return path, name
+
+
+def open_image(source: Any, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Decode a path, bytes, a ``{"path", "bytes"}`` dict (a `datasets` undecoded image) or a PIL image into
+    an upright RGB image (first frame of animations).
+
+    Raises ImageLoadError naming the file and the reason: not found, directory, empty, not an image,
+    truncated, corrupt, or more than `max_pixels` pixels (checked from the header, so a decompression bomb is
+    rejected before it is decoded). Truncated files raise even where ``ImageFile.LOAD_TRUNCATED_IMAGES`` was
+    set globally.
+    """
+    if isinstance(source, Image.Image):
+        return to_rgb(_upright(source))
+    target, name = _open_target(source)
+    allow_truncated = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the explicit check below decides
+            with Image.open(target) as img:
+                width, height = img.size
+                if width * height > max_pixels:
+                    raise ImageLoadError(
+                        name,
+                        f"too large: {width}x{height} pixels exceeds the limit of {max_pixels} "
+                        "(possible decompression bomb)",
+                    )
+                img.load()
+                return to_rgb(_upright(img))
+    except ImageLoadError:
+        raise
+    except Image.DecompressionBombError as err:
+        raise ImageLoadError(name, f"too large (possible decompression bomb): {err}") from err
+    except UnidentifiedImageError as err:
+        raise ImageLoadError(name, "not an image (unrecognised format)") from err
+    except Exception as err:  # PIL plugins raise many exception types on corrupt data
+        kind = "truncated file" if "truncated" in str(err).lower() or isinstance(err, EOFError) else "corrupt image"
+        raise ImageLoadError(name, f"{kind} ({type(err).__name__}: {err})") from err
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = allow_truncated
+
+
+# --------------------------------------------------------------------------- degradations
+
+
+def jpeg(img: Image.Image, quality: int) -> Image.Image:
+    """Re-encode as JPEG at `quality` (1-100) and decode again, as a social-media upload would."""
+    buffer = io.BytesIO()
+    img.convert("RGB").save(buffer, "JPEG", quality=int(quality))
+    buffer.seek(0)
+    with Image.open(buffer) as out:
+        return out.convert("RGB")
+
+
+def gaussian_blur(img: Image.Image, sigma: float) -> Image.Image:
+    """Gaussian blur with standard deviation `sigma` pixels (PIL's `radius` is the standard deviation)."""
+    return img.filter(ImageFilter.GaussianBlur(radius=float(sigma)))
+
+
+def downscale(img: Image.Image, factor: float) -> Image.Image:
+    """Resize down by `factor` (0 < factor <= 1) and back up to the original size, both bilinear: the
+    thumbnail round trip that erases high-frequency generator traces while keeping the size."""
+    if not 0 < factor <= 1:
+        raise ValueError(f"downscale factor must be in (0, 1], got {factor}")
+    width, height = img.size
+    small = img.resize((max(1, round(width * factor)), max(1, round(height * factor))), Image.Resampling.BILINEAR)
+    return small.resize((width, height), Image.Resampling.BILINEAR)
+
+
+DEGRADATIONS: dict[str, Callable[[Image.Image, Any], Image.Image]] = {
+    "jpeg": jpeg,
+    "blur": gaussian_blur,
+    "downscale": downscale,
+}
+# The robustness sweep's settings (the field's usual JPEG / blur / resize flags).
+ROBUSTNESS_SWEEP = {"jpeg": (95, 75, 50, 30), "blur": (1, 2, 3), "downscale": (0.5, 0.25)}
+
+
+def degrade(img: Image.Image, kind: str, value: float) -> Image.Image:
+    """Apply the degradation `kind` ("jpeg", "blur" or "downscale") with its parameter `value`."""
+    if kind not in DEGRADATIONS:
+        raise ValueError(f"unknown degradation {kind!r}; expected one of {sorted(DEGRADATIONS)}")
+    return DEGRADATIONS[kind](img, value)
+
+
+# --------------------------------------------------------------------------- crops
+
+
+def _pad_to(img: Image.Image, size: int) -> Image.Image:
+    """Centre the image on a black canvas at least `size` on each side; larger images are returned as is."""
+    width, height = img.size
+    if width >= size and height >= size:
+        return img
+    canvas = Image.new("RGB", (max(width, size), max(height, size)))
+    canvas.paste(img, ((canvas.width - width) // 2, (canvas.height - height) // 2))
+    return canvas
+
+
+def center_crop(img: Image.Image, size: int) -> Image.Image:
+    """Centre `size` x `size` crop without resizing (pads smaller images), keeping pixel-level artefacts."""
+    img = _pad_to(img, size)
+    left, top = (img.width - size) // 2, (img.height - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def random_crop(img: Image.Image, size: int, rng: random.Random) -> Image.Image:
+    """Random `size` x `size` crop without resizing (pads smaller images)."""
+    img = _pad_to(img, size)
+    left, top = rng.randint(0, img.width - size), rng.randint(0, img.height - size)
+    return img.crop((left, top, left + size, top + size))
+
+
+class TrainAugmentation:
+    """Training augmentation in the CNNSpot tradition: with the given probabilities a down-then-up resize,
+    a Gaussian blur and a JPEG re-compression (quality uniform in `jpeg_quality`), then a random crop to
+    `image_size` (no resizing, so generator traces survive) and a horizontal flip.
+
+    Reproducible for a `seed`. Inside DataLoader workers it reseeds from the worker's seed, so workers do not
+    repeat each other's draws (each receives a copy of this object).
+    """
+
+    def __init__(
+        self,
+        image_size: int,
+        flip_prob: float = 0.5,
+        resize_prob: float = 0.1,
+        resize_scale: tuple[float, float] = (0.5, 1.0),
+        blur_prob: float = 0.1,
+        blur_sigma: tuple[float, float] = (0.1, 3.0),
+        jpeg_prob: float = 0.1,
+        jpeg_quality: tuple[int, int] = (30, 100),
+        seed: int | None = 0,
+    ):
+        self.image_size = image_size
+        self.flip_prob, self.resize_prob, self.blur_prob, self.jpeg_prob = flip_prob, resize_prob, blur_prob, jpeg_prob
+        self.resize_scale, self.blur_sigma, self.jpeg_quality = resize_scale, blur_sigma, jpeg_quality
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self._worker_id: int | None = None
+
+    def _generator(self) -> random.Random:
+        info = torch.utils.data.get_worker_info()
+        if info is not None and info.id != self._worker_id:
+            self._worker_id = info.id
+            self.rng = random.Random(None if self.seed is None else self.seed + info.seed)
+        return self.rng
+
+    def reseed(self, seed: int) -> None:
+        """Restarts the random draws from `seed` (the trainer seeds each batch for exact resume)."""
+        self.rng = random.Random(seed)
+        info = torch.utils.data.get_worker_info()
+        self._worker_id = None if info is None else info.id
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        rng = self._generator()
+        if rng.random() < self.resize_prob:
+            img = downscale(img, rng.uniform(*self.resize_scale))
+        if rng.random() < self.blur_prob:
+            img = gaussian_blur(img, rng.uniform(*self.blur_sigma))
+        if rng.random() < self.jpeg_prob:
+            img = jpeg(img, rng.randint(*self.jpeg_quality))
+        img = random_crop(img, self.image_size, rng)
+        if rng.random() < self.flip_prob:
+            img = ImageOps.mirror(img)
+        return img
+
+
+# --------------------------------------------------------------------------- model inputs
+
+PREPROCESS_MODES = ("resize", "center_crop")
+
+
+class Preprocessor:
+    """PIL images -> normalised ``(B, 3, S, S)`` float tensor for the model.
+
+    `image_processor` is the model's transformers CLIP image processor (use `CLIPImageProcessorPil`); its
+    crop size is S and its mean/std normalise, so the numbers match what the model was trained with.
+    Modes: ``"resize"`` is the processor's own resize + centre crop (CLIP's view of the whole image);
+    ``"center_crop"`` crops S x S from the centre without resizing (padding small images), which keeps the
+    pixel-level generator artefacts that resizing blurs. With a `TrainAugmentation` the augmentation replaces
+    the geometric step (training = augmentation then normalisation).
+    """
+
+    def __init__(self, image_processor, mode: str = "resize", augmentation: TrainAugmentation | None = None):
+        if mode not in PREPROCESS_MODES:
+            raise ValueError(f"unknown preprocessing mode {mode!r}; expected one of {PREPROCESS_MODES}")
+        self.image_processor, self.mode, self.augmentation = image_processor, mode, augmentation
+        self.image_size = int(image_processor.crop_size["height"])
+        if augmentation is not None and augmentation.image_size != self.image_size:
+            raise ValueError(
+                f"augmentation crops to {augmentation.image_size} px but the image processor's crop size is "
+                f"{self.image_size} px; build TrainAugmentation(image_size={self.image_size})"
+            )
+
+    def __call__(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        if not images:
+            return torch.empty(0, 3, self.image_size, self.image_size)
+        if self.augmentation is None and self.mode == "resize":
+            return self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+        if self.augmentation is not None:
+            cropped = [self.augmentation(img) for img in images]
+        else:
+            cropped = [center_crop(img, self.image_size) for img in images]
+        return self.image_processor(images=cropped, do_resize=False, do_center_crop=False, return_tensors="pt")[
+            "pixel_values"
+        ]
+
+
+class DetectionCollator:
+    """Collate rows ``{"image", "label", "subset"}`` for a torch DataLoader.
+
+    Decodes with `open_image`, drops rows that fail, and returns ``{"pixel_values": (B, 3, S, S),
+    "labels": LongTensor (B,), "subsets": list[str], "failed": list[(path or row index, reason)]}``. A batch in
+    which every image fails gives B = 0 instead of an exception, so one bad shard cannot stop a run.
+    """
+
+    def __init__(self, preprocess: Callable[[list[Image.Image]], torch.Tensor], max_pixels: int = MAX_IMAGE_PIXELS):
+        self.preprocess, self.max_pixels = preprocess, max_pixels
+
+    def __call__(self, rows: Sequence[dict]) -> dict[str, Any]:
+        images, labels, subsets, failed = [], [], [], []
+        for index, row in enumerate(rows):
+            try:
+                images.append(open_image(row["image"], self.max_pixels))
+            except ImageLoadError as err:
+                failed.append((err.source if err.source is not None else index, err.reason))
+                continue
+            labels.append(int(row["label"]))
+            subsets.append(str(row.get("subset", "all")))
+        return {
+            "pixel_values": self.preprocess(images),
+            "labels": torch.tensor(labels, dtype=torch.long),
+            "subsets": subsets,
+            "failed": failed,
+        }
+
+
+class BadImageReport:
+    """Failures accumulated over batches: a count, the first `max_examples` (source, reason) pairs and a
+    one-line summary. Feed it ``batch["failed"]`` in the main process (DataLoader workers hold copies of the
+    collator, so state kept there would be lost)."""
+
+    def __init__(self, max_examples: int = 20):
+        self.max_examples = max_examples
+        self.count = 0
+        self.examples: list[tuple[Any, str]] = []
+
+    def add(self, failed: Sequence[tuple[Any, str]]) -> None:
+        self.count += len(failed)
+        self.examples.extend(failed[: max(0, self.max_examples - len(self.examples))])
+
+    def summary(self) -> str:
+        if not self.count:
+            return "all images loaded"
+        shown = "; ".join(f"{source}: {reason}" for source, reason in self.examples[:3])
+        return f"{self.count} image(s) could not be loaded and were skipped (e.g. {shown})"
