@@ -134,8 +134,10 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     parser.add_argument("--config", default="demo", help="preset name in configs/ or a YAML/JSON file")
     for option in dataclasses.fields(TrainConfig):
         flag = {"nargs": "?", "const": True} if option.type is bool else {}
-        parser.add_argument(f"--{option.name}", type=yaml.safe_load, default=None, help=option.metadata.get("help", ""), **flag)
-    args = parser.parse_args(argv)
-    values = load_preset(args.config)
-    values.update({k: v for k, v in vars(args).items() if k != "config" and v is not None})
+        parser.add_argument(
+            f"--{option.name}", type=yaml.safe_load, default=argparse.SUPPRESS, help=option.metadata.get("help", ""), **flag
+        )
+    args = vars(parser.parse_args(argv))
+    values = load_preset(args.pop("config"))
+    values.update(args)
     return TrainConfig(**values)

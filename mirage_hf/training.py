@@ -60,7 +60,7 @@ def build_model(cfg: TrainConfig, clip_path: str):
             projections=tuple(cfg.lora_projections),
         )  # fmt: skip
     if cfg.gradient_checkpointing:
-        mirage_core(model).gradient_checkpointing_enable()
+        mirage_core(model).activation_checkpointing_enable()
     return model
 
 
@@ -275,7 +275,9 @@ def train(cfg: TrainConfig) -> dict:
     best = MiraGeForImageClassification.from_pretrained(output_dir / "model")
     best.to(accelerator.device)
     if calibration_set is not None:
-        labels, diffs, _, _ = predict(best, calibration_set, eval_preprocess, accelerator, cfg.eval_batch_size, desc="calibrate")
+        labels, diffs, _, report = predict(best, calibration_set, eval_preprocess, accelerator, cfg.eval_batch_size, desc="calibrate")
+        if report.count:
+            logger.warning("calibration data: %s", report.summary())
         fitted = calibrate(diffs, labels, method=cfg.calibrate, target_fpr=cfg.target_fpr)
         best.config.calibration_temperature = fitted["temperature"]
         best.config.decision_threshold = min(max(fitted["threshold"], 1e-6), 1 - 1e-6)

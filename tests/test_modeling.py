@@ -109,7 +109,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(make_model):
         model = make_model("maple")
         model.train()
         if checkpointing:
-            model.gradient_checkpointing_enable()
+            model.activation_checkpointing_enable()
         loss = model(pixels, labels=labels).loss
         loss.backward()
         results.append((loss.detach(), model.prompt_learner.text_prompts[1].grad.clone()))
