@@ -1,0 +1,65 @@
+"""Scoring images with a trained detector: the one code path behind the CLI, the Space and evaluation users.
+
+`Detector` loads a MiraGe model folder or Hub id with its image processor and returns, per image, the
+calibrated probability of "fake" (`sigmoid((logit_fake - logit_real) / T)`) and the verdict at the model's
+calibrated threshold, with an optional "unsure" band around it.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers import AutoImageProcessor
+
+from .calibration import calibrated_p_fake
+from .modeling_mirage import MiraGeForImageClassification
+from .transforms import Preprocessor
+
+
+@dataclass
+class Verdict:
+    label: str
+    """"real", "fake", or "unsure" when p(fake) lies within the unsure band around the threshold."""
+    p_fake: float
+
+
+class Detector:
+    def __init__(self, model, image_processor, preprocess: str = "resize", unsure_margin: float = 0.0):
+        self.model = model.eval()
+        self.preprocess = Preprocessor(image_processor, preprocess)
+        self.image_processor = image_processor
+        if not 0.0 <= unsure_margin < 0.5:
+            raise ValueError(f"unsure_margin must lie in [0, 0.5), got {unsure_margin}")
+        self.unsure_margin = unsure_margin
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, device=None, dtype=None, trust_remote_code=False, **options):
+        """Loads the model (safetensors only) and its image processor from a folder or Hub id."""
+        model = MiraGeForImageClassification.from_pretrained(
+            name_or_path, dtype=dtype or torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code
+        )
+        model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        return cls(model, AutoImageProcessor.from_pretrained(name_or_path), **options)
+
+    @property
+    def threshold(self) -> float:
+        return self.model.config.decision_threshold
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def p_fake(self, images) -> np.ndarray:
+        """Calibrated p(fake) for a list of RGB PIL images (one batch)."""
+        pixel_values = self.preprocess(list(images)).to(self.device, self.model.dtype)
+        with torch.inference_mode():
+            logits, _, _ = self.model.detect(pixel_values)
+        return calibrated_p_fake(logits.float().cpu(), self.model.config.calibration_temperature)
+
+    def verdict(self, p_fake: float) -> Verdict:
+        if abs(p_fake - self.threshold) < self.unsure_margin:
+            return Verdict("unsure", float(p_fake))
+        return Verdict("fake" if p_fake >= self.threshold else "real", float(p_fake))
+
+    def __call__(self, images) -> list[Verdict]:
+        return [self.verdict(p) for p in self.p_fake(images)]

@@ -1,0 +1,40 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoImageProcessor, pipeline
+
+from mirage_hf.inference import Detector
+
+
+@pytest.fixture
+def detector_dir(make_model, clip_dir, tmp_path):
+    model = make_model("mirage")
+    with torch.no_grad():
+        model.prompt_learner.text_prompts[1].normal_(std=0.5)  # make the two anchors differ
+    model.config.decision_threshold = 0.3
+    model.config.calibration_temperature = 0.5
+    model.save_pretrained(tmp_path)
+    AutoImageProcessor.from_pretrained(clip_dir).save_pretrained(tmp_path)
+    return tmp_path
+
+
+def images(n=6):
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 255, (40 + i, 36, 3), dtype=np.uint8)) for i in range(n)]
+
+
+def test_detector_agrees_with_the_pipeline_decision(detector_dir):
+    detector = Detector.from_pretrained(detector_dir, device="cpu")
+    verdicts = detector(images())
+    piped = pipeline("image-classification", model=str(detector_dir))(images(), top_k=1)
+    assert [v.label for v in verdicts] == [rows[0]["label"] for rows in piped]
+    assert all(0.0 <= v.p_fake <= 1.0 for v in verdicts)
+
+
+def test_unsure_band_around_the_calibrated_threshold(detector_dir):
+    detector = Detector.from_pretrained(detector_dir, device="cpu", unsure_margin=0.1)
+    assert detector.verdict(0.35).label == "unsure" and detector.verdict(0.25).label == "unsure"
+    assert detector.verdict(0.41).label == "fake" and detector.verdict(0.19).label == "real"
+    with pytest.raises(ValueError, match="unsure_margin"):
+        Detector(detector.model, detector.image_processor, unsure_margin=0.7)
