@@ -25,6 +25,15 @@ TINY = [
 ]  # fmt: skip
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """Accelerate keeps one state per process; each test configures its own (precision, processes)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
 def run(tmp_path, *extra) -> dict:
     return main(["--config", "demo", "--output_dir", str(tmp_path), *TINY, *extra])
 
@@ -154,3 +163,32 @@ def test_two_process_training_through_accelerate_launch_scores_each_sample_once(
     written = json.loads((tmp_path / "out" / "eval_results.json").read_text())
     assert written["clean"]["all"]["n"] == 11
     assert written["clean"]["all"]["n_real"] == 6
+
+
+def test_the_ablation_ladder_trains_every_rung_and_prints_one_table(tmp_path, capsys):
+    from mirage_hf.ladder import run_ladder
+
+    results = run_ladder(["--config", "demo", "--output_dir", str(tmp_path), *TINY, "--max_steps", "2", "--calibrate", "null"])
+    assert list(results) == ["zero_shot", "linear_probe", "coop", "maple", "mirage"]
+    printed = capsys.readouterr().out
+    assert "ablation ladder: accuracy" in printed and all(mode in printed for mode in results)
+    assert json.loads((tmp_path / "ladder_results.json").read_text())["mirage"]["clean"]["mean"]["n"] > 0
+
+
+def test_ufd_layout_in_bf16(tmp_path):
+    """The UFD protocol's code path (<set>/<class>/{0_real,1_fake}) with bf16 autocast on CPU."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for label, folder in enumerate(["0_real", "1_fake"]):
+            directory = tmp_path / "ufd" / split / "progan" / "car" / folder
+            directory.mkdir(parents=True)
+            for i in range(12):
+                pixels = rng.integers(0, 255, (16, 16, 3), dtype=np.uint8) // (1 + label)
+                Image.fromarray(pixels).save(directory / f"{i}.png")
+    results = run(
+        tmp_path / "out", "--dataset", f"ufd:{tmp_path / 'ufd'}", "--eval_split", "test", "--max_steps", "3",
+        "--mixed_precision", "bf16", "--train_subsets", "null",
+    )  # fmt: skip
+    assert results["clean"]["progan"]["n"] == 24
