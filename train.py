@@ -1,14 +1,13 @@
 #!/usr/bin/env python
 """Train or evaluate a MiraGe detector. With no arguments: the offline demo (configs/demo.yaml).
 
-    python train.py                                   # offline demo: tiny CLIP, generated data, a few minutes on CPU
-    python train.py --config genimage_sd14 --dataset genimage:/data/GenImage
-    accelerate launch --multi_gpu train.py --config genimage_sd14 ...
-    python train.py --eval_only --model outputs/demo/model --dataset genimage:/data/GenImage --robustness
+python train.py                                   # offline demo: tiny CLIP, generated data, a few minutes on CPU
+python train.py --config genimage_sd14 --dataset genimage:/data/GenImage
+accelerate launch --multi_gpu train.py --config genimage_sd14 ...
+python train.py --eval_only --model outputs/demo/model --dataset genimage:/data/GenImage --robustness
 """
 
 from mirage_hf.training import main
-
 
 if __name__ == "__main__":
     main()

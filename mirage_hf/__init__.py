@@ -17,7 +17,6 @@ from .modeling_mirage import (
     MiraGePromptLearner,
 )
 
-
 AutoConfig.register(MiraGeConfig.model_type, MiraGeConfig, exist_ok=True)
 AutoModel.register(MiraGeConfig, MiraGeModel, exist_ok=True)
 AutoModelForImageClassification.register(MiraGeConfig, MiraGeForImageClassification, exist_ok=True)

@@ -21,7 +21,6 @@ import math
 import warnings
 
 import numpy as np
-
 import torch
 
 from .metrics import to_numpy

@@ -11,7 +11,6 @@ import os
 import shutil
 from pathlib import Path
 
-
 logger = logging.getLogger(__name__)
 
 PROGRESS_FILE = "progress.json"
@@ -63,7 +62,9 @@ def resolve_resume(output_dir, resume_from: str | None) -> list[Path]:
         return candidates
     path = Path(resume_from)
     if not (path / PROGRESS_FILE).is_file():
-        raise ValueError(f"{resume_from!r} is not a complete checkpoint (no {PROGRESS_FILE}); use 'latest' or a step_* folder")
+        raise ValueError(
+            f"{resume_from!r} is not a complete checkpoint (no {PROGRESS_FILE}); use 'latest' or a step_* folder"
+        )
     return [path]
 
 

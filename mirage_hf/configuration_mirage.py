@@ -7,7 +7,6 @@ Self-contained (transformers' single-file policy): this file ships to the Hub as
 from huggingface_hub.dataclasses import strict
 from transformers import CLIPConfig, PreTrainedConfig
 
-
 MIRAGE_MODES = ("zero_shot", "linear_probe", "coop", "maple", "mirage")
 """The ablation ladder: what trains on top of the frozen CLIP (see the README)."""
 

@@ -23,7 +23,11 @@ def run_ladder(argv: list[str]) -> dict:
         cfg = parse_args([*argv, "--mode", mode, "--output_dir", str(Path(base.output_dir) / mode)])
         results[mode] = train(cfg)
     for metric in ("accuracy", "average_precision"):
-        print(format_comparison_table({m: r["clean"] for m, r in results.items()}, metric=metric, title=f"ablation ladder: {metric}"))
+        print(
+            format_comparison_table(
+                {m: r["clean"] for m, r in results.items()}, metric=metric, title=f"ablation ladder: {metric}"
+            )
+        )
     out = Path(base.output_dir) / "ladder_results.json"
     out.write_text(json.dumps(results, indent=2) + "\n")
     return results

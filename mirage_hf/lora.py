@@ -9,7 +9,6 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from .modeling_mirage import MiraGeModel
 
-
 TOWERS = {"vision": "vision_model", "text": "text_model"}
 
 

@@ -24,7 +24,6 @@ from transformers.utils import ModelOutput
 
 from .configuration_mirage import MiraGeConfig
 
-
 ADAPTER_CONFIG_NAME = "mirage_adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "mirage_adapter.safetensors"
 

@@ -10,7 +10,6 @@ import os
 import torch
 from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
 
-
 PROMPT_WORDS = ("a", "photo", "of", "real", "fake", "x", "image", "ai", "generated")
 
 

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import yaml
 
-
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
@@ -23,7 +22,10 @@ def option(default, help: str, factory: bool = False):
 @dataclass
 class TrainConfig:
     # --- model -------------------------------------------------------------------------------------
-    clip_model: str = option("tiny-random", 'CLIP checkpoint (Hub id or folder); "tiny-random" builds a tiny random CLIP locally (demo, tests).')
+    clip_model: str = option(
+        "tiny-random",
+        'CLIP checkpoint (Hub id or folder); "tiny-random" builds a tiny random CLIP locally (demo, tests).',
+    )
     mode: str = "mirage"
     n_ctx: int = 2
     prompt_depth: int = 9
@@ -40,14 +42,23 @@ class TrainConfig:
     lora_alpha: int = 16
     lora_towers: list[str] = field(default_factory=lambda: ["vision"])
     lora_projections: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-    tiny_clip: dict = option(dict, 'Options of the "tiny-random" CLIP (image_size, patch_size, hidden_size, num_layers, projection_dim).', factory=True)
+    tiny_clip: dict = option(
+        dict,
+        'Options of the "tiny-random" CLIP (image_size, patch_size, hidden_size, num_layers, projection_dim).',
+        factory=True,
+    )
 
     # --- data --------------------------------------------------------------------------------------
-    dataset: str = option("synthetic", 'Training data: "synthetic" (generated), "genimage:<root>", "ufd:<root>", a folder, a file or a Hub id.')
-    eval_dataset: str | None = option(None, 'Test data (same forms); defaults to `dataset`.')
+    dataset: str = option(
+        "synthetic",
+        'Training data: "synthetic" (generated), "genimage:<root>", "ufd:<root>", a folder, a file or a Hub id.',
+    )
+    eval_dataset: str | None = option(None, "Test data (same forms); defaults to `dataset`.")
     train_split: str = "train"
     eval_split: str = "val"
-    train_subsets: list[str] | None = option(None, 'Generators (subsets) to train on; None = all. GenImage protocol: ["stable_diffusion_v_1_4"].')
+    train_subsets: list[str] | None = option(
+        None, 'Generators (subsets) to train on; None = all. GenImage protocol: ["stable_diffusion_v_1_4"].'
+    )
     eval_subsets: list[str] | None = None
     image_column: str = "image"
     label_column: str = "label"
@@ -55,12 +66,18 @@ class TrainConfig:
     streaming: bool = False
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
-    synthetic: dict = option(dict, 'Options of the generated data set (generators, n_train_per_class, n_val_per_class, image_size).', factory=True)
+    synthetic: dict = option(
+        dict,
+        "Options of the generated data set (generators, n_train_per_class, n_val_per_class, image_size).",
+        factory=True,
+    )
     flip_prob: float = 0.5
     resize_prob: float = 0.1
     blur_prob: float = 0.1
     jpeg_prob: float = 0.1
-    eval_preprocess: str = option("resize", '"resize" (the CLIP processor\'s resize + centre crop) or "center_crop" (no resize: keeps artefacts).')
+    eval_preprocess: str = option(
+        "resize", '"resize" (the CLIP processor\'s resize + centre crop) or "center_crop" (no resize: keeps artefacts).'
+    )
 
     # --- optimisation ------------------------------------------------------------------------------
     output_dir: str = "outputs/demo"
@@ -77,19 +94,28 @@ class TrainConfig:
     mixed_precision: str = option("no", '"no", "bf16" or "fp16" (Accelerate).')
     gradient_checkpointing: bool = False
     num_workers: int = 2
-    eval_every: int = option(0, 'Evaluate (and export the model if it is the best so far) every N optimiser steps; 0 = each epoch end.')
-    save_every: int = option(0, 'Checkpoint every N optimiser steps (for resume); 0 = each epoch end.')
+    eval_every: int = option(
+        0, "Evaluate (and export the model if it is the best so far) every N optimiser steps; 0 = each epoch end."
+    )
+    save_every: int = option(0, "Checkpoint every N optimiser steps (for resume); 0 = each epoch end.")
     checkpoints_total_limit: int = 2
-    resume_from_checkpoint: str | None = option(None, 'A checkpoint folder, or "latest" (the newest complete one in <output_dir>/checkpoints).')
-    log_with: list[str] = option(list, 'Accelerate trackers: tensorboard, wandb, ...', factory=True)
+    resume_from_checkpoint: str | None = option(
+        None, 'A checkpoint folder, or "latest" (the newest complete one in <output_dir>/checkpoints).'
+    )
+    log_with: list[str] = option(list, "Accelerate trackers: tensorboard, wandb, ...", factory=True)
 
     # --- evaluation --------------------------------------------------------------------------------
     eval_only: bool = False
-    model: str | None = option(None, 'For --eval_only: a trained MiraGe folder or Hub id.')
-    robustness: bool = option(False, 'Also evaluate under JPEG 95/75/50/30, blur 1/2/3 and downscale 0.5/0.25.')
-    calibrate: str | None = option("balanced_accuracy", 'After training, choose the threshold on held-out data: "balanced_accuracy", "target_fpr" or None.')
+    model: str | None = option(None, "For --eval_only: a trained MiraGe folder or Hub id.")
+    robustness: bool = option(False, "Also evaluate under JPEG 95/75/50/30, blur 1/2/3 and downscale 0.5/0.25.")
+    calibrate: str | None = option(
+        "balanced_accuracy",
+        'After training, choose the threshold on held-out data: "balanced_accuracy", "target_fpr" or None.',
+    )
     target_fpr: float = 0.05
-    calibration_holdout: float = option(0.1, 'Fraction of the training data held out (never trained on) for calibration.')
+    calibration_holdout: float = option(
+        0.1, "Fraction of the training data held out (never trained on) for calibration."
+    )
     trust_remote_code: bool = False
 
     def __post_init__(self):
@@ -116,7 +142,9 @@ def load_preset(path: str | os.PathLike) -> dict:
     if not path.exists() and (PRESET_DIR / f"{path}.yaml").exists():
         path = PRESET_DIR / f"{path}.yaml"
     if not path.exists():
-        raise FileNotFoundError(f"config file {str(path)!r} not found (presets: {sorted(p.stem for p in PRESET_DIR.glob('*.yaml'))})")
+        raise FileNotFoundError(
+            f"config file {str(path)!r} not found (presets: {sorted(p.stem for p in PRESET_DIR.glob('*.yaml'))})"
+        )
     with open(path) as handle:
         values = json.load(handle) if path.suffix == ".json" else yaml.safe_load(handle)
     unknown = set(values or {}) - {f.name for f in dataclasses.fields(TrainConfig)}
@@ -135,7 +163,11 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     for option in dataclasses.fields(TrainConfig):
         flag = {"nargs": "?", "const": True} if option.type is bool else {}
         parser.add_argument(
-            f"--{option.name}", type=yaml.safe_load, default=argparse.SUPPRESS, help=option.metadata.get("help", ""), **flag
+            f"--{option.name}",
+            type=yaml.safe_load,
+            default=argparse.SUPPRESS,
+            help=option.metadata.get("help", ""),
+            **flag,
         )
     args = vars(parser.parse_args(argv))
     values = load_preset(args.pop("config"))

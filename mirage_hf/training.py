@@ -30,7 +30,6 @@ from .tiny import save_tiny_clip
 from .train_config import TrainConfig
 from .transforms import BadImageReport, DetectionCollator, Preprocessor, TrainAugmentation
 
-
 logger = logging.getLogger("mirage_hf")
 
 MODEL_OPTIONS = (
@@ -65,7 +64,7 @@ def build_model(cfg: TrainConfig, clip_path: str):
 
 
 def resolve_dataset(cfg: TrainConfig, source: str) -> str:
-    """"synthetic" becomes a generated GenImage-layout folder (made once, deterministic for the seed)."""
+    """ "synthetic" becomes a generated GenImage-layout folder (made once, deterministic for the seed)."""
     if source != "synthetic":
         return source
     root = Path(cfg.output_dir) / "synthetic-data"
@@ -89,8 +88,10 @@ def load_split(cfg: TrainConfig, source: str, split: str, subsets, max_samples):
         wanted = set(subsets)
         ds = ds.filter(lambda subset: subset in wanted, input_columns="subset")
     if max_samples:
-        ds = ds.take(max_samples) if isinstance(ds, IterableDataset) else ds.shuffle(seed=cfg.seed).select(
-            range(min(max_samples, len(ds)))
+        ds = (
+            ds.take(max_samples)
+            if isinstance(ds, IterableDataset)
+            else ds.shuffle(seed=cfg.seed).select(range(min(max_samples, len(ds))))
         )
     check_binary_labels(ds, f"{source} [{split}{', ' + ', '.join(subsets) if subsets else ''}]")
     return ds
@@ -132,7 +133,9 @@ def train_loader(dataset, cfg: TrainConfig, collate, epoch: int) -> DataLoader:
     else:
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
         dataset = Subset(IndexedRows(dataset), order.tolist())
-    return DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=collate, drop_last=True)
+    return DataLoader(
+        dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=collate, drop_last=True
+    )
 
 
 # ------------------------------------------------------------------------------------------- training
@@ -180,7 +183,9 @@ def train(cfg: TrainConfig) -> dict:
         image_size, flip_prob=cfg.flip_prob, resize_prob=cfg.resize_prob, blur_prob=cfg.blur_prob,
         jpeg_prob=cfg.jpeg_prob, seed=cfg.seed,
     )  # fmt: skip
-    train_collate = SeededCollator(augmentation, Preprocessor(image_processor, cfg.eval_preprocess, augmentation), cfg.seed)
+    train_collate = SeededCollator(
+        augmentation, Preprocessor(image_processor, cfg.eval_preprocess, augmentation), cfg.seed
+    )
     eval_preprocess = Preprocessor(image_processor, cfg.eval_preprocess)
 
     model = build_model(cfg, clip_path)
@@ -191,7 +196,9 @@ def train(cfg: TrainConfig) -> dict:
         if accelerator.is_main_process:
             export_model(model, image_processor, output_dir / "model")
         accelerator.wait_for_everyone()
-        return finish_evaluation(cfg, model.eval().to(accelerator.device), eval_set, eval_preprocess, accelerator, image_processor)
+        return finish_evaluation(
+            cfg, model.eval().to(accelerator.device), eval_set, eval_preprocess, accelerator, image_processor
+        )
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     if isinstance(train_set, IterableDataset):
         if not cfg.max_steps:
@@ -203,31 +210,53 @@ def train(cfg: TrainConfig) -> dict:
             raise ValueError(f"{len(train_set)} training images are fewer than one batch of {cfg.batch_size}")
         steps_per_epoch = math.ceil(batches / cfg.gradient_accumulation_steps)
     total_steps = cfg.max_steps or steps_per_epoch * cfg.num_epochs
-    num_epochs = math.ceil(total_steps / steps_per_epoch)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    accelerator.init_trackers("mirage", config=to_jsonable({k: v for k, v in vars(cfg).items() if not isinstance(v, (dict, list))}))
+    accelerator.init_trackers(
+        "mirage", config=to_jsonable({k: v for k, v in vars(cfg).items() if not isinstance(v, (dict, list))})
+    )
 
     progress = {"global_step": 0, "epoch": 0, "batches_in_epoch": 0, "best_score": None}
     resumed = load_checkpoint(accelerator, resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint))
     if resumed:
         progress = resumed
-        logger.info("resumed from step %d (epoch %d, batch %d)", progress["global_step"], progress["epoch"], progress["batches_in_epoch"])
+        logger.info(
+            "resumed from step %d (epoch %d, batch %d)",
+            progress["global_step"],
+            progress["epoch"],
+            progress["batches_in_epoch"],
+        )
 
     def evaluate_and_export():
-        results, _ = evaluate(model, eval_set, eval_preprocess, accelerator, batch_size=cfg.eval_batch_size, num_workers=cfg.num_workers)
+        results, _ = evaluate(
+            model, eval_set, eval_preprocess, accelerator, batch_size=cfg.eval_batch_size, num_workers=cfg.num_workers
+        )
         clean = results["clean"]
-        accelerator.log({f"eval/{k}": v for k, v in clean["mean"].items() if isinstance(v, float)}, step=progress["global_step"])
-        logger.info("step %d: mean accuracy %.4f, mean AP %.4f", progress["global_step"], clean["mean"]["accuracy"], clean["mean"]["average_precision"])
+        accelerator.log(
+            {f"eval/{k}": v for k, v in clean["mean"].items() if isinstance(v, float)}, step=progress["global_step"]
+        )
+        logger.info(
+            "step %d: mean accuracy %.4f, mean AP %.4f",
+            progress["global_step"],
+            clean["mean"]["accuracy"],
+            clean["mean"]["average_precision"],
+        )
         score = clean["mean"]["accuracy"]
         if progress["best_score"] is None or score > progress["best_score"]:
             progress["best_score"] = score
             if accelerator.is_main_process:
-                export_model(model, image_processor, output_dir / "model", eval_results=to_jsonable({"step": progress["global_step"], **results}))
+                export_model(
+                    model,
+                    image_processor,
+                    output_dir / "model",
+                    eval_results=to_jsonable({"step": progress["global_step"], **results}),
+                )
         accelerator.wait_for_everyone()
 
     bad_images = BadImageReport()
-    bar = tqdm(total=total_steps, initial=progress["global_step"], desc="train", disable=not accelerator.is_local_main_process)
+    bar = tqdm(
+        total=total_steps, initial=progress["global_step"], desc="train", disable=not accelerator.is_local_main_process
+    )
     while progress["global_step"] < total_steps:
         loader = accelerator.prepare(train_loader(train_set, cfg, train_collate, progress["epoch"]))
         skip = progress["batches_in_epoch"]
@@ -251,8 +280,13 @@ def train(cfg: TrainConfig) -> dict:
             progress["global_step"] += 1
             bar.update(1)
             if output is not None:
-                terms = {k: v.item() for k, v in output.items() if k.startswith("loss") and v is not None and v.ndim == 0}
-                accelerator.log({f"train/{k}": v for k, v in terms.items()} | {"train/lr": scheduler.get_last_lr()[0]}, step=progress["global_step"])
+                terms = {
+                    k: v.item() for k, v in output.items() if k.startswith("loss") and v is not None and v.ndim == 0
+                }
+                accelerator.log(
+                    {f"train/{k}": v for k, v in terms.items()} | {"train/lr": scheduler.get_last_lr()[0]},
+                    step=progress["global_step"],
+                )
                 bar.set_postfix({k.removeprefix("loss_") or "loss": f"{v:.3f}" for k, v in terms.items()})
             epoch_done = progress["batches_in_epoch"] >= len(loader)
             finished = progress["global_step"] >= total_steps
@@ -275,13 +309,21 @@ def train(cfg: TrainConfig) -> dict:
     best = MiraGeForImageClassification.from_pretrained(output_dir / "model")
     best.to(accelerator.device)
     if calibration_set is not None:
-        labels, diffs, _, report = predict(best, calibration_set, eval_preprocess, accelerator, cfg.eval_batch_size, desc="calibrate")
+        labels, diffs, _, report = predict(
+            best, calibration_set, eval_preprocess, accelerator, cfg.eval_batch_size, desc="calibrate"
+        )
         if report.count:
             logger.warning("calibration data: %s", report.summary())
         fitted = calibrate(diffs, labels, method=cfg.calibrate, target_fpr=cfg.target_fpr)
         best.config.calibration_temperature = fitted["temperature"]
         best.config.decision_threshold = min(max(fitted["threshold"], 1e-6), 1 - 1e-6)
-        logger.info("calibration (%s on %d held-out images): temperature %.3f, threshold %.3f", cfg.calibrate, len(labels), best.config.calibration_temperature, best.config.decision_threshold)
+        logger.info(
+            "calibration (%s on %d held-out images): temperature %.3f, threshold %.3f",
+            cfg.calibrate,
+            len(labels),
+            best.config.calibration_temperature,
+            best.config.decision_threshold,
+        )
     results = finish_evaluation(cfg, best, eval_set, eval_preprocess, accelerator, image_processor)
     accelerator.end_training()
     return results
@@ -289,20 +331,33 @@ def train(cfg: TrainConfig) -> dict:
 
 def finish_evaluation(cfg, model, eval_set, preprocess, accelerator, image_processor) -> dict:
     """Evaluates (optionally under the robustness sweep), prints the tables, writes eval_results.json."""
-    results, report = evaluate(model, eval_set, preprocess, accelerator, robustness=cfg.robustness, batch_size=cfg.eval_batch_size, num_workers=cfg.num_workers)
+    results, report = evaluate(
+        model,
+        eval_set,
+        preprocess,
+        accelerator,
+        robustness=cfg.robustness,
+        batch_size=cfg.eval_batch_size,
+        num_workers=cfg.num_workers,
+    )
     config = mirage_core(model).config
-    summary = to_jsonable({
-        "model": cfg.model or str(Path(cfg.output_dir) / "model"),
-        "eval_dataset": cfg.eval_dataset or cfg.dataset,
-        "eval_split": cfg.eval_split,
-        "preprocess": cfg.eval_preprocess,
-        "threshold": config.decision_threshold,
-        "temperature": config.calibration_temperature,
-        "bad_images": report.count,
-        **results,
-    })
+    summary = to_jsonable(
+        {
+            "model": cfg.model or str(Path(cfg.output_dir) / "model"),
+            "eval_dataset": cfg.eval_dataset or cfg.dataset,
+            "eval_split": cfg.eval_split,
+            "preprocess": cfg.eval_preprocess,
+            "threshold": config.decision_threshold,
+            "temperature": config.calibration_temperature,
+            "bad_images": report.count,
+            **results,
+        }
+    )
     if accelerator.is_main_process:
-        title = f"threshold {config.decision_threshold:.3f}, temperature {config.calibration_temperature:.3f}, preprocessing: {cfg.eval_preprocess}"
+        title = (
+            f"threshold {config.decision_threshold:.3f}, temperature {config.calibration_temperature:.3f}, "
+            f"preprocessing: {cfg.eval_preprocess}"
+        )
         print(format_table(results["clean"], title=title))
         if cfg.robustness:
             print(format_comparison_table(results, metric="accuracy", title="robustness: accuracy per condition"))
@@ -324,8 +379,16 @@ def evaluate_only(cfg: TrainConfig) -> dict:
     model = MiraGeForImageClassification.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
     model.to(accelerator.device)
     image_processor = AutoImageProcessor.from_pretrained(cfg.model)
-    eval_set = load_split(cfg, resolve_dataset(cfg, cfg.eval_dataset or cfg.dataset), cfg.eval_split, cfg.eval_subsets, cfg.max_eval_samples)
-    return finish_evaluation(cfg, model, eval_set, Preprocessor(image_processor, cfg.eval_preprocess), accelerator, image_processor)
+    eval_set = load_split(
+        cfg,
+        resolve_dataset(cfg, cfg.eval_dataset or cfg.dataset),
+        cfg.eval_split,
+        cfg.eval_subsets,
+        cfg.max_eval_samples,
+    )
+    return finish_evaluation(
+        cfg, model, eval_set, Preprocessor(image_processor, cfg.eval_preprocess), accelerator, image_processor
+    )
 
 
 def main(argv=None) -> dict:

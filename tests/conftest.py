@@ -10,7 +10,6 @@ import torch
 import mirage_hf
 from mirage_hf.tiny import save_tiny_clip, tiny_clip_config  # noqa: F401  (re-exported for the tests)
 
-
 IMAGE_SIZE = 30
 
 

@@ -1,10 +1,9 @@
 import pytest
+from conftest import tiny_clip_config
 from transformers import AutoConfig
 
 import mirage_hf
 from mirage_hf import MiraGeConfig
-
-from conftest import tiny_clip_config
 
 
 def test_config_round_trips_with_nested_clip_and_fixed_labels(tmp_path):

@@ -8,13 +8,12 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_clip_config
 from PIL import Image
 from transformers import AutoModel, AutoModelForImageClassification, CLIPModel, pipeline
 
 from mirage_hf import MiraGeForImageClassification, MiraGeModel
 from mirage_hf.lora import add_lora
-
-from conftest import tiny_clip_config
 
 
 def trained(model, steps=3):
@@ -81,7 +80,9 @@ def test_save_and_load_through_auto_classes(make_model, pixel_values, tmp_path, 
     model.save_pretrained(tmp_path)
     for auto in (AutoModelForImageClassification, AutoModel):
         loaded = auto.from_pretrained(tmp_path)
-        assert type(loaded) is (MiraGeForImageClassification if auto is AutoModelForImageClassification else MiraGeModel)
+        assert type(loaded) is (
+            MiraGeForImageClassification if auto is AutoModelForImageClassification else MiraGeModel
+        )
         assert not any(p.requires_grad for p in loaded.clip.parameters())
         torch.testing.assert_close(logits(loaded, pixel_values), logits(model, pixel_values))
 
@@ -173,5 +174,7 @@ def test_lora_save_load_and_merge_give_identical_logits(make_model, clip_dir, pi
     merged.save_pretrained(tmp_path / "merged")
     torch.testing.assert_close(
         logits(AutoModelForImageClassification.from_pretrained(tmp_path / "merged"), pixel_values),
-        expected, atol=1e-5, rtol=1e-5,
+        expected,
+        atol=1e-5,
+        rtol=1e-5,
     )

@@ -3,12 +3,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
-from mirage_hf import MiraGeConfig, MiraGeForImageClassification, MiraGeMemoryBank, MiraGeModel
-from mirage_hf.modeling_mirage import MiraGeLoss
-
 from conftest import IMAGE_SIZE, tiny_clip_config
 
+from mirage_hf import MiraGeConfig, MiraGeMemoryBank, MiraGeModel
+from mirage_hf.modeling_mirage import MiraGeLoss
 
 MODES = ["zero_shot", "linear_probe", "coop", "maple", "mirage"]
 TRAINABLE_PREFIX = {
@@ -45,7 +43,9 @@ def test_prompts_change_the_features(make_model, pixel_values):
     model = make_model("maple")
     with torch.no_grad():
         text_prompts, vision_prompts = model.prompt_learner()
-        assert not torch.allclose(model.encode_image(pixel_values, vision_prompts), model.encode_image(pixel_values, []))
+        assert not torch.allclose(
+            model.encode_image(pixel_values, vision_prompts), model.encode_image(pixel_values, [])
+        )
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -205,8 +205,14 @@ LOGITS = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
 
 def test_each_loss_term_matches_a_hand_computed_value():
     loss = loss_module(
-        sep_margin=0.0, anchor_margin=0.5, supcon_temperature=1.0, memory_bank_size=0,
-        ce_weight=1.0, align_weight=2.0, sep_weight=3.0, supcon_weight=4.0,
+        sep_margin=0.0,
+        anchor_margin=0.5,
+        supcon_temperature=1.0,
+        memory_bank_size=0,
+        ce_weight=1.0,
+        align_weight=2.0,
+        sep_weight=3.0,
+        supcon_weight=4.0,
     )
     terms = loss(LOGITS, IMAGE, ANCHORS, LABELS)
     ce = (-math.log(math.e**2 / (math.e**2 + 1)) - math.log(math.e / (1 + math.e))) / 2
@@ -221,7 +227,12 @@ def test_each_loss_term_matches_a_hand_computed_value():
 
 
 def test_zero_weight_switches_a_term_off_and_other_modes_use_ce_only():
-    assert set(loss_module(sep_weight=0.0, memory_bank_size=0)(LOGITS, IMAGE, ANCHORS, LABELS)) == {"ce", "align", "supcon", "loss"}
+    assert set(loss_module(sep_weight=0.0, memory_bank_size=0)(LOGITS, IMAGE, ANCHORS, LABELS)) == {
+        "ce",
+        "align",
+        "supcon",
+        "loss",
+    }
     terms = loss_module(mode="maple")(LOGITS, IMAGE, ANCHORS, LABELS)
     assert set(terms) == {"ce", "loss"}
     assert terms["loss"].item() == pytest.approx(F.cross_entropy(LOGITS, LABELS).item())

@@ -12,8 +12,7 @@ from transformers import pipeline
 
 from mirage_hf import MiraGeForImageClassification
 from mirage_hf.train_config import TrainConfig, parse_args
-from mirage_hf.training import main, train
-
+from mirage_hf.training import main
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +43,9 @@ def trainable_state(output_dir):
 
 
 def test_presets_and_overrides_parse():
-    cfg = parse_args(["--config", "genimage_sd14", "--learning_rate", "1e-3", "--train_subsets", "[a, b]", "--robustness"])
+    cfg = parse_args(
+        ["--config", "genimage_sd14", "--learning_rate", "1e-3", "--train_subsets", "[a, b]", "--robustness"]
+    )
     assert cfg.clip_model == "openai/clip-vit-large-patch14" and cfg.learning_rate == 1e-3
     assert cfg.train_subsets == ["a", "b"] and cfg.robustness is True
     with pytest.raises(ValueError, match="mixed_precision"):
@@ -129,13 +130,17 @@ def test_the_demo_recipe_learns_its_training_generator(tmp_path):
         "--synthetic", "{generators: [upsampler, banding], n_train_per_class: 300, n_val_per_class: 50, image_size: 32}",
     ])  # fmt: skip
     assert results["clean"]["upsampler"]["accuracy"] >= 0.9
-    assert results["clean"]["upsampler"]["fake_accuracy"] >= 0.9 and results["clean"]["upsampler"]["real_accuracy"] >= 0.9
+    assert (
+        results["clean"]["upsampler"]["fake_accuracy"] >= 0.9 and results["clean"]["upsampler"]["real_accuracy"] >= 0.9
+    )
 
 
 def test_corrupt_images_are_reported_by_path_and_skipped(tmp_path, caplog):
     from mirage_hf.synthetic import make_synthetic_genimage
 
-    root = make_synthetic_genimage(tmp_path / "data", generators=["upsampler"], n_train_per_class=20, n_val_per_class=6, image_size=16)
+    root = make_synthetic_genimage(
+        tmp_path / "data", generators=["upsampler"], n_train_per_class=20, n_val_per_class=6, image_size=16
+    )
     (root / "upsampler" / "train" / "ai" / "broken.png").write_bytes(b"not an image at all")
     (root / "upsampler" / "val" / "nature" / "empty.png").write_bytes(b"")
     results = run(tmp_path / "out", "--dataset", f"genimage:{root}", "--max_steps", "6", "--calibrate", "null")
@@ -149,7 +154,9 @@ def test_two_process_training_through_accelerate_launch_scores_each_sample_once(
 
     from mirage_hf.synthetic import make_synthetic_genimage
 
-    root = make_synthetic_genimage(tmp_path / "data", generators=["upsampler"], n_train_per_class=16, n_val_per_class=5, image_size=16)
+    root = make_synthetic_genimage(
+        tmp_path / "data", generators=["upsampler"], n_train_per_class=16, n_val_per_class=5, image_size=16
+    )
     extra = next((root / "upsampler" / "val" / "nature").glob("*.png"))
     (extra.parent / "extra.png").write_bytes(extra.read_bytes())  # 11 images: an odd count cannot split evenly
     command = [
@@ -158,7 +165,9 @@ def test_two_process_training_through_accelerate_launch_scores_each_sample_once(
         "--output_dir", str(tmp_path / "out"), "--dataset", f"genimage:{root}", *TINY, "--max_steps", "3",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(command, cwd=Path(__file__).parent.parent, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        command, cwd=Path(__file__).parent.parent, env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     written = json.loads((tmp_path / "out" / "eval_results.json").read_text())
     assert written["clean"]["all"]["n"] == 11
@@ -168,7 +177,9 @@ def test_two_process_training_through_accelerate_launch_scores_each_sample_once(
 def test_the_ablation_ladder_trains_every_rung_and_prints_one_table(tmp_path, capsys):
     from mirage_hf.ladder import run_ladder
 
-    results = run_ladder(["--config", "demo", "--output_dir", str(tmp_path), *TINY, "--max_steps", "2", "--calibrate", "null"])
+    results = run_ladder(
+        ["--config", "demo", "--output_dir", str(tmp_path), *TINY, "--max_steps", "2", "--calibrate", "null"]
+    )
     assert list(results) == ["zero_shot", "linear_probe", "coop", "maple", "mirage"]
     printed = capsys.readouterr().out
     assert "ablation ladder: accuracy" in printed and all(mode in printed for mode in results)

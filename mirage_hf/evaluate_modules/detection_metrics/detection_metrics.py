@@ -7,6 +7,7 @@ name: nothing is downloaded, so it works offline. One import per line: evaluate'
 
 import datasets
 import evaluate
+
 from mirage_hf.metrics import detection_metrics
 
 _DESCRIPTION = """
