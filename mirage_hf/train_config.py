@@ -117,6 +117,7 @@ class TrainConfig:
         0.1, "Fraction of the training data held out (never trained on) for calibration."
     )
     trust_remote_code: bool = False
+    compile: bool = option(False, "Evaluate with the image encoder under torch.compile (opt-in; pays off on large sets).")
 
     def __post_init__(self):
         for option in dataclasses.fields(self):  # YAML reads "1e-3" as a string

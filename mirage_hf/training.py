@@ -22,6 +22,7 @@ from .checkpoints import load_checkpoint, resolve_resume, save_checkpoint
 from .data import check_binary_labels, load_data
 from .evaluation import evaluate, predict
 from .export import export_model, mirage_core
+from .inference import compile_image_path
 from .lora import add_lora
 from .metrics import format_comparison_table, format_table, to_jsonable
 from .modeling_mirage import MiraGeForImageClassification
@@ -378,6 +379,8 @@ def evaluate_only(cfg: TrainConfig) -> dict:
     configure_logging(accelerator.is_main_process)
     model = MiraGeForImageClassification.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
     model.to(accelerator.device)
+    if cfg.compile:
+        compile_image_path(model)
     image_processor = AutoImageProcessor.from_pretrained(cfg.model)
     eval_set = load_split(
         cfg,

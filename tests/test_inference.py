@@ -38,3 +38,12 @@ def test_unsure_band_around_the_calibrated_threshold(detector_dir):
     assert detector.verdict(0.41).label == "fake" and detector.verdict(0.19).label == "real"
     with pytest.raises(ValueError, match="unsure_margin"):
         Detector(detector.model, detector.image_processor, unsure_margin=0.7)
+
+
+@pytest.mark.slow
+def test_compiled_path_matches_the_plain_path(detector_dir):
+    plain = Detector.from_pretrained(detector_dir, device="cpu")
+    compiled = Detector.from_pretrained(detector_dir, device="cpu", compile=True)
+    batch = images(3)
+    np.testing.assert_allclose(compiled.p_fake(batch), plain.p_fake(batch), atol=1e-5)
+    np.testing.assert_allclose(compiled.p_fake(batch[:2]), plain.p_fake(batch[:2]), atol=1e-5)
