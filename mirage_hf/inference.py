@@ -23,6 +23,13 @@ class Verdict:
     p_fake: float
 
 
+def verdict_label(p_fake: float, threshold: float, unsure_margin: float = 0.0) -> str:
+    """"unsure" within `unsure_margin` of the threshold (scores there flip under resizing or compression)."""
+    if abs(p_fake - threshold) < unsure_margin:
+        return "unsure"
+    return "fake" if p_fake >= threshold else "real"
+
+
 def compile_image_path(model):
     """Opt-in `torch.compile` of the image encoder (the per-image work; the cached anchors stay eager)."""
     model.encode_image = torch.compile(model.encode_image, dynamic=True)
@@ -64,10 +71,10 @@ class Detector:
             logits, _, _ = self.model.detect(pixel_values)
         return calibrated_p_fake(logits.float().cpu(), self.model.config.calibration_temperature)
 
-    def verdict(self, p_fake: float) -> Verdict:
-        if abs(p_fake - self.threshold) < self.unsure_margin:
-            return Verdict("unsure", float(p_fake))
-        return Verdict("fake" if p_fake >= self.threshold else "real", float(p_fake))
+    def verdict(self, p_fake: float, threshold: float | None = None) -> Verdict:
+        """The label at `threshold` (default: the model's calibrated one), "unsure" within the margin."""
+        threshold = self.threshold if threshold is None else threshold
+        return Verdict(verdict_label(p_fake, threshold, self.unsure_margin), float(p_fake))
 
     def __call__(self, images) -> list[Verdict]:
         return [self.verdict(p) for p in self.p_fake(images)]

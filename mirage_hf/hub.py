@@ -1,0 +1,360 @@
+"""Publish a trained detector: stage a model repo (weights, remote code, model card) and a Gradio Space, then
+upload both.
+
+Staging and uploading are separate so that what would be pushed can be inspected (`--dry_run`) and tested
+without a network. The card's `model-index` carries the numbers from the folder's `eval_results.json`, and its
+licence follows the training data: GenImage is CC BY-NC-SA 4.0, so weights trained on it are non-commercial.
+The token is never taken on the command line, printed or written: `HfApi` reads `HF_TOKEN` or the login cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, SpaceCard
+
+from . import __version__
+from .metrics import format_comparison_table, format_table
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+SPACE_DIR = PACKAGE_DIR.parent / "space"
+SPACE_FILES = ("app.py", "requirements.txt", "examples")
+MODEL_FILES = (
+    "config.json",
+    "preprocessor_config.json",
+    "*.safetensors",
+    "model.safetensors.index.json",
+    "*.py",
+    "eval_results.json",
+)
+REQUIRED_MODEL_FILES = ("config.json", "preprocessor_config.json", "configuration_mirage.py", "modeling_mirage.py")
+CARD_METRICS = {
+    "accuracy": "Accuracy",
+    "average_precision": "Average precision (fake = positive)",
+    "roc_auc": "ROC AUC",
+    "tpr_at_5_fpr": "TPR at 5% FPR",
+}
+NON_COMMERCIAL_DATA = {"genimage": "GenImage"}  # data set keyword -> name; their licence is CC BY-NC-SA 4.0
+TAGS = ["mirage", "ai-generated-image-detection", "deepfake-detection", "clip", "prompt-learning", "mirage-hf"]
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _is_hub_id(name: str | None) -> bool:
+    """A Hub repo id rather than a local path (the card must not point at, or leak, a local folder)."""
+    return bool(name) and HUB_ID.match(name) is not None and not Path(name).exists()
+
+
+def _non_commercial_source(eval_dataset: str) -> str | None:
+    return next((name for key, name in NON_COMMERCIAL_DATA.items() if key in eval_dataset.lower()), None)
+
+
+def choose_license(eval_dataset: str, license: str | None) -> str:
+    """The weights' licence: CC BY-NC-SA 4.0 by default for GenImage-trained weights (and nothing that drops the
+    non-commercial term); otherwise it must be given, because it follows data this code cannot see."""
+    source = _non_commercial_source(eval_dataset)
+    if source is None:
+        if not license:
+            raise ValueError(
+                f"pass a licence (--license): the weights' licence follows their training data ({eval_dataset!r})"
+            )
+        return license
+    if license is None:
+        return "cc-by-nc-sa-4.0"
+    if "nc" not in license.lower().split("-"):
+        raise ValueError(f"{source} is CC BY-NC-SA 4.0: weights trained on it cannot be licensed {license!r}")
+    return license
+
+
+def _dataset_label(eval_dataset: str) -> str:
+    """A public name for the data: the GenImage / UFD protocols by name, Hub ids and "synthetic" as they are,
+    local paths by their last component only."""
+    kind, _, root = eval_dataset.partition(":")
+    if root and kind in ("genimage", "ufd"):
+        return {"genimage": "GenImage", "ufd": "UniversalFakeDetect"}[kind]
+    return eval_dataset if eval_dataset == "synthetic" or _is_hub_id(eval_dataset) else Path(eval_dataset).name
+
+
+def _eval_results(results: dict) -> list[EvalResult]:
+    """One EvalResult per subset (generators, then mean and all) and metric of the clean condition. The subset is
+    also the dataset config: the Hub groups results by (task, type, config, split) and would merge subsets."""
+    dataset_type = _dataset_label(results["eval_dataset"])
+    return [
+        EvalResult(
+            task_type="image-classification",
+            task_name="AI-generated image detection",
+            dataset_type=dataset_type,
+            dataset_name=subset,
+            dataset_config=subset,
+            dataset_split=results.get("eval_split"),
+            metric_type=metric,
+            metric_name=label,
+            metric_value=metrics[metric],
+        )
+        for subset, metrics in results["clean"].items()
+        for metric, label in CARD_METRICS.items()
+        if metrics.get(metric) is not None
+    ]
+
+
+def _usage_section(repo_id: str) -> str:
+    return f"""## How to use
+
+```python
+from transformers import pipeline
+
+detector = pipeline("image-classification", model="{repo_id}", trust_remote_code=True)
+detector("photo.jpg")  # [{{'label': 'fake', 'score': ...}}, {{'label': 'real', 'score': ...}}]
+```
+
+`trust_remote_code=True` is needed because MiraGe is not a transformers architecture: this repo ships its model
+code (`configuration_mirage.py`, `modeling_mirage.py`), and the flag lets transformers run it. Read those files
+before trusting them. With the `mirage-hf` package installed, `import mirage_hf` registers the classes with
+transformers and the flag is not needed:
+
+```python
+import mirage_hf  # registers MiraGe with the Auto classes
+from transformers import pipeline
+
+detector = pipeline("image-classification", model="{repo_id}")
+# or verdicts with an "unsure" band around the calibrated threshold:
+from mirage_hf.inference import Detector
+
+Detector.from_pretrained("{repo_id}", unsure_margin=0.1)(images)  # [Verdict(label, p_fake), ...]
+```
+"""
+
+
+def _calibration_section(config: dict) -> str:
+    return f"""## Decision threshold and calibration
+
+A temperature and a decision threshold on p(fake) were fitted on held-out training data, never trained on:
+T = {config["calibration_temperature"]:.4g}, t = {config["decision_threshold"]:.4g}. Both are folded into the output
+logits, so the pipeline's `fake` score is calibrated and `score(fake) >= 0.5` is the model's decision; `mirage_hf`
+reports p(fake) = sigmoid((logit_fake - logit_real) / T) and compares it with t instead.
+"""
+
+
+def _evaluation_section(results: dict | None) -> str:
+    if results is None:
+        return "## Evaluation\n\nNo evaluation results were shipped with this model.\n"
+    title = f"threshold {results['threshold']:.3f}, temperature {results['temperature']:.3f}"
+    text = f"""## Evaluation
+
+Data: `{_dataset_label(results["eval_dataset"])}`, split `{results.get("eval_split")}`, preprocessing \
+`{results.get("preprocess")}`, {results.get("bad_images", 0)} unreadable images skipped. Metrics in percent, fake
+is the positive class; `mean` averages the generators, `all` pools their images.
+
+```
+{format_table(results["clean"], title=title)}
+```
+"""
+    conditions = {name: value for name, value in results.items() if isinstance(value, dict)}
+    if len(conditions) > 1:
+        text += f"""
+Robustness (the same images JPEG-compressed, blurred or downscaled):
+
+```
+{format_comparison_table(conditions, metric="accuracy", title="accuracy per condition")}
+```
+"""
+    return text
+
+
+def _data_section(eval_dataset: str, license: str, datasets) -> str:
+    if not eval_dataset:
+        return f"## Training data and licence\n\nNot recorded with this model. The weights are released under `{license}`.\n"
+    source = _non_commercial_source(eval_dataset)
+    if source:
+        terms = (
+            f"{source} is licensed CC BY-NC-SA 4.0. These weights are derived from it, so they are for "
+            f"**non-commercial use only** and are shared under the same terms (`{license}`)."
+        )
+    elif eval_dataset == "synthetic":
+        terms = (
+            "The data is the procedural toy set generated by `mirage_hf.synthetic` (no third-party images). A model "
+            "trained on it detects those toy traces, not real generators."
+        )
+    else:
+        terms = f"The weights are released under `{license}`; check that this agrees with the training data's terms."
+    named = f" Training data sets: {', '.join(f'`{name}`' for name in datasets)}." if datasets else ""
+    return f"""## Training data and licence
+
+Evaluated on `{_dataset_label(eval_dataset)}`; in mirage-hf's protocols the training data comes from the same
+source.{named} {terms}
+"""
+
+
+INTENDED_USE = """## Intended use
+
+Screening: flagging images that are likely AI-generated, so that a person looks at them more closely, and
+research on detectors that generalise to unseen generators. It is not meant to decide anything about a person
+or an image on its own.
+"""
+
+LIMITATIONS = """## Limitations
+
+- **Unseen generators.** Detectors miss generators unlike their training data; accuracy on a new generator can
+  fall to chance. Check the per-generator table, not only the mean.
+- **Compression and resizing.** JPEG re-encoding, resizing, cropping, screenshots and re-photographing move the
+  scores, usually towards "real". Social-media copies are all of these.
+- **No guarantee.** A high p(fake) is evidence, not proof, that an image is generated, and a low one does not
+  prove it is authentic. Do not use a single score as proof of anything.
+"""
+
+
+def _model_card(model_dir: Path, repo_id: str, license, base_model, datasets, space_repo_id) -> ModelCard:
+    config = json.loads((model_dir / "config.json").read_text())
+    results_path = model_dir / "eval_results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else None
+    eval_dataset = results["eval_dataset"] if results else ""
+    license = choose_license(eval_dataset, license)
+    base_model = base_model or config.get("clip_name_or_path")
+    model_name = repo_id.split("/")[-1]
+    data = ModelCardData(
+        model_name=model_name,
+        license=license,
+        library_name="transformers",
+        pipeline_tag="image-classification",
+        tags=TAGS,
+        base_model=base_model if _is_hub_id(base_model) else None,
+        datasets=datasets,
+        metrics=list(CARD_METRICS),
+        eval_results=_eval_results(results) if results else None,
+    )
+    base = f"[{base_model}](https://huggingface.co/{base_model})" if _is_hub_id(base_model) else "from a local folder"
+    space = ""
+    if space_repo_id:
+        space = f"\nTry it in the Space [{space_repo_id}](https://huggingface.co/spaces/{space_repo_id}).\n"
+    body = f"""# {model_name}
+
+Detects AI-generated images with MiraGe (Shi et al., ACM MM 2025): a frozen CLIP with learnable deep prompts
+in its text and image encoders. Base CLIP: {base}. Mode `{config.get("mode")}`, {config.get("n_ctx")} prompt
+tokens, depth {config.get("prompt_depth")}. Labels: `real`, `fake`. Trained with mirage-hf {__version__}.
+{space}
+{_usage_section(repo_id)}
+{_calibration_section(config)}
+{_evaluation_section(results)}
+{INTENDED_USE}
+{LIMITATIONS}
+{_data_section(eval_dataset, license, datasets)}"""
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
+
+
+def _copy_model_files(model_dir: Path, target: Path) -> None:
+    missing = [name for name in REQUIRED_MODEL_FILES if not (model_dir / name).is_file()]
+    if missing or not list(model_dir.glob("*.safetensors")):
+        raise FileNotFoundError(
+            f"{model_dir} is not an exported MiraGe folder (missing {missing or 'safetensors weights'}); "
+            "export it with mirage_hf.export.export_model"
+        )
+    if "auto_map" not in json.loads((model_dir / "config.json").read_text()):
+        raise ValueError(f"{model_dir}/config.json has no auto_map: it would not load with trust_remote_code")
+    target.mkdir(parents=True)
+    for pattern in MODEL_FILES:
+        for path in model_dir.glob(pattern):
+            shutil.copy2(path, target / path.name)
+
+
+def _stage_space(target: Path, repo_id: str) -> None:
+    """The Space: app, requirements, examples, README naming the model, and a copy of this package (the Space
+    installs only requirements.txt, and mirage-hf is not on PyPI)."""
+    if not SPACE_DIR.is_dir():
+        raise FileNotFoundError(f"no Space sources at {SPACE_DIR}: run this from a mirage-hf source checkout")
+    target.mkdir(parents=True)
+    for name in SPACE_FILES:
+        source = SPACE_DIR / name
+        if source.is_dir():
+            shutil.copytree(source, target / name)
+        else:
+            shutil.copy2(source, target / name)
+    card = SpaceCard.load(SPACE_DIR / "README.md")
+    card.data.models = [repo_id]
+    card.save(target / "README.md")
+    shutil.copytree(PACKAGE_DIR, target / "mirage_hf", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+
+
+def stage_model_repo(
+    model_dir, out_dir, repo_id: str, space_repo_id=None, license=None, base_model=None, datasets=None
+) -> Path:
+    """Writes `out_dir/model` (the model files and README.md model card) and `out_dir/space` (the Gradio Space
+    for `repo_id`); returns `out_dir`. `out_dir` must be new or empty, so that nothing stale is pushed."""
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"staging folder {out_dir} is not empty; choose a new one")
+    card = _model_card(model_dir, repo_id, license, base_model, datasets, space_repo_id)
+    _copy_model_files(model_dir, out_dir / "model")
+    card.save(out_dir / "model" / "README.md")
+    _stage_space(out_dir / "space", repo_id)
+    return out_dir
+
+
+def planned_calls(staged_dir, repo_id: str, space_repo_id=None, private: bool = False) -> list[tuple[str, dict]]:
+    """The `HfApi` method calls that publish a staged folder, as (method name, keyword arguments)."""
+    staged_dir = Path(staged_dir)
+    calls = [
+        ("create_repo", {"repo_id": repo_id, "repo_type": "model", "private": private, "exist_ok": True}),
+        ("upload_folder", {"repo_id": repo_id, "repo_type": "model", "folder_path": str(staged_dir / "model"),
+                           "commit_message": "Upload MiraGe detector"}),
+    ]
+    if space_repo_id:
+        calls += [
+            ("create_repo", {"repo_id": space_repo_id, "repo_type": "space", "space_sdk": "gradio",
+                             "private": private, "exist_ok": True}),
+            ("upload_folder", {"repo_id": space_repo_id, "repo_type": "space",
+                               "folder_path": str(staged_dir / "space"), "commit_message": f"Space for {repo_id}"}),
+        ]
+    return calls
+
+
+def upload(staged_dir, repo_id: str, space_repo_id=None, token=None, private: bool = False) -> list:
+    """Creates the repos (if needed) and uploads the staged folders; returns what each `HfApi` call returned.
+    With `token=None`, huggingface_hub uses `HF_TOKEN` or the login cache."""
+    api = HfApi(token=token)
+    calls = planned_calls(staged_dir, repo_id, space_repo_id, private)
+    return [getattr(api, name)(**kwargs) for name, kwargs in calls]
+
+
+def format_calls(calls: list[tuple[str, dict]]) -> str:
+    """The calls as Python, the token shown only as where it comes from."""
+    lines = ["api = HfApi(token=<redacted: HF_TOKEN or the login cache>)"]
+    lines += [f"api.{name}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})" for name, kwargs in calls]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Publish a trained MiraGe detector (model repo and Gradio Space).")
+    parser.add_argument("--model_dir", required=True, help="Exported model folder (e.g. outputs/demo/model).")
+    parser.add_argument("--repo_id", required=True, help="Model repo, user/name.")
+    parser.add_argument("--space_repo_id", help="Also publish a Gradio Space, user/name.")
+    parser.add_argument("--license", help="Licence of the weights; defaults to cc-by-nc-sa-4.0 for GenImage data.")
+    parser.add_argument("--base_model", help="Hub id of the base CLIP; defaults to the config's clip_name_or_path.")
+    parser.add_argument("--datasets", nargs="+", help="Hub ids of the training data sets, for the card.")
+    parser.add_argument("--private", action="store_true", help="Create private repos.")
+    parser.add_argument("--staging_dir", help="New or empty folder to stage into (default: a new temporary one).")
+    parser.add_argument("--dry_run", action="store_true", help="Stage and print the Hub calls without making them.")
+    args = parser.parse_args(argv)
+    staged = stage_model_repo(
+        args.model_dir,
+        args.staging_dir or tempfile.mkdtemp(prefix="mirage-push-"),
+        args.repo_id,
+        space_repo_id=args.space_repo_id,
+        license=args.license,
+        base_model=args.base_model,
+        datasets=args.datasets,
+    )
+    print(f"staged in {staged}")
+    if args.dry_run:
+        calls = planned_calls(staged, args.repo_id, args.space_repo_id, args.private)
+        print("dry run, would call:\n" + format_calls(calls))
+        return
+    upload(staged, args.repo_id, args.space_repo_id, private=args.private)
+    print(f"model: https://huggingface.co/{args.repo_id}")
+    if args.space_repo_id:
+        print(f"space: https://huggingface.co/spaces/{args.space_repo_id}")
+        if args.private:
+            print("the model is private: give the Space an HF_TOKEN secret that can read it")

@@ -1,0 +1,196 @@
+"""Gradio Space for a MiraGe detector: one image with its verdict (and an explanation map where
+`mirage_hf.explain` exists), or a batch of files to a table and a CSV.
+
+The model is `MIRAGE_MODEL` (a Hub id or a local folder), else the first `models:` entry of this Space's
+README.md, which push_to_hub.py writes. It is loaded once, on the first request, on CPU. Uploads reach the
+handlers unopened and go through mirage_hf's own decoder, with its size and pixel-count limits, so that a bad
+file gets a readable message in the page instead of an error from deep inside PIL.
+"""
+
+import csv
+import importlib.util
+import logging
+import os
+import tempfile
+import threading
+from pathlib import Path
+
+import gradio as gr
+from huggingface_hub import SpaceCard
+
+from mirage_hf.inference import Detector
+from mirage_hf.inference import verdict_label as label_at
+from mirage_hf.transforms import ImageLoadError, open_image
+
+HERE = Path(__file__).resolve().parent
+EXAMPLES = [HERE / "examples" / "synthetic-real.png", HERE / "examples" / "synthetic-fake.png"]
+MAX_UPLOAD_BYTES = 20 * 2**20
+MAX_PIXELS = 40_000_000  # about 6300 x 6300: larger images are refused before decoding
+MAX_BATCH_FILES = 50
+BATCH_SIZE = 16  # images decoded and scored at a time in the Batch tab, to bound memory
+UNSURE_MARGIN = float(os.environ.get("MIRAGE_UNSURE_MARGIN", "0.1"))
+logger = logging.getLogger(__name__)
+
+
+def model_name() -> str:
+    return os.environ.get("MIRAGE_MODEL") or SpaceCard.load(HERE / "README.md").data.models[0]
+
+
+def load_detector() -> Detector:
+    return Detector.from_pretrained(model_name(), device="cpu", unsure_margin=UNSURE_MARGIN)
+
+
+def read_image(source):
+    """RGB image from a PIL image, a path or Gradio's file payload; ImageLoadError with the reason otherwise."""
+    if isinstance(source, dict):
+        source = source.get("path")
+    if source is None:
+        raise ImageLoadError(None, "no image was given")
+    is_file = isinstance(source, (str, os.PathLike)) and os.path.isfile(source)
+    if is_file and os.path.getsize(source) > MAX_UPLOAD_BYTES:
+        raise ImageLoadError(str(source), f"the file is larger than {MAX_UPLOAD_BYTES // 2**20} MB")
+    return open_image(source, max_pixels=MAX_PIXELS)
+
+
+def describe(p_fake: float, threshold: float, margin: float) -> str:
+    label = label_at(p_fake, threshold, margin)
+    if label == "unsure":
+        return f"Unsure: p(fake) = {p_fake:.3f} is within {margin:.2f} of the threshold {threshold:.2f}."
+    if label == "fake":
+        return f"Likely AI-generated: p(fake) = {p_fake:.3f} >= threshold {threshold:.2f}."
+    return f"Likely real: p(fake) = {p_fake:.3f} < threshold {threshold:.2f}."
+
+
+def explanation(detector: Detector, image):
+    """The overlay of `mirage_hf.explain`, or None where that module is missing or fails (the verdict stands)."""
+    try:
+        from mirage_hf.explain import explain_image
+    except ImportError:
+        return None
+    try:
+        return explain_image(detector, image)[1]
+    except Exception:  # an optional view must not cost the user the verdict
+        logger.exception("explanation failed")
+        return None
+
+
+class DetectorApp:
+    """The Space's handlers around one detector, built by `detector_factory` on first use (thread-safe)."""
+
+    def __init__(self, detector_factory=load_detector):
+        self.detector_factory = detector_factory
+        self._detector = None
+        self._lock = threading.Lock()
+
+    def detector(self) -> Detector:
+        with self._lock:
+            if self._detector is None:
+                try:
+                    self._detector = self.detector_factory()
+                except Exception as err:  # shown in the page; the next request tries again
+                    logger.exception("loading the model failed")
+                    raise gr.Error(f"Could not load the model: {err}") from err
+            return self._detector
+
+    def model_info(self):
+        """On page load: the slider at the model's calibrated threshold, and a line about the model."""
+        detector = self.detector()
+        name = getattr(detector.model.config, "_name_or_path", "") or "model"
+        text = (
+            f"Model `{name}`: calibrated threshold {detector.threshold:.3f}, "
+            f"unsure band {detector.unsure_margin:.2f}."
+        )
+        return gr.Slider(value=round(detector.threshold, 2)), text
+
+    def detect(self, image, threshold=None, explain=False):
+        """(label confidences, verdict text, explanation overlay if asked for and available) for one image."""
+        try:
+            image = read_image(image)
+        except ImageLoadError as err:
+            return None, f"Could not read the image: {err.reason}", None
+        detector = self.detector()
+        threshold = detector.threshold if threshold is None else float(threshold)
+        p = float(detector.p_fake([image])[0])
+        overlay = explanation(detector, image) if explain else None
+        return {"real": 1.0 - p, "fake": p}, describe(p, threshold, detector.unsure_margin), overlay
+
+    def detect_batch(self, files, threshold=None):
+        """(rows of file, verdict, p_fake; CSV path) for several files; unreadable ones say why."""
+        files = list(files or [])
+        if len(files) > MAX_BATCH_FILES:
+            raise gr.Error(f"At most {MAX_BATCH_FILES} files at a time, got {len(files)}.")
+        detector = self.detector()
+        threshold = detector.threshold if threshold is None else float(threshold)
+        rows = []
+        for start in range(0, len(files), BATCH_SIZE):
+            readable = []
+            for path in files[start : start + BATCH_SIZE]:
+                rows.append([Path(path).name, None, None])
+                try:
+                    readable.append((rows[-1], read_image(path)))
+                except ImageLoadError as err:
+                    rows[-1][1] = f"unreadable: {err.reason}"
+            if readable:
+                for (row, _), p in zip(readable, detector.p_fake([image for _, image in readable])):
+                    row[1:] = [label_at(float(p), threshold, detector.unsure_margin), round(float(p), 4)]
+        csv_path = Path(tempfile.mkdtemp(prefix="mirage-batch-")) / "verdicts.csv"
+        with open(csv_path, "w", newline="") as handle:
+            csv.writer(handle).writerows([["file", "verdict", "p_fake"], *rows])
+        return rows, str(csv_path)
+
+
+def build_demo(detector_factory=load_detector) -> gr.Blocks:
+    """The page; tests pass their own `detector_factory`."""
+    app = DetectorApp(detector_factory)
+    with gr.Blocks(title="MiraGe AI-image detector") as demo:
+        gr.Markdown(
+            "# Is this image AI-generated?\n"
+            "MiraGe detector (frozen CLIP + learned prompts). A score is evidence, not proof: detectors miss "
+            "generators unlike their training data, and compression or resizing move the scores."
+        )
+        info = gr.Markdown()
+        threshold = gr.Slider(0.0, 1.0, value=0.5, step=0.01, label="Threshold on p(fake)")
+        with gr.Tab("Detect"):
+            with gr.Row():
+                with gr.Column():
+                    image = gr.Image(
+                        type="filepath", sources=["upload", "clipboard"], label="Image", elem_id="image", height=320
+                    )
+                    explain = gr.Checkbox(
+                        False,
+                        label="Also show where the detector looked (32 extra passes: slow on CPU)",
+                        visible=importlib.util.find_spec("mirage_hf.explain") is not None,
+                    )
+                    button = gr.Button("Detect", variant="primary")
+                    gr.Examples(
+                        [[str(path)] for path in EXAMPLES],
+                        inputs=image,
+                        example_labels=["synthetic scene (real)", "synthetic upsampler (fake)"],
+                    )
+                with gr.Column():
+                    # No heading: it would show the more probable class, which is not the verdict at the threshold.
+                    probabilities = gr.Label(num_top_classes=2, label="Probabilities", show_heading=False)
+                    verdict = gr.Textbox(label="Verdict", elem_id="verdict", interactive=False)
+                    overlay = gr.Image(type="pil", label="Where the detector looked", interactive=False, height=320)
+            # preprocess=False: the handler gets the uploaded file's path unopened (see the module docstring).
+            button.click(
+                app.detect,
+                [image, threshold, explain],
+                [probabilities, verdict, overlay],
+                api_name="predict",
+                preprocess=False,
+            )
+        with gr.Tab("Batch"):
+            files = gr.File(file_count="multiple", file_types=["image"], type="filepath", label="Images")
+            batch_button = gr.Button("Detect all", variant="primary")
+            table = gr.Dataframe(headers=["file", "verdict", "p_fake"], label="Verdicts", interactive=False)
+            download = gr.File(label="CSV", interactive=False)
+            batch_button.click(app.detect_batch, [files, threshold], [table, download], api_name="predict_batch")
+        demo.load(app.model_info, outputs=[threshold, info], api_visibility="private")
+    return demo
+
+
+demo = build_demo()
+
+if __name__ == "__main__":
+    demo.launch(max_file_size=MAX_UPLOAD_BYTES)

@@ -1,0 +1,184 @@
+"""Publishing: the staged model repo and Space are what the Hub needs, and the upload makes the right calls.
+
+No network: HF_HUB_OFFLINE=1 (conftest) makes any real Hub call fail, and `HfApi` is monkeypatched.
+"""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from huggingface_hub import HfApi, ModelCard, SpaceCard, constants
+from PIL import Image
+from transformers import AutoImageProcessor, pipeline
+
+from mirage_hf import MiraGeForImageClassification
+from mirage_hf.export import export_model
+from mirage_hf.hub import main, stage_model_repo, upload
+
+FAKE_TOKEN = "hf_FAKEtokenDoNotLeak0123456789"
+REPO, SPACE = "someone/mirage-test", "someone/mirage-test-demo"
+SUBSETS = {"ADM": 0.81, "BigGAN": 0.62, "mean": 0.715, "all": 0.7}
+
+
+def metrics(accuracy):
+    return {
+        "accuracy": accuracy, "real_accuracy": 0.9, "fake_accuracy": accuracy - 0.1,
+        "average_precision": accuracy + 0.05, "roc_auc": accuracy + 0.04, "tpr_at_5_fpr": None, "ece": 0.1,
+        "n": 200, "n_real": 100, "n_fake": 100,
+    }
+
+
+EVAL_RESULTS = {
+    "model": "outputs/run/model", "eval_dataset": "genimage:/data/GenImage", "eval_split": "val",
+    "preprocess": "center_crop", "threshold": 0.3, "temperature": 0.5, "bad_images": 1,
+    "clean": {name: metrics(acc) for name, acc in SUBSETS.items()},
+    "jpeg75": {name: metrics(acc - 0.1) for name, acc in SUBSETS.items()},
+}
+
+
+@pytest.fixture(scope="module")
+def model_dir(clip_dir, tmp_path_factory):
+    torch.manual_seed(0)
+    model = MiraGeForImageClassification.from_clip(clip_dir, mode="mirage", prompt_depth=2)
+    with torch.no_grad():
+        model.prompt_learner.text_prompts[1].normal_(std=0.5)  # make the two anchors differ
+    model.config.decision_threshold, model.config.calibration_temperature = 0.3, 0.5
+    return export_model(
+        model, AutoImageProcessor.from_pretrained(clip_dir), tmp_path_factory.mktemp("run") / "model", EVAL_RESULTS
+    )
+
+
+@pytest.fixture(scope="module")
+def staged(model_dir, tmp_path_factory):
+    return stage_model_repo(model_dir, tmp_path_factory.mktemp("staged"), REPO, space_repo_id=SPACE)
+
+
+def test_model_card_carries_the_numbers_the_licence_and_the_usage(staged):
+    card = ModelCard.load(staged / "model" / "README.md")
+    assert card.data.license == "cc-by-nc-sa-4.0" and card.data.pipeline_tag == "image-classification"
+    assert card.data.library_name == "transformers" and card.data.base_model is None  # the tiny CLIP is local
+    found = {(r.dataset_name, r.metric_type): r.metric_value for r in card.data.eval_results}
+    expected = {
+        (subset, metric): values[metric]
+        for subset, values in EVAL_RESULTS["clean"].items()
+        for metric in ("accuracy", "average_precision", "roc_auc")
+    }
+    assert expected.items() <= found.items()
+    assert ("ADM", "tpr_at_5_fpr") not in found  # null metrics are left out, not written as 0
+    assert {r.dataset_type for r in card.data.eval_results} == {"GenImage"}  # no local path in the card
+    text = card.text
+    assert "non-commercial use only" in text and "CC BY-NC-SA 4.0" in text and "/data/GenImage" not in text
+    assert f'pipeline("image-classification", model="{REPO}", trust_remote_code=True)' in text
+    assert "import mirage_hf" in text and "t = 0.3" in text and "jpeg75" in text and "Limitations" in text
+
+
+def test_staged_folders_hold_the_model_files_and_the_space(staged, model_dir):
+    assert {p.name for p in model_dir.iterdir()} | {"README.md"} == {p.name for p in (staged / "model").iterdir()}
+    space = SpaceCard.load(staged / "space" / "README.md").data
+    assert space.sdk == "gradio" and space.app_file == "app.py" and space.models == [REPO] and space.title
+    assert (staged / "space" / "app.py").is_file() and (staged / "space" / "mirage_hf" / "inference.py").is_file()
+    assert not list((staged / "space").rglob("__pycache__"))
+
+
+def test_licence_must_follow_the_training_data(model_dir, tmp_path):
+    with pytest.raises(ValueError, match="non-commercial|cannot be licensed"):
+        stage_model_repo(model_dir, tmp_path / "a", REPO, license="apache-2.0")
+    results = dict(EVAL_RESULTS, eval_dataset="someone/photos")
+    model = MiraGeForImageClassification.from_pretrained(model_dir)
+    other = export_model(model, AutoImageProcessor.from_pretrained(model_dir), tmp_path / "m", results)
+    with pytest.raises(ValueError, match="--license"):
+        stage_model_repo(other, tmp_path / "b", REPO)
+    card = ModelCard.load(stage_model_repo(other, tmp_path / "c", REPO, license="mit") / "model" / "README.md")
+    assert card.data.license == "mit" and {r.dataset_type for r in card.data.eval_results} == {"someone/photos"}
+    with pytest.raises(FileExistsError):
+        stage_model_repo(other, tmp_path / "c", REPO, license="mit")
+
+
+def test_staged_model_loads_as_remote_code_without_mirage_hf(staged, model_dir, tmp_path):
+    paths = [str(tmp_path / f"{i}.png") for i in range(2)]
+    for i, path in enumerate(paths):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 36, 3), dtype=np.uint8)).save(path)
+    script = textwrap.dedent(
+        f"""
+        import json, sys
+        from transformers import pipeline
+        detector = pipeline("image-classification", model={str(staged / "model")!r}, trust_remote_code=True)
+        assert "mirage_hf" not in sys.modules, "mirage_hf was imported"
+        print(json.dumps(detector({paths!r})))
+        """
+    )
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"), "PATH": "/usr/bin:/bin"}
+    result = subprocess.run(
+        [sys.executable, "-c", script], check=False, cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    remote = json.loads(result.stdout.strip().splitlines()[-1])
+    local = pipeline("image-classification", model=str(model_dir))(paths)
+    scores = lambda rows: [{r["label"]: r["score"] for r in image} for image in rows]
+    for got, want in zip(scores(remote), scores(local), strict=True):
+        assert got == pytest.approx(want, abs=1e-5)
+
+
+def test_staged_space_runs_on_its_own_copy_of_mirage_hf(staged, tmp_path):
+    """The Space installs only requirements.txt: app.py must find the package copied beside it."""
+    space_dir = str(staged / "space")
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.path.insert(0, {space_dir!r})  # what `python app.py` does
+        import app, mirage_hf
+        assert mirage_hf.__file__.startswith({space_dir!r}), mirage_hf.__file__
+        probabilities, verdict, _ = app.DetectorApp().detect(str(app.EXAMPLES[1]))
+        assert sum(probabilities.values()) == 1.0, probabilities
+        print(verdict)
+        """
+    )
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path), "GRADIO_ANALYTICS_ENABLED": "False",
+           "MIRAGE_MODEL": str(staged / "model"), "PATH": "/usr/bin:/bin"}
+    result = subprocess.run(
+        [sys.executable, "-c", script], check=False, cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith(("Likely", "Unsure"))
+
+
+@pytest.fixture
+def hub_calls(monkeypatch):
+    """Records HfApi.create_repo / upload_folder; anything else would hit HF_HUB_OFFLINE and fail."""
+    assert constants.HF_HUB_OFFLINE
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    calls = []
+    for name in ("create_repo", "upload_folder"):
+        monkeypatch.setattr(HfApi, name, lambda self, _name=name, **kwargs: calls.append((_name, kwargs)))
+    return calls
+
+
+def test_upload_creates_and_fills_the_model_repo_and_the_space(staged, hub_calls):
+    upload(staged, REPO, SPACE, private=True)
+    assert [(name, kw["repo_id"], kw["repo_type"]) for name, kw in hub_calls] == [
+        ("create_repo", REPO, "model"), ("upload_folder", REPO, "model"),
+        ("create_repo", SPACE, "space"), ("upload_folder", SPACE, "space"),
+    ]
+    assert hub_calls[2][1]["space_sdk"] == "gradio" and all(kw["private"] for _, kw in hub_calls[::2])
+    assert hub_calls[1][1]["folder_path"] == str(staged / "model")
+    assert hub_calls[3][1]["folder_path"] == str(staged / "space")
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_cli_never_shows_or_writes_the_token(model_dir, tmp_path, hub_calls, capsys, dry_run):
+    staging = tmp_path / "s"
+    argv = ["--model_dir", str(model_dir), "--repo_id", REPO, "--space_repo_id", SPACE, "--staging_dir", str(staging)]
+    main(argv + ["--dry_run"] * dry_run)
+    out, err = capsys.readouterr()
+    if dry_run:
+        assert not hub_calls
+        assert f"api.create_repo(repo_id='{SPACE}', repo_type='space', space_sdk='gradio'" in out
+        assert f"api.upload_folder(repo_id='{REPO}', repo_type='model', folder_path='{staging / 'model'}'" in out
+    else:
+        assert len(hub_calls) == 4 and f"https://huggingface.co/spaces/{SPACE}" in out
+    assert FAKE_TOKEN not in out + err
+    assert not [p for p in staging.rglob("*") if p.is_file() and FAKE_TOKEN.encode() in p.read_bytes()]

@@ -1,0 +1,193 @@
+"""The Gradio Space: its handlers, its API through gradio_client, and the page in a real headless Chromium.
+
+A tiny random detector is injected through `build_demo(detector_factory=...)`, so no model is downloaded.
+"""
+
+import os
+
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported
+
+import importlib.util
+import re
+import shutil
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from gradio_client import Client, handle_file
+from huggingface_hub import SpaceCard
+from PIL import Image
+from transformers import AutoImageProcessor
+
+from mirage_hf import MiraGeForImageClassification
+from mirage_hf.inference import Detector
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = "/usr/bin/chromium"
+HAS_EXPLAIN = importlib.util.find_spec("mirage_hf.explain") is not None
+
+
+def load_app():
+    spec = importlib.util.spec_from_file_location("mirage_space_app", ROOT / "space" / "app.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # gradio resolves the handlers' module by name
+    spec.loader.exec_module(module)
+    return module
+
+
+space = load_app()
+
+
+@pytest.fixture(scope="module")
+def detector(clip_dir):
+    torch.manual_seed(0)
+    model = MiraGeForImageClassification.from_clip(clip_dir, mode="mirage", prompt_depth=2)
+    with torch.no_grad():
+        model.prompt_learner.text_prompts[1].normal_(std=0.5)  # make the two anchors differ
+    model.config.decision_threshold = 0.3
+    model.config._name_or_path = "tiny-random-mirage"  # the name the page shows (a Hub id in a real Space)
+    return Detector(model, AutoImageProcessor.from_pretrained(clip_dir), unsure_margin=0.05)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """A good PNG, a text file, a truncated PNG."""
+    folder = tmp_path_factory.mktemp("uploads")
+    rgb = np.random.default_rng(0).integers(0, 255, (48, 40, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(folder / "good.png")
+    (folder / "notes.png").write_text("not an image")
+    (folder / "cut.png").write_bytes((folder / "good.png").read_bytes()[:300])
+    return {name: str(folder / f"{name}.png") for name in ("good", "notes", "cut")}
+
+
+def test_detect_gives_probabilities_and_a_verdict(detector, images):
+    app = space.DetectorApp(lambda: detector)
+    probabilities, verdict, overlay = app.detect(Image.open(images["good"]))
+    p = float(detector.p_fake([Image.open(images["good"]).convert("RGB")])[0])
+    assert probabilities == pytest.approx({"real": 1 - p, "fake": p})
+    assert verdict.startswith({"fake": "Likely AI-generated", "real": "Likely real", "unsure": "Unsure"}[
+        space.label_at(p, 0.3, 0.05)]) and f"{p:.3f}" in verdict
+    assert overlay is None  # the explanation map costs 32 passes: only on request
+    assert app.detect(images["good"], threshold=0.0)[1].startswith("Likely AI-generated")
+    assert app.detect(images["good"], threshold=1.0)[1].startswith("Likely real")
+    assert app.detect({"path": images["good"]}, threshold=p)[1].startswith("Unsure")  # Gradio's file payload
+
+
+def test_explanation_overlay_on_request_and_without_mirage_hf_explain(detector, images, monkeypatch):
+    app = space.DetectorApp(lambda: detector)
+    overlay = app.detect(images["good"], explain=True)[2]
+    assert (overlay.size == (40, 48)) if HAS_EXPLAIN else overlay is None
+    monkeypatch.setitem(sys.modules, "mirage_hf.explain", None)  # makes the import fail
+    probabilities, verdict, overlay = app.detect(images["good"], explain=True)
+    assert overlay is None and probabilities is not None and verdict.startswith(("Likely", "Unsure"))
+
+
+def test_bad_uploads_get_a_readable_message(detector, images, monkeypatch):
+    app = space.DetectorApp(lambda: detector)
+    for name, reason in [("notes", "not an image"), ("cut", "truncated"), (None, "no image")]:
+        probabilities, verdict, overlay = app.detect(images.get(name))
+        assert probabilities is None and overlay is None
+        assert verdict.startswith("Could not read the image:") and reason in verdict and "Traceback" not in verdict
+    monkeypatch.setattr(space, "MAX_PIXELS", 48 * 40 - 1)
+    assert "too large" in app.detect(images["good"])[1]
+    monkeypatch.setattr(space, "MAX_UPLOAD_BYTES", 100)
+    assert "larger than" in app.detect(images["good"])[1]
+
+
+def test_batch_gives_a_table_and_a_csv(detector, images):
+    app = space.DetectorApp(lambda: detector)
+    rows, csv_path = app.detect_batch([images["good"], images["notes"], images["good"]])
+    assert [row[0] for row in rows] == ["good.png", "notes.png", "good.png"]
+    assert rows[0][1] in ("real", "fake", "unsure") and 0 <= rows[0][2] <= 1 and rows[0] == rows[2]
+    assert rows[1][1].startswith("unreadable: not an image") and rows[1][2] is None
+    lines = Path(csv_path).read_text().splitlines()
+    assert lines[0] == "file,verdict,p_fake" and lines[1] == f"good.png,{rows[0][1]},{rows[0][2]}"
+
+
+def test_space_pins_the_gradio_it_declares():
+    sdk_version = SpaceCard.load(ROOT / "space" / "README.md").data.sdk_version
+    assert f"gradio=={sdk_version}" in (ROOT / "space" / "requirements.txt").read_text().split()
+
+
+def test_the_detector_is_built_once_under_concurrent_requests(detector):
+    built = []
+
+    def factory():
+        time.sleep(0.05)
+        built.append(1)
+        return detector
+
+    app = space.DetectorApp(factory)
+    threads = [threading.Thread(target=app.detector) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert built == [1]
+
+
+@pytest.fixture(scope="module")
+def server(detector):
+    demo = space.build_demo(detector_factory=lambda: detector)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
+    yield demo.local_url
+    demo.close()
+
+
+def test_predict_through_gradio_client(server, images):
+    client = Client(server, verbose=False)
+    assert "/predict" in client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    label, verdict, _ = client.predict(handle_file(images["good"]), 0.5, False, api_name="/predict")
+    assert label["label"] in ("real", "fake") and {c["label"] for c in label["confidences"]} == {"real", "fake"}
+    assert verdict.startswith(("Likely", "Unsure"))
+    _, verdict, _ = client.predict(handle_file(images["cut"]), 0.5, False, api_name="/predict")
+    assert verdict.startswith("Could not read the image: truncated")
+    uploads = [handle_file(images["good"]), handle_file(images["notes"])]
+    table, csv_path = client.predict(uploads, 0.5, api_name="/predict_batch")
+    assert [row[0] for row in table["data"]] == ["good.png", "notes.png"]
+    assert Path(csv_path).read_text().count("\n") == 3  # header and two rows
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"no Chromium at {CHROMIUM} (apt-get install -y chromium)")
+def test_page_in_headless_chromium(server, images, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    shot, upload = tmp_path / "space.png", tmp_path / "scene.png"
+    y, x = np.mgrid[0:240, 0:320] / 80.0  # a smooth colourful picture, large enough to see in the screenshot
+    scene = np.stack([np.sin(x + y), np.cos(1.3 * x - y), np.sin(0.7 * x * y)], axis=-1)
+    Image.fromarray(((scene + 1) * 127.5).astype(np.uint8)).save(upload)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync"],
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 800})
+            page.goto(server, wait_until="networkidle")
+            expect(page.get_by_text("calibrated threshold 0.300")).to_be_visible()  # the load event ran
+            page.set_input_files("#image input[type=file]", str(upload))
+            if HAS_EXPLAIN:
+                page.get_by_label("Also show where the detector looked", exact=False).check()
+            page.get_by_role("button", name="Detect", exact=True).click()
+            verdict = page.locator("#verdict textarea")
+            expect(verdict).not_to_have_value("", timeout=20_000)
+            assert verdict.input_value().startswith(("Likely", "Unsure")), verdict.input_value()
+            page.screenshot(path=str(shot), full_page=True)
+            page.set_input_files("#image input[type=file]", images["cut"])  # a truncated PNG
+            page.get_by_role("button", name="Detect", exact=True).click()
+            expect(verdict).to_have_value(re.compile(r"^Could not read the image: truncated"), timeout=20_000)
+        finally:
+            browser.close()
+    assert shot.stat().st_size > 10_000
+    if os.environ.get("MIRAGE_UPDATE_SCREENSHOT") == "1":
+        shutil.copy(shot, ROOT / "docs" / "space.png")
