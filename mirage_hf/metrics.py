@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
-from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 ECE_BINS = 15
 TARGET_FPR = 0.05
@@ -85,6 +84,8 @@ def tpr_at_fpr(labels, p_fake, target_fpr: float = TARGET_FPR) -> float:
     labels, p_fake = _check_inputs(labels, p_fake)
     if np.unique(labels).size < 2:
         return float("nan")
+    from sklearn.metrics import roc_curve  # lazy: scikit-learn adds ~2 s to every mirage-detect start
+
     fpr, tpr, _ = roc_curve(labels, p_fake, drop_intermediate=False)
     return float(tpr[fpr <= target_fpr].max())  # roc_curve starts at (0, 0), so the selection is never empty
 
@@ -118,6 +119,8 @@ def detection_metrics(labels, p_fake, threshold: float = 0.5) -> dict:
     A set with a single class (e.g. a generator folder without reals) has no ranking metrics: AP, AUC and
     TPR@5%FPR are ``nan`` (no sklearn call, so no warnings), and the accuracy of the absent class is ``nan`` too.
     """
+    from sklearn.metrics import average_precision_score, roc_auc_score  # lazy: see tpr_at_fpr
+
     labels, p_fake = _check_inputs(labels, p_fake)
     predicted = (p_fake >= threshold).astype(np.int64)
     correct = predicted == labels

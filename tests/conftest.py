@@ -31,6 +31,23 @@ def make_model(clip_dir):
     return build
 
 
+@pytest.fixture(scope="session")
+def detector_dir(clip_dir, tmp_path_factory):
+    """A saved detector folder (weights, config, remote code, image processor) whose scores are not all 0.5:
+    its fake anchor is moved away from the real one; calibrated threshold 0.3, temperature 0.5."""
+    from transformers import AutoImageProcessor
+
+    from mirage_hf.export import export_model
+
+    torch.manual_seed(0)
+    model = mirage_hf.MiraGeForImageClassification.from_clip(clip_dir, mode="mirage", prompt_depth=2)
+    with torch.no_grad():
+        model.prompt_learner.text_prompts[1].normal_(std=0.5)
+    model.config.decision_threshold, model.config.calibration_temperature = 0.3, 0.5
+    model.config._name_or_path = "tiny-random-mirage"
+    return export_model(model, AutoImageProcessor.from_pretrained(clip_dir), tmp_path_factory.mktemp("run") / "model")
+
+
 @pytest.fixture
 def pixel_values():
     return torch.randn(4, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(0))

@@ -8,12 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
-from transformers import AutoImageProcessor
 
 import mirage_hf.cli
-from mirage_hf import MiraGeForImageClassification
 from mirage_hf.cli import FIELDS, main
 from mirage_hf.inference import Detector
 
@@ -30,16 +27,8 @@ BAD = {"bad_corrupt.png": "corrupt", "bad_empty.gif": "empty file", "bad_text.jp
 
 
 @pytest.fixture(scope="module")
-def model_dir(clip_dir, tmp_path_factory):
-    """A saved detector folder whose anchors differ, so the scores are not all 0.5."""
-    torch.manual_seed(0)
-    model = MiraGeForImageClassification.from_clip(clip_dir, mode="mirage", prompt_depth=2)
-    with torch.no_grad():
-        model.prompt_learner.text_prompts[1].normal_(std=0.5)
-    path = tmp_path_factory.mktemp("detector")
-    model.save_pretrained(path)
-    AutoImageProcessor.from_pretrained(clip_dir).save_pretrained(path)
-    return str(path)
+def model_dir(detector_dir):
+    return str(detector_dir)
 
 
 @pytest.fixture(scope="module")

@@ -1,13 +1,12 @@
 import numpy as np
 import pytest
 import torch
+from conftest import IMAGE_SIZE
 from PIL import Image
 from transformers import AutoImageProcessor
 
 from mirage_hf.explain import explain, explain_image, overlay
 from mirage_hf.inference import Detector
-
-from conftest import IMAGE_SIZE
 
 GRID = IMAGE_SIZE // 6  # the tiny CLIP's patch size is 6
 

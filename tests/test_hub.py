@@ -10,7 +10,6 @@ import textwrap
 
 import numpy as np
 import pytest
-import torch
 from huggingface_hub import HfApi, ModelCard, SpaceCard, constants
 from PIL import Image
 from transformers import AutoImageProcessor, pipeline
@@ -41,15 +40,11 @@ EVAL_RESULTS = {
 
 
 @pytest.fixture(scope="module")
-def model_dir(clip_dir, tmp_path_factory):
-    torch.manual_seed(0)
-    model = MiraGeForImageClassification.from_clip(clip_dir, mode="mirage", prompt_depth=2)
-    with torch.no_grad():
-        model.prompt_learner.text_prompts[1].normal_(std=0.5)  # make the two anchors differ
-    model.config.decision_threshold, model.config.calibration_temperature = 0.3, 0.5
-    return export_model(
-        model, AutoImageProcessor.from_pretrained(clip_dir), tmp_path_factory.mktemp("run") / "model", EVAL_RESULTS
-    )
+def model_dir(detector_dir, tmp_path_factory):
+    """The test detector, exported with evaluation results as a training run would."""
+    model = MiraGeForImageClassification.from_pretrained(detector_dir)
+    processor = AutoImageProcessor.from_pretrained(detector_dir)
+    return export_model(model, processor, tmp_path_factory.mktemp("run") / "model", EVAL_RESULTS)
 
 
 @pytest.fixture(scope="module")

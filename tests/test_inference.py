@@ -1,22 +1,9 @@
 import numpy as np
 import pytest
-import torch
 from PIL import Image
-from transformers import AutoImageProcessor, pipeline
+from transformers import pipeline
 
 from mirage_hf.inference import Detector
-
-
-@pytest.fixture
-def detector_dir(make_model, clip_dir, tmp_path):
-    model = make_model("mirage")
-    with torch.no_grad():
-        model.prompt_learner.text_prompts[1].normal_(std=0.5)  # make the two anchors differ
-    model.config.decision_threshold = 0.3
-    model.config.calibration_temperature = 0.5
-    model.save_pretrained(tmp_path)
-    AutoImageProcessor.from_pretrained(clip_dir).save_pretrained(tmp_path)
-    return tmp_path
 
 
 def images(n=6):

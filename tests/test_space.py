@@ -18,13 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from gradio_client import Client, handle_file
 from huggingface_hub import SpaceCard
 from PIL import Image
-from transformers import AutoImageProcessor
 
-from mirage_hf import MiraGeForImageClassification
 from mirage_hf.inference import Detector
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,14 +41,8 @@ space = load_app()
 
 
 @pytest.fixture(scope="module")
-def detector(clip_dir):
-    torch.manual_seed(0)
-    model = MiraGeForImageClassification.from_clip(clip_dir, mode="mirage", prompt_depth=2)
-    with torch.no_grad():
-        model.prompt_learner.text_prompts[1].normal_(std=0.5)  # make the two anchors differ
-    model.config.decision_threshold = 0.3
-    model.config._name_or_path = "tiny-random-mirage"  # the name the page shows (a Hub id in a real Space)
-    return Detector(model, AutoImageProcessor.from_pretrained(clip_dir), unsure_margin=0.05)
+def detector(detector_dir):
+    return Detector.from_pretrained(detector_dir, device="cpu", unsure_margin=0.05)
 
 
 @pytest.fixture(scope="module")
