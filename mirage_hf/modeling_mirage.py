@@ -212,21 +212,23 @@ class MiraGeLoss(nn.Module):
         return terms
 
     def supervised_contrastive(self, features, labels, text_embeds):
-        """SupCon over the batch, the memory bank and the two anchors; positives share the label."""
+        """SupCon over the batch, the memory bank and the two anchors; positives share the label.
+
+        Empty bank slots (label -1) are masked rather than removed, so the shapes stay static (no device sync).
+        """
         candidates, candidate_labels = [features], [labels]
         if self.memory_bank is not None:
-            bank_features, bank_labels = self.memory_bank.filled()
-            candidates.append(bank_features.to(features.dtype))
-            candidate_labels.append(bank_labels)
+            candidates.append(self.memory_bank.features.to(features.dtype))
+            candidate_labels.append(self.memory_bank.labels)
         candidates.append(text_embeds)
         candidate_labels.append(torch.arange(2, device=labels.device))
         candidates, candidate_labels = torch.cat(candidates), torch.cat(candidate_labels)
 
         logits = features @ candidates.T / self.temperature
-        not_self = torch.ones_like(logits, dtype=torch.bool)
-        not_self[:, : features.shape[0]].fill_diagonal_(False)
-        log_prob = logits - torch.logsumexp(logits.masked_fill(~not_self, float("-inf")), dim=1, keepdim=True)
-        positives = not_self & (candidate_labels[None, :] == labels[:, None])
+        valid = (candidate_labels >= 0)[None, :].expand_as(logits).clone()
+        valid[:, : features.shape[0]].fill_diagonal_(False)
+        log_prob = logits - torch.logsumexp(logits.masked_fill(~valid, float("-inf")), dim=1, keepdim=True)
+        positives = valid & (candidate_labels[None, :] == labels[:, None])
         per_sample = -torch.where(positives, log_prob, 0.0).sum(1) / positives.sum(1)
         return per_sample.mean()
 
@@ -409,13 +411,7 @@ class MiraGeModel(MiraGePreTrainedModel):
         The CLIP weights go into `model.clip` (frozen); the class prompts are tokenised with the checkpoint's
         tokenizer (or `tokenizer`) and stored in the config, so the saved model needs no tokenizer.
         """
-        config_dict, _ = PreTrainedConfig.get_config_dict(name_or_path)
-        if config_dict.get("model_type") != "clip":
-            raise ValueError(
-                f"{name_or_path!r} is not a CLIP checkpoint (its config says model_type="
-                f"{config_dict.get('model_type')!r}); MiraGe needs a transformers CLIPModel checkpoint such as "
-                "'openai/clip-vit-large-patch14'."
-            )
+        config_dict = cls.clip_config_dict(name_or_path)
         build_config = partial(
             MiraGeConfig, clip_config=CLIPConfig.from_dict(config_dict), clip_name_or_path=str(name_or_path)
         )
@@ -430,6 +426,18 @@ class MiraGeModel(MiraGePreTrainedModel):
             raise ValueError(f"{name_or_path!r} lacks CLIP weights: {', '.join(sorted(missing_clip)[:5])} ...")
         model.init_context_from_words()
         return model
+
+    @staticmethod
+    def clip_config_dict(name_or_path) -> dict:
+        """The checkpoint's config as a dict; ValueError unless it is a transformers CLIP checkpoint."""
+        config_dict, _ = PreTrainedConfig.get_config_dict(name_or_path)
+        if config_dict.get("model_type") != "clip":
+            raise ValueError(
+                f"{name_or_path!r} is not a CLIP checkpoint (its config says model_type="
+                f"{config_dict.get('model_type')!r}); MiraGe needs a transformers CLIPModel checkpoint such as "
+                "'openai/clip-vit-large-patch14'."
+            )
+        return config_dict
 
     @staticmethod
     def _load_tokenizer(name_or_path):

@@ -277,3 +277,13 @@ def test_memory_bank_is_checkpointed_but_not_exported(make_model, tmp_path):
 
     with safe_open(tmp_path / "model.safetensors", "pt") as handle:
         assert not any(key.startswith("loss_fn.") for key in handle.keys())
+
+
+def test_a_training_forward_runs_the_text_encoder_once_for_the_two_prompts(make_model, monkeypatch):
+    model = make_model("mirage").train()
+    calls = []
+    encode = model.encode_text_anchors
+    monkeypatch.setattr(model, "encode_text_anchors", lambda prompts: calls.append(1) or encode(prompts))
+    pixels, labels = separable_batch(8)
+    model(pixels, labels=labels).loss.backward()
+    assert len(calls) == 1
