@@ -33,7 +33,6 @@ from .inference import Detector
 from .modeling_mirage import _atomic_write
 from .transforms import PREPROCESS_MODES, ImageLoadError, open_image
 
-
 PROG = "mirage-detect"
 DEFAULT_MODEL = os.path.join("outputs", "demo", "model")  # where `python train.py` exports the demo detector
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -87,7 +86,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--model",
         help=f"detector folder or Hub id (default: {DEFAULT_MODEL}, the folder `python train.py` exports)",
     )
-    parser.add_argument("--trust_remote_code", action="store_true", help="run the model code shipped with a Hub repo")
     parser.add_argument("--batch_size", type=_positive_int, default=32, help="images per forward pass (default 32)")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="model dtype (default float32)")
@@ -289,7 +287,6 @@ def main(argv: list[str] | None = None) -> int:
             model,
             device=args.device,
             dtype=DTYPES[args.dtype],
-            trust_remote_code=args.trust_remote_code,
             preprocess=args.preprocess,
             unsure_margin=args.unsure_margin,
             compile=args.compile,

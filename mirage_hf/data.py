@@ -18,7 +18,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from datasets import ClassLabel, Dataset, Features, Image, IterableDataset, Value, load_dataset
+from datasets import (
+    ClassLabel,
+    Dataset,
+    Features,
+    Image,
+    IterableDataset,
+    Value,
+    load_dataset,
+)
 from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 
 LABEL_NAMES = ("real", "fake")

@@ -40,18 +40,25 @@ class Detector:
     def __init__(
         self, model, image_processor, preprocess: str = "resize", unsure_margin: float = 0.0, compile: bool = False
     ):
-        self.model = compile_image_path(model.eval()) if compile else model.eval()
         self.preprocess = Preprocessor(image_processor, preprocess)
+        expected = model.config.clip_config.vision_config.image_size
+        if self.preprocess.image_size != expected:  # fail at load, not on the first image
+            raise ValueError(
+                f"the image processor crops to {self.preprocess.image_size} px but the model expects "
+                f"{expected} x {expected} px images; save the model's own image processor (crop size {expected}) "
+                "with it"
+            )
+        self.model = compile_image_path(model.eval()) if compile else model.eval()
         self.image_processor = image_processor
         if not 0.0 <= unsure_margin < 0.5:
             raise ValueError(f"unsure_margin must lie in [0, 0.5), got {unsure_margin}")
         self.unsure_margin = unsure_margin
 
     @classmethod
-    def from_pretrained(cls, name_or_path, device=None, dtype=None, trust_remote_code=False, **options):
+    def from_pretrained(cls, name_or_path, device=None, dtype=None, **options):
         """Loads the model (safetensors only) and its image processor from a folder or Hub id."""
         model = MiraGeForImageClassification.from_pretrained(
-            name_or_path, dtype=dtype or torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code
+            name_or_path, dtype=dtype or torch.float32, use_safetensors=True
         )
         model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         return cls(model, AutoImageProcessor.from_pretrained(name_or_path), **options)

@@ -84,7 +84,9 @@ def tpr_at_fpr(labels, p_fake, target_fpr: float = TARGET_FPR) -> float:
     labels, p_fake = _check_inputs(labels, p_fake)
     if np.unique(labels).size < 2:
         return float("nan")
-    from sklearn.metrics import roc_curve  # lazy: scikit-learn adds ~2 s to every mirage-detect start
+    from sklearn.metrics import (
+        roc_curve,  # lazy: scikit-learn adds ~2 s to every mirage-detect start
+    )
 
     fpr, tpr, _ = roc_curve(labels, p_fake, drop_intermediate=False)
     return float(tpr[fpr <= target_fpr].max())  # roc_curve starts at (0, 0), so the selection is never empty
@@ -119,7 +121,10 @@ def detection_metrics(labels, p_fake, threshold: float = 0.5) -> dict:
     A set with a single class (e.g. a generator folder without reals) has no ranking metrics: AP, AUC and
     TPR@5%FPR are ``nan`` (no sklearn call, so no warnings), and the accuracy of the absent class is ``nan`` too.
     """
-    from sklearn.metrics import average_precision_score, roc_auc_score  # lazy: see tpr_at_fpr
+    from sklearn.metrics import (  # lazy: see tpr_at_fpr
+        average_precision_score,
+        roc_auc_score,
+    )
 
     labels, p_fake = _check_inputs(labels, p_fake)
     predicted = (p_fake >= threshold).astype(np.int64)

@@ -18,7 +18,13 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoTokenizer, CLIPConfig, CLIPModel, PreTrainedConfig, PreTrainedModel
+from transformers import (
+    AutoTokenizer,
+    CLIPConfig,
+    CLIPModel,
+    PreTrainedConfig,
+    PreTrainedModel,
+)
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 

@@ -116,7 +116,6 @@ class TrainConfig:
     calibration_holdout: float = option(
         0.1, "Fraction of the training data held out (never trained on) for calibration."
     )
-    trust_remote_code: bool = False
     compile: bool = option(False, "Evaluate with the image encoder under torch.compile (opt-in; pays off on large sets).")
 
     def __post_init__(self):

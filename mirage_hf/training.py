@@ -29,7 +29,12 @@ from .modeling_mirage import MiraGeForImageClassification
 from .synthetic import make_synthetic_genimage
 from .tiny import save_tiny_clip
 from .train_config import TrainConfig
-from .transforms import BadImageReport, DetectionCollator, Preprocessor, TrainAugmentation
+from .transforms import (
+    BadImageReport,
+    DetectionCollator,
+    Preprocessor,
+    TrainAugmentation,
+)
 
 logger = logging.getLogger("mirage_hf")
 
@@ -45,6 +50,7 @@ MODEL_OPTIONS = (
 def resolve_clip(cfg: TrainConfig) -> str:
     """The CLIP checkpoint to build on; "tiny-random" is written once into the output folder."""
     if cfg.clip_model != "tiny-random":
+        MiraGeForImageClassification.clip_config_dict(cfg.clip_model)  # not CLIP: fail before any data work
         return cfg.clip_model
     path = Path(cfg.output_dir) / "tiny-clip"
     if not (path / "config.json").exists():
@@ -122,7 +128,8 @@ class SeededCollator:
         self.augmentation, self.collate, self.seed = augmentation, DetectionCollator(preprocess), seed
 
     def __call__(self, rows):
-        self.augmentation.reseed(hash((self.seed, *(row.get("index", -1) for row in rows))))
+        if rows and "index" in rows[0]:  # streamed rows have no index: their draws simply continue
+            self.augmentation.reseed(hash((self.seed, *(row["index"] for row in rows))))
         return self.collate(rows)
 
 
@@ -377,7 +384,7 @@ def finish_evaluation(cfg, model, eval_set, preprocess, accelerator, image_proce
 def evaluate_only(cfg: TrainConfig) -> dict:
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
     configure_logging(accelerator.is_main_process)
-    model = MiraGeForImageClassification.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    model = MiraGeForImageClassification.from_pretrained(cfg.model)
     model.to(accelerator.device)
     if cfg.compile:
         compile_image_path(model)

@@ -164,28 +164,26 @@ def degrade(img: Image.Image, kind: str, value: float) -> Image.Image:
 # --------------------------------------------------------------------------- crops
 
 
-def _pad_to(img: Image.Image, size: int) -> Image.Image:
-    """Centre the image on a black canvas at least `size` on each side; larger images are returned as is."""
+def _padded_crop(img: Image.Image, size: int, left: int, top: int) -> Image.Image:
+    """The `size` x `size` window at (`left`, `top`) of the image centred on a black canvas at least `size` on
+    each side. Only the window is allocated (PIL fills the part outside the image with black): padding a
+    1 x 40,000,000 image onto a full canvas would allocate 40,000,000 x `size` pixels."""
     width, height = img.size
-    if width >= size and height >= size:
-        return img
-    canvas = Image.new("RGB", (max(width, size), max(height, size)))
-    canvas.paste(img, ((canvas.width - width) // 2, (canvas.height - height) // 2))
-    return canvas
+    x0, y0 = left - (max(width, size) - width) // 2, top - (max(height, size) - height) // 2
+    return img.crop((x0, y0, x0 + size, y0 + size))
 
 
 def center_crop(img: Image.Image, size: int) -> Image.Image:
     """Centre `size` x `size` crop without resizing (pads smaller images), keeping pixel-level artefacts."""
-    img = _pad_to(img, size)
-    left, top = (img.width - size) // 2, (img.height - size) // 2
-    return img.crop((left, top, left + size, top + size))
+    width, height = img.size
+    return _padded_crop(img, size, (max(width, size) - size) // 2, (max(height, size) - size) // 2)
 
 
 def random_crop(img: Image.Image, size: int, rng: random.Random) -> Image.Image:
     """Random `size` x `size` crop without resizing (pads smaller images)."""
-    img = _pad_to(img, size)
-    left, top = rng.randint(0, img.width - size), rng.randint(0, img.height - size)
-    return img.crop((left, top, left + size, top + size))
+    width, height = img.size
+    left, top = rng.randint(0, max(width, size) - size), rng.randint(0, max(height, size) - size)
+    return _padded_crop(img, size, left, top)
 
 
 class TrainAugmentation:
@@ -246,6 +244,27 @@ class TrainAugmentation:
 # --------------------------------------------------------------------------- model inputs
 
 PREPROCESS_MODES = ("resize", "center_crop")
+# "resize" mode: a longer side beyond this many times the shorter one is centre-cropped first (see
+# bounded_aspect); no photo is that elongated, so ordinary images reach the processor untouched.
+MAX_ASPECT_RATIO = 64
+
+
+def bounded_aspect(img: Image.Image, max_ratio: int = MAX_ASPECT_RATIO) -> Image.Image:
+    """Centre-crops the longer side to `max_ratio` times the shorter one; other images are returned as is.
+
+    CLIP's processor scales the shorter side to S and keeps only the central S x S, so this drops pixels it
+    would discard anyway, while bounding the resized image: a 700-byte 1 x 200000 PNG would otherwise be
+    resized to 30 x 6,000,000 (2 GB, 7 s) by the tiny processor, and far worse at S = 224.
+    """
+    width, height = img.size
+    keep = max_ratio * min(width, height)
+    if max(width, height) <= keep:
+        return img
+    if width > height:
+        left = (width - keep) // 2
+        return img.crop((left, 0, left + keep, height))
+    top = (height - keep) // 2
+    return img.crop((0, top, width, top + keep))
 
 
 class Preprocessor:
@@ -274,7 +293,9 @@ class Preprocessor:
         if not images:
             return torch.empty(0, 3, self.image_size, self.image_size)
         if self.augmentation is None and self.mode == "resize":
-            return self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+            return self.image_processor(images=[bounded_aspect(img) for img in images], return_tensors="pt")[
+                "pixel_values"
+            ]
         if self.augmentation is not None:
             cropped = [self.augmentation(img) for img in images]
         else:

@@ -12,6 +12,23 @@ from mirage_hf.tiny import save_tiny_clip, tiny_clip_config  # noqa: F401  (re-e
 
 IMAGE_SIZE = 30
 
+# A few-second train.py run: tiny CLIP, tiny generated data, LoRA so that something learns.
+TINY_TRAIN_ARGS = [
+    "--tiny_clip", "{image_size: 16, patch_size: 4, hidden_size: 32, num_layers: 2, projection_dim: 16}",
+    "--synthetic", "{generators: [upsampler, diffusion], n_train_per_class: 24, n_val_per_class: 8, image_size: 16}",
+    "--prompt_depth", "2", "--batch_size", "8", "--eval_batch_size", "16", "--num_workers", "0",
+    "--memory_bank_size", "32", "--lora_r", "4", "--learning_rate", "0.01",
+]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """Accelerate keeps one state per process; each in-process training run configures its own."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
 
 @pytest.fixture(scope="session")
 def clip_dir(tmp_path_factory):

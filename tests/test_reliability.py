@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_TRAIN_ARGS as TINY
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -37,27 +38,14 @@ from PIL import Image
 from mirage_hf import MiraGeForImageClassification
 from mirage_hf.inference import Detector
 from mirage_hf.tiny import tiny_image_processor
-from mirage_hf.transforms import MAX_ASPECT_RATIO, ImageLoadError, Preprocessor, open_image
+from mirage_hf.transforms import (
+    MAX_ASPECT_RATIO,
+    ImageLoadError,
+    Preprocessor,
+    open_image,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
-# The tiny run of tests/test_training.py (same options, so the same few-second training).
-TINY = [
-    "--tiny_clip", "{image_size: 16, patch_size: 4, hidden_size: 32, num_layers: 2, projection_dim: 16}",
-    "--synthetic", "{generators: [upsampler, diffusion], n_train_per_class: 24, n_val_per_class: 8, image_size: 16}",
-    "--prompt_depth", "2", "--batch_size", "8", "--eval_batch_size", "16", "--num_workers", "0",
-    "--memory_bank_size", "32", "--lora_r", "4", "--learning_rate", "0.01",
-]  # fmt: skip
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    """Accelerate keeps one state per process; the in-process training runs each configure their own."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
 # ============================================================================ 1. fuzzing decode and scoring
 
 
@@ -71,6 +59,7 @@ _NOISE = Image.fromarray(np.random.default_rng(0).integers(0, 255, (12, 10, 3), 
 SEEDS = {
     "png": _encoded(_NOISE, "PNG"),
     "png-palette-transparent": _encoded(_NOISE.convert("P"), "PNG", transparency=0),
+    "png-elongated": _encoded(Image.new("RGB", (4000, 1), "blue"), "PNG"),  # 1:4000, a few dozen bytes
     "png-16bit-grey": _encoded(Image.fromarray(np.arange(120, dtype=np.uint16).reshape(12, 10) * 500), "PNG"),
     "jpeg": _encoded(_NOISE, "JPEG", quality=80),
     "jpeg-progressive": _encoded(_NOISE, "JPEG", quality=60, progressive=True),
@@ -193,10 +182,10 @@ def test_fuzz_detector_gives_a_probability_or_image_load_error(detector, data):
 
 
 def test_elongated_images_are_bounded_before_resizing(detector, monkeypatch):
-    """Found by the fuzzing above: a 700-byte 1 x 200000 PNG made CLIP's processor resize to 30 x 6,000,000
-    (2 GB and 7 s; with ViT-L's 224 px, a few KB could take the Space down). Resize mode now centre-crops the
-    long side to MAX_ASPECT_RATIO times the short one first; centre-crop mode no longer builds a padded
-    canvas the size of the image."""
+    """Found while writing the fuzzer's forged sizes: a 663-byte 1 x 200000 PNG made CLIP's processor resize
+    to 30 x 6,000,000 (2 GB and 7 s; at ViT-L's 224 px a few KB could take the Space down). Resize mode now
+    centre-crops the long side to MAX_ASPECT_RATIO times the short one first; centre-crop mode no longer
+    builds a padded canvas the size of the image."""
     seen = []
     processor = tiny_image_processor(30)
     real_call = type(processor).__call__
@@ -215,9 +204,9 @@ def test_elongated_images_are_bounded_before_resizing(detector, monkeypatch):
         assert 0.0 <= detector([image])[0].p_fake <= 1.0
     ordinary = Image.fromarray(np.random.default_rng(1).integers(0, 255, (20, 1200, 3), dtype=np.uint8))
     seen.clear()
-    torch.testing.assert_close(
-        PREPROCESSORS[0]([ordinary]), processor(images=[ordinary], return_tensors="pt")["pixel_values"]
-    )  # a 60:1 image is still handed to the processor whole, bit for bit
+    pixel_values = Preprocessor(processor)([ordinary])
+    assert seen == [(1200, 20)]  # a 60:1 image still reaches the processor whole: the same numbers as before
+    torch.testing.assert_close(pixel_values, processor(images=[ordinary], return_tensors="pt")["pixel_values"])
 
 
 # ============================================================================ 2. SIGKILL in the middle of training
@@ -228,11 +217,9 @@ KILL_RUN = ["--config", "demo", *TINY, "--max_steps", "8", "--save_every", "2", 
 def start_train(output_dir: Path, log: Path, *extra) -> subprocess.Popen:
     """train.py in its own process; output to a file (a full pipe would block the child)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    handle = open(log, "w")
     command = [sys.executable, "train.py", "--output_dir", str(output_dir), *KILL_RUN, *extra]
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT)
-    handle.close()
-    return process
+    with open(log, "w") as handle:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(command, cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT)
 
 
 def prompt_state(output_dir: Path) -> dict:
@@ -241,28 +228,42 @@ def prompt_state(output_dir: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("kill_when", ["step_00000004", ".tmp-step_00000006"])
+def test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run(tmp_path, kill_when):
+    """SIGKILL train.py right after the step-4 checkpoint (mid-epoch: 6 batches per epoch), or while the
+    step-6 checkpoint is being written, then resume with `latest`: the same prompts and metrics, bit for bit,
+    as a run that was never interrupted, and no half-written folder left behind."""
     straight_dir, killed_dir = tmp_path / "straight", tmp_path / "killed"
     straight = start_train(straight_dir, tmp_path / "straight.log")  # runs beside the killed one
     killed = start_train(killed_dir, tmp_path / "killed.log")
-    step_4 = killed_dir / "checkpoints" / "step_00000004"
+    checkpoints = killed_dir / "checkpoints"
+    ready = (
+        (checkpoints / kill_when / "progress.json").exists
+        if kill_when.startswith("step_")
+        else (checkpoints / kill_when).exists
+    )
     deadline = time.monotonic() + 240
     try:
-        while not (step_4 / "progress.json").exists():
-            assert killed.poll() is None, f"train.py ended before step 4:\n{(tmp_path / 'killed.log').read_text()[-3000:]}"
-            assert time.monotonic() < deadline, "no step-4 checkpoint within 240 s"
-            time.sleep(0.01)
+        while not ready():
+            assert killed.poll() is None, f"train.py ended early:\n{(tmp_path / 'killed.log').read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"no {kill_when} within 240 s"
+            time.sleep(0.005)
         os.kill(killed.pid, signal.SIGKILL)
     finally:
         if killed.poll() is None:
             killed.kill()
         killed.wait(timeout=60)
     assert killed.returncode == -signal.SIGKILL, "train.py finished before it could be killed"
+    if kill_when.startswith(".tmp-") and not (checkpoints / "step_00000006").exists():
+        expected_step = 4  # killed inside save_state: the staging folder is not a checkpoint
+        assert (checkpoints / kill_when).is_dir()
+    else:
+        expected_step = max(int(p.name[5:]) for p in checkpoints.glob("step_*"))
 
     resumed = start_train(killed_dir, tmp_path / "resumed.log", "--resume_from_checkpoint", "latest")
     assert resumed.wait(timeout=300) == 0, (tmp_path / "resumed.log").read_text()[-3000:]
     assert straight.wait(timeout=300) == 0, (tmp_path / "straight.log").read_text()[-3000:]
-    assert "resumed from step" in (tmp_path / "resumed.log").read_text()
+    assert f"resumed from step {expected_step} " in (tmp_path / "resumed.log").read_text()
 
     want, got = prompt_state(straight_dir), prompt_state(killed_dir)
     assert want.keys() == got.keys() and want
@@ -271,9 +272,9 @@ def test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run(tmp_path)
     results = [json.loads((d / "eval_results.json").read_text()) for d in (straight_dir, killed_dir)]
     assert results[0]["clean"] == results[1]["clean"]
 
-    assert not [p.name for p in (killed_dir / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
+    assert not [p.name for p in checkpoints.iterdir() if p.name.startswith(".tmp-")]
     assert not [p.name for p in killed_dir.iterdir() if p.name.startswith((".tmp-", ".old-"))]
-    steps = [p for p in (killed_dir / "checkpoints").iterdir() if p.name.startswith("step_")]
+    steps = [p for p in checkpoints.iterdir() if p.name.startswith("step_")]
     assert steps and all((p / "progress.json").is_file() for p in steps)
 
 
@@ -385,14 +386,18 @@ def test_a_pickle_only_model_folder_is_refused_and_never_unpickled(detector_dir,
     with pytest.raises(OSError, match="model.safetensors"):
         Detector.from_pretrained(folder, device="cpu")
     assert not marker.exists()
-    with pytest.raises(Exception):  # without use_safetensors transformers falls back to torch.load(weights_only=True)
+    # Without use_safetensors, transformers falls back to the .bin, with torch.load(weights_only=True).
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
         MiraGeForImageClassification.from_pretrained(folder)
     assert not marker.exists()
 
 
 def test_checkpoint_state_files_are_loaded_weights_only(tmp_path, caplog):
-    """accelerate's load_state reads optimizer, scheduler and RNG state with torch.load(weights_only=True):
-    a pickle payload in a checkpoint is refused (reported, then no readable checkpoint), never run."""
+    """accelerate's load_state reads optimizer, scheduler and RNG state with torch.load(weights_only=True): a
+    pickle payload in a checkpoint is refused, never run. A refused optimizer file makes the checkpoint
+    unreadable (reported; with no older one, the run stops). A refused RNG file is skipped by accelerate itself
+    with an INFO log; resume stays exact here because nothing in training draws from the global RNGs (see
+    docs/RELIABILITY.md)."""
     from accelerate import Accelerator
 
     from mirage_hf.checkpoints import load_checkpoint, resolve_resume, save_checkpoint
@@ -404,14 +409,53 @@ def test_checkpoint_state_files_are_loaded_weights_only(tmp_path, caplog):
     save_checkpoint(accelerator, tmp_path, {"global_step": 1, "epoch": 0, "batches_in_epoch": 1}, 2)
     (checkpoint,) = resolve_resume(tmp_path, "latest")
     assert load_checkpoint(accelerator, [checkpoint])["global_step"] == 1  # the untouched one loads
-    for index, name in enumerate(("optimizer.bin", "random_states_0.pkl")):
-        marker = tmp_path / f"UNPICKLED-{index}"
-        original = (checkpoint / name).read_bytes()
-        (checkpoint / name).write_bytes(pickle.dumps(WritesMarker(marker)))
-        with pytest.raises(RuntimeError, match="no readable checkpoint"):
-            load_checkpoint(accelerator, [checkpoint])
-        assert not marker.exists() and "is unreadable" in caplog.text
-        (checkpoint / name).write_bytes(original)
+
+    marker = tmp_path / "UNPICKLED-optimizer"
+    original = (checkpoint / "optimizer.bin").read_bytes()
+    (checkpoint / "optimizer.bin").write_bytes(pickle.dumps(WritesMarker(marker)))
+    with pytest.raises(RuntimeError, match="no readable checkpoint"):
+        load_checkpoint(accelerator, [checkpoint])
+    assert not marker.exists() and "is unreadable (UnpicklingError: Weights only load failed" in caplog.text
+    (checkpoint / "optimizer.bin").write_bytes(original)
+
+    marker = tmp_path / "UNPICKLED-rng"
+    (checkpoint / "random_states_0.pkl").write_bytes(pickle.dumps(WritesMarker(marker)))
+    assert load_checkpoint(accelerator, [checkpoint])["global_step"] == 1
+    assert not marker.exists()
+
+
+def test_code_shipped_in_a_model_folder_runs_only_with_trust_remote_code(detector_dir, tmp_path):
+    """A model folder carries modeling_mirage.py for environments without mirage_hf. That file runs only
+    through an Auto class or pipeline() with trust_remote_code=True: Detector (always the installed classes),
+    pipeline() after `import mirage_hf`, and pipeline() without the flag in a clean process never execute it."""
+    import shutil
+
+    from transformers import pipeline
+
+    folder, marker = tmp_path / "model", tmp_path / "FOLDER_CODE_RAN"
+    shutil.copytree(detector_dir, folder)
+    with open(folder / "modeling_mirage.py", "a") as handle:
+        handle.write(f"\nopen({str(marker)!r}, 'w').close()\n")
+    Detector.from_pretrained(folder, device="cpu")
+    pipeline("image-classification", model=str(folder))  # mirage_hf is imported: its registered classes load
+    assert not marker.exists()
+    script = (
+        "import os, sys\nfrom transformers import pipeline\n"
+        f"try:\n    pipeline('image-classification', model={str(folder)!r})\n"
+        "except ValueError as error:\n    print('REFUSED', error)\n"
+        f"print('ran after refusal:', os.path.exists({str(marker)!r}))\n"
+        f"pipeline('image-classification', model={str(folder)!r}, trust_remote_code=True)\n"
+        f"print('ran when trusted:', os.path.exists({str(marker)!r}))\n"
+        "assert 'mirage_hf' not in sys.modules\n"
+    )
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"), "PATH": os.environ.get("PATH", "")}
+    result = subprocess.run(
+        [sys.executable, "-c", script], check=False, cwd=tmp_path, env=env, capture_output=True, text=True,
+        timeout=120, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "REFUSED" in result.stdout and "trust_remote_code=True" in result.stdout
+    assert "ran after refusal: False" in result.stdout and "ran when trusted: True" in result.stdout
 
 
 # ============================================================================ 5. the Space under load and abuse
@@ -488,9 +532,13 @@ def test_oversized_uploads_are_refused_with_a_readable_message(space, server, up
     # ... and the server refuses any other uploader with 413 and a message.
     boundary = uuid.uuid4().hex
     body = (
-        f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="heavy.png"\r\n'
-        "Content-Type: image/png\r\n\r\n"
-    ).encode() + Path(uploads["heavy"]).read_bytes() + f"\r\n--{boundary}--\r\n".encode()
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="heavy.png"\r\n'
+            "Content-Type: image/png\r\n\r\n"
+        ).encode()
+        + Path(uploads["heavy"]).read_bytes()
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
     request = urllib.request.Request(
         f"{server}/gradio_api/upload", data=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
     )

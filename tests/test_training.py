@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_TRAIN_ARGS as TINY
 from transformers import pipeline
 
 from mirage_hf import MiraGeForImageClassification
@@ -15,22 +16,6 @@ from mirage_hf.train_config import TrainConfig, parse_args
 from mirage_hf.training import main
 
 pytestmark = pytest.mark.slow
-
-TINY = [
-    "--tiny_clip", "{image_size: 16, patch_size: 4, hidden_size: 32, num_layers: 2, projection_dim: 16}",
-    "--synthetic", "{generators: [upsampler, diffusion], n_train_per_class: 24, n_val_per_class: 8, image_size: 16}",
-    "--prompt_depth", "2", "--batch_size", "8", "--eval_batch_size", "16", "--num_workers", "0",
-    "--memory_bank_size", "32", "--lora_r", "4", "--learning_rate", "0.01",
-]  # fmt: skip
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    """Accelerate keeps one state per process; each test configures its own (precision, processes)."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 def run(tmp_path, *extra) -> dict:
