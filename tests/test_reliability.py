@@ -9,7 +9,6 @@ import os
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported
 
 import contextlib
-import importlib.util
 import io
 import json
 import pickle
@@ -31,6 +30,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY_TRAIN_ARGS as TINY
+from conftest import load_space_app
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -461,17 +461,9 @@ def test_code_shipped_in_a_model_folder_runs_only_with_trust_remote_code(detecto
 # ============================================================================ 5. the Space under load and abuse
 
 
-def load_space():
-    spec = importlib.util.spec_from_file_location("mirage_space_app", ROOT / "space" / "app.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # gradio resolves the handlers' module by name
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def space():
-    return load_space()
+    return load_space_app()
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_space_app
 from gradio_client import Client, handle_file
 from huggingface_hub import SpaceCard
 from PIL import Image
@@ -29,15 +30,7 @@ CHROMIUM = "/usr/bin/chromium"
 HAS_EXPLAIN = importlib.util.find_spec("mirage_hf.explain") is not None
 
 
-def load_app():
-    spec = importlib.util.spec_from_file_location("mirage_space_app", ROOT / "space" / "app.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # gradio resolves the handlers' module by name
-    spec.loader.exec_module(module)
-    return module
-
-
-space = load_app()
+space = load_space_app()
 
 
 @pytest.fixture(scope="module")
