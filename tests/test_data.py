@@ -172,6 +172,12 @@ def write_parquet(path: Path, labels, label_feature=None, **extra_columns) -> Pa
     return path
 
 
+def load_parquet(path, **options):
+    """`load_hub` on a local parquet file written by `write_parquet` (images in "img", labels in "y")."""
+    options = {"image_column": "img", "label_column": "y", **options}
+    return load_hub("parquet", data_files=str(path), cache_dir=str(path.parent / "cache"), **options)
+
+
 @pytest.mark.parametrize(
     "labels, feature, expected",
     [
@@ -184,14 +190,7 @@ def write_parquet(path: Path, labels, label_feature=None, **extra_columns) -> Pa
 def test_load_hub_local_parquet_maps_labels(tmp_path, labels, feature, expected):
     subsets = [f"g{i // 2}" for i in range(len(labels))]
     path = write_parquet(tmp_path / "d.parquet", labels, feature, gen=subsets)
-    ds = load_hub(
-        "parquet",
-        data_files=str(path),
-        image_column="img",
-        label_column="y",
-        subset_column="gen",
-        cache_dir=str(tmp_path / "cache"),
-    )
+    ds = load_parquet(path, subset_column="gen")
     assert ds.features == FEATURES
     assert list(ds["label"]) == expected
     assert list(ds["subset"]) == subsets
@@ -200,27 +199,13 @@ def test_load_hub_local_parquet_maps_labels(tmp_path, labels, feature, expected)
 
 def test_load_hub_streaming_maps_lazily_and_raises_on_unknown(tmp_path):
     path = write_parquet(tmp_path / "d.parquet", ["ai", "nature", "ai"])
-    ds = load_hub(
-        "parquet",
-        data_files=str(path),
-        image_column="img",
-        label_column="y",
-        streaming=True,
-        cache_dir=str(tmp_path / "cache"),
-    )
+    ds = load_parquet(path, streaming=True)
     assert isinstance(ds, IterableDataset)
     rows = list(ds)
     assert [r["label"] for r in rows] == [1, 0, 1] and {r["subset"] for r in rows} == {"all"}
     assert rows[0]["image"]["bytes"] == png_bytes(0)
     check_binary_labels(ds)  # streams are not counted: no error, no full read
-    bad = load_hub(
-        "parquet",
-        data_files=str(write_parquet(tmp_path / "bad.parquet", ["ai", "cat"])),
-        image_column="img",
-        label_column="y",
-        streaming=True,
-        cache_dir=str(tmp_path / "cache"),
-    )
+    bad = load_parquet(write_parquet(tmp_path / "bad.parquet", ["ai", "cat"]), streaming=True)
     with pytest.raises(ValueError, match="'cat'"):
         list(bad)
 
@@ -236,32 +221,21 @@ def test_load_hub_streaming_maps_lazily_and_raises_on_unknown(tmp_path):
 def test_unknown_label_values_raise_helpful_error(tmp_path, labels, match):
     path = write_parquet(tmp_path / "d.parquet", labels)
     with pytest.raises(ValueError, match=match):
-        load_hub(
-            "parquet", data_files=str(path), image_column="img", label_column="y", cache_dir=str(tmp_path / "cache")
-        )
+        load_parquet(path)
 
 
 def test_label_map_fixes_unknown_values_and_missing_column_is_named(tmp_path):
     path = write_parquet(tmp_path / "d.parquet", ["human", "generated", "Human"])
-    ds = load_hub(
-        "parquet",
-        data_files=str(path),
-        image_column="img",
-        label_column="y",
-        label_map={"human": 0, "generated": 1},
-        cache_dir=str(tmp_path / "cache"),
-    )
+    ds = load_parquet(path, label_map={"human": 0, "generated": 1})
     assert list(ds["label"]) == [0, 1, 0]
     with pytest.raises(ValueError, match=r"label_column='label' not found.*\['img', 'y'\]"):
-        load_hub("parquet", data_files=str(path), image_column="img", cache_dir=str(tmp_path / "cache"))
+        load_parquet(path, label_column="label")
 
 
 def test_table_with_one_class_raises(tmp_path):
     path = write_parquet(tmp_path / "d.parquet", ["ai", "ai"])
     with pytest.raises(ValueError, match="no real images"):
-        load_hub(
-            "parquet", data_files=str(path), image_column="img", label_column="y", cache_dir=str(tmp_path / "cache")
-        )
+        load_parquet(path)
 
 
 def test_standardize_in_memory_decoded_images():
