@@ -67,7 +67,7 @@ class MiraGeConfig(PreTrainedConfig):
     """
 
     model_type = "mirage"
-    sub_configs_defaults = {"clip_config": CLIPConfig}
+    sub_configs = {"clip_config": CLIPConfig}
 
     clip_config: dict | CLIPConfig | None = None
     mode: str = "mirage"
@@ -96,6 +96,9 @@ class MiraGeConfig(PreTrainedConfig):
         self.label2id = {name: index for index, name in ID2LABEL.items()}
         if self.class_names is None:
             self.class_names = ["real", "fake"]
+        # Built here rather than through `sub_configs_defaults`, which transformers 5.17 lacks.
+        if not isinstance(self.clip_config, CLIPConfig):
+            self.clip_config = CLIPConfig(**(self.clip_config or {}))
         super().__post_init__(**kwargs)
         self._check_values()
         if self.prompt_token_ids is None:

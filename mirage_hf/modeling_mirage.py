@@ -255,6 +255,8 @@ class MiraGePreTrainedModel(PreTrainedModel):
         "loss_fn.memory_bank.labels",
         "loss_fn.memory_bank.position",
     ]
+    if not hasattr(PreTrainedModel, "activation_checkpointing_enable"):  # older name, in transformers 5.17
+        activation_checkpointing_enable = PreTrainedModel.gradient_checkpointing_enable
 
     def _init_weights(self, module):
         """Initialises what a CLIP checkpoint does not hold (the nested CLIPModel initialises itself)."""

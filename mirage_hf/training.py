@@ -15,7 +15,8 @@ from accelerate.utils import set_seed
 from datasets import IterableDataset
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
-from transformers import AutoImageProcessor, get_cosine_schedule_with_warmup
+from transformers import get_cosine_schedule_with_warmup
+from transformers.models.auto.image_processing_auto import AutoImageProcessor  # top-level: torchvision-only in 5.17
 
 from .calibration import calibrate
 from .checkpoints import load_checkpoint, resolve_resume, save_checkpoint

@@ -66,7 +66,7 @@ def make_model(clip_dir):
 def detector_dir(clip_dir, tmp_path_factory):
     """A saved detector folder (weights, config, remote code, image processor) whose scores are not all 0.5:
     its fake anchor is moved away from the real one; calibrated threshold 0.3, temperature 0.5."""
-    from transformers import AutoImageProcessor
+    from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
     from mirage_hf.export import export_model
 

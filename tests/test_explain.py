@@ -3,7 +3,7 @@ import pytest
 import torch
 from conftest import IMAGE_SIZE
 from PIL import Image
-from transformers import AutoImageProcessor
+from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
 from mirage_hf.explain import explain, explain_image, overlay
 from mirage_hf.inference import Detector

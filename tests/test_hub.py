@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from huggingface_hub import HfApi, ModelCard, SpaceCard, constants
 from PIL import Image
-from transformers import AutoImageProcessor, pipeline
+from transformers import pipeline
+from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
 from mirage_hf import MiraGeForImageClassification
 from mirage_hf.export import export_model

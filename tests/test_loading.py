@@ -88,7 +88,7 @@ def test_save_and_load_through_auto_classes(make_model, pixel_values, tmp_path, 
 
 
 def save_detector_folder(model, clip_dir, path):
-    from transformers import AutoImageProcessor
+    from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
     model.save_pretrained(path)
     AutoImageProcessor.from_pretrained(clip_dir).save_pretrained(path)
