@@ -2,14 +2,18 @@
 """Speed and memory of MiraGe against the bare CLIP vision tower, side by side in one run.
 
     python benchmarks/run.py            # CPU: ViT-B/16-sized random CLIP, a couple of minutes on 2 cores
-    python benchmarks/run.py --gpu      # GPU: ViT-L/14-sized random CLIP (bf16 rows, compile, training step)
+    python benchmarks/run.py --gpu      # GPU: ViT-L/14-sized random CLIP, bf16 rows, host-device sync check
+    python benchmarks/run.py --tiny     # a tiny CLIP in seconds: checks the script itself (the tests run it)
 
 Every number is a ratio against a baseline measured in the same process on the same batch; the table is
 printed and written as JSON (--output). Weights are random: speed does not depend on their values.
+The data-pipeline and evaluation-memory rows need `datasets`; where it is not installed (as on the lent GPU
+machines) they are skipped and the report says why.
 """
 
 import argparse
 import json
+import math
 import os
 import platform
 import resource
@@ -17,6 +21,7 @@ import sys
 import tempfile
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from datetime import date
 
 import torch
@@ -25,16 +30,61 @@ from transformers import CLIPConfig
 from mirage_hf import MiraGeConfig, MiraGeForImageClassification
 
 
-VIT_B16 = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, patch_size=16)
-VIT_L14 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, patch_size=14)
-TEXT_B = dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8)
-TEXT_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
+@dataclass(frozen=True)
+class Profile:
+    """Model sizes and measuring budget of one kind of run."""
+
+    name: str
+    vision: dict
+    text: dict
+    projection_dim: int
+    image_size: int
+    batch: int
+    train_batch: int
+    seconds: float
+    data_images: int
+    worker_counts: tuple[int, ...]
 
 
-def build(vision, text, projection_dim, attn, dtype, **mirage):
-    clip = CLIPConfig(vision_config={**vision, "image_size": 224}, text_config=text, projection_dim=projection_dim)
+PROFILES = {
+    "cpu": Profile(
+        name="ViT-B/16",
+        vision={"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+                "patch_size": 16},
+        text={"hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12, "num_attention_heads": 8},
+        projection_dim=512, image_size=224, batch=8, train_batch=8, seconds=4.0,
+        data_images=512, worker_counts=(0, 2),
+    ),
+    "gpu": Profile(
+        name="ViT-L/14",
+        vision={"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
+                "patch_size": 14},
+        text={"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12},
+        projection_dim=768, image_size=224, batch=256, train_batch=128, seconds=5.0,
+        data_images=4096, worker_counts=(0, 4, 8, 16),
+    ),
+    "tiny": Profile(
+        name="tiny",
+        vision={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
+                "patch_size": 8},
+        text={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4},
+        projection_dim=16, image_size=32, batch=4, train_batch=4, seconds=0.2,
+        data_images=128, worker_counts=(0,),
+    ),
+}  # fmt: skip
+
+
+def build(profile, attn, device, **mirage):
+    """A random MiraGe model of the profile's size, made directly on `device` (no slow CPU init of ViT-L)."""
+    clip = CLIPConfig(
+        vision_config={**profile.vision, "image_size": profile.image_size},
+        text_config=profile.text,
+        projection_dim=profile.projection_dim,
+    )
+    depth = min(9, profile.vision["num_hidden_layers"], profile.text["num_hidden_layers"])
     torch.manual_seed(0)
-    model = MiraGeForImageClassification(MiraGeConfig(clip_config=clip, **mirage)).to(dtype=dtype)
+    with torch.device(device):
+        model = MiraGeForImageClassification(MiraGeConfig(clip_config=clip, n_ctx=2, prompt_depth=depth, **mirage))
     model.set_attn_implementation(attn)
     return model
 
@@ -42,6 +92,10 @@ def build(vision, text, projection_dim, attn, dtype, **mirage):
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def autocast(device, dtype):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 def throughput(fn, batch, device, seconds, warmup=2):
@@ -63,10 +117,8 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def inference_rows(args, device):
-    vision, text, dim = (VIT_L14, TEXT_L, 768) if args.gpu else (VIT_B16, TEXT_B, 512)
-    pixels = torch.randn(args.batch, 3, 224, 224, device=device)
-    prompts = dict(mode="maple", n_ctx=2, prompt_depth=9)
+def inference_rows(args, profile, device):
+    pixels = torch.randn(args.batch, 3, profile.image_size, profile.image_size, device=device)
     rows = {}
 
     def bare(model, autocast_dtype=None):
@@ -95,50 +147,49 @@ def inference_rows(args, device):
 
         return run
 
-    sdpa = build(vision, text, dim, "sdpa", torch.float32, **prompts).to(device).eval()
-    eager = build(vision, text, dim, "eager", torch.float32, **prompts).to(device).eval()
+    sdpa = build(profile, "sdpa", device, mode="maple").eval()
+    eager = build(profile, "eager", device, mode="maple").eval()
     variants = {
         "bare CLIP tower, fp32, SDPA": bare(sdpa),
         "MiraGe, fp32, SDPA, cached anchors": mirage(sdpa),
         "peer-style: MiraGe fp32 eager, anchors recomputed": peer_style(eager),
     }
-    if args.gpu:
+    if args.bf16:
         variants["bare CLIP tower, bf16, SDPA"] = bare(sdpa, torch.bfloat16)
         variants["MiraGe, bf16, SDPA, cached anchors"] = mirage(sdpa, torch.bfloat16)
     if args.compile:
-        compiled = build(vision, text, dim, "sdpa", torch.float32, **prompts).to(device).eval()
+        compiled = build(profile, "sdpa", device, mode="maple").eval()
         compiled.encode_image = torch.compile(compiled.encode_image)
-        cast = torch.bfloat16 if args.gpu else None
+        cast = torch.bfloat16 if args.bf16 else None
         start = time.perf_counter()
         mirage(compiled, cast)()
+        sync(device)
         rows["compile time (s)"] = time.perf_counter() - start
         variants[f"MiraGe compiled, {'bf16' if cast else 'fp32'}, SDPA"] = mirage(compiled, cast)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     # Rounds alternate the variants so that drift (clock, cache, other load) hits all of them alike; best round kept.
     for _ in range(args.rounds):
         for name, run in variants.items():
             rows[name] = max(rows.get(name, 0.0), throughput(run, args.batch, device, args.seconds))
+    if device.type == "cuda":
+        rows["inference: peak GPU memory (MiB)"] = peak_memory_mb(device)
     return rows
 
 
-def autocast(device, dtype):
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
-
-
-def training_rows(args, device):
-    vision, text, dim = (VIT_L14, TEXT_L, 768) if args.gpu else (VIT_B16, TEXT_B, 512)
-    batch = args.train_batch
-    pixels = torch.randn(batch, 3, 224, 224, device=device)
-    labels = torch.arange(batch, device=device) % 2
+def training_rows(args, profile, device):
+    """A prompts-only training step (the MiraGe loss, AdamW), with and without activation checkpointing."""
+    pixels = torch.randn(args.train_batch, 3, profile.image_size, profile.image_size, device=device)
+    labels = torch.arange(args.train_batch, device=device) % 2
+    cast = torch.bfloat16 if args.bf16 else None
     rows = {}
-    cast = torch.bfloat16 if args.gpu else None
     for checkpointing in (False, True):
-        model = build(vision, text, dim, "sdpa", torch.float32, mode="mirage", n_ctx=2, prompt_depth=9).to(device)
-        model.train()
+        model = build(profile, "sdpa", device, mode="mirage").train()
         if checkpointing:
             model.activation_checkpointing_enable()
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
 
-        def step():
+        def step(model=model, optimizer=optimizer):
             with autocast(device, cast):
                 loss = model(pixel_values=pixels, labels=labels).loss
             loss.backward()
@@ -147,34 +198,72 @@ def training_rows(args, device):
 
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        name = "training step, prompts only" + (", activation checkpointing" if checkpointing else "")
-        rows[name] = throughput(step, batch, device, args.seconds, warmup=1)
+        name = f"training step, prompts only, {'bf16' if cast else 'fp32'}"
+        name += ", activation checkpointing" if checkpointing else ""
+        rows[name] = throughput(step, args.train_batch, device, args.seconds, warmup=1)
         memory = "peak GPU memory (MiB)" if device.type == "cuda" else "peak RSS of the process so far (MiB)"
         rows[f"{name}: {memory}"] = peak_memory_mb(device)
-        del model, optimizer
+        del model, optimizer, step
     return rows
 
 
-def latency_rows(args):
-    """Single-image latency of the Space's predict path (Detector on CPU), tiny demo-sized and ViT-B/16-sized."""
+def sync_checks(profile, device):
+    """Whether the eval forward and a training step run without a host-device sync (CUDA's sync debug mode)."""
+    pixels = torch.randn(8, 3, profile.image_size, profile.image_size, device=device)
+    labels = torch.arange(8, device=device) % 2
+    model = build(profile, "sdpa", device, mode="mirage")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+
+    def eval_forward():
+        with torch.inference_mode(), autocast(device, torch.bfloat16):
+            model.eval().detect(pixels)
+
+    def training_step():
+        with autocast(device, torch.bfloat16):
+            model.train()(pixel_values=pixels, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    checks = {}
+    for name, fn in {"eval forward, anchors cached": eval_forward, "training step": training_step}.items():
+        fn()  # warm-up: the anchor cache, lazy optimizer state
+        sync(device)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            fn()
+            checks[f"host-device syncs: {name}"] = "none"
+        except RuntimeError as error:
+            checks[f"host-device syncs: {name}"] = str(error).splitlines()[0]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return checks
+
+
+def latency_rows(args, profile):
+    """Single-image latency of the Space's predict path (Detector on CPU, a 640x480 input)."""
     from PIL import Image
 
     from mirage_hf.inference import Detector
     from mirage_hf.tiny import tiny_image_processor
 
     image = Image.new("RGB", (640, 480), "gray")
-    model = build(VIT_B16, TEXT_B, 512, "sdpa", torch.float32, mode="maple", n_ctx=2, prompt_depth=9).eval()
-    detector = Detector(model, tiny_image_processor(224))
+    model = build(profile, "sdpa", torch.device("cpu"), mode="maple").eval()
+    detector = Detector(model, tiny_image_processor(profile.image_size))
     detector([image])
     start, calls = time.perf_counter(), 0
     while calls < 3 or time.perf_counter() - start < args.seconds:
         detector([image])
         calls += 1
-    return {"single-image latency, ViT-B/16 on CPU (ms)": 1000 * (time.perf_counter() - start) / calls}
+    return {f"single-image latency, {profile.name} on CPU (ms)": 1000 * (time.perf_counter() - start) / calls}
 
 
-def data_rows(args):
-    """Decode + augment + collate throughput of the training input pipeline alone (CPU)."""
+def data_rows(args, profile):
+    """Decode + augment + collate throughput of the training input pipeline alone (CPU), per worker count.
+
+    128 generated images repeated to `profile.data_images` rows (the cost per row is the same, the generation
+    time is not); timed from the first batch on, so worker start-up is not counted against steady throughput.
+    """
+    from datasets import concatenate_datasets
     from torch.utils.data import DataLoader
 
     from mirage_hf.data import load_genimage
@@ -184,12 +273,14 @@ def data_rows(args):
 
     rows = {}
     with tempfile.TemporaryDirectory() as root:
-        make_synthetic_genimage(root, generators=["upsampler"], n_train_per_class=128, n_val_per_class=1, image_size=256)
+        make_synthetic_genimage(root, generators=["upsampler"], n_train_per_class=64, n_val_per_class=1, image_size=256)
         dataset = load_genimage(root, split="train")
-        augmentation = TrainAugmentation(224, resize_prob=0.1, blur_prob=0.1, jpeg_prob=0.1)
-        collate = DetectionCollator(Preprocessor(tiny_image_processor(224), "resize", augmentation))
-        for workers in sorted({0, args.workers}):
-            loader = DataLoader(dataset, batch_size=32, num_workers=workers, collate_fn=collate, shuffle=True)
+        dataset = concatenate_datasets([dataset] * (profile.data_images // len(dataset)))
+        augmentation = TrainAugmentation(profile.image_size, resize_prob=0.1, blur_prob=0.1, jpeg_prob=0.1)
+        collate = DetectionCollator(Preprocessor(tiny_image_processor(profile.image_size), "resize", augmentation))
+        for workers in [w for w in profile.worker_counts if w <= (os.cpu_count() or 1)]:
+            loader = iter(DataLoader(dataset, batch_size=32, num_workers=workers, collate_fn=collate, shuffle=True))
+            next(loader)
             start = time.perf_counter()
             seen = sum(batch["labels"].numel() for batch in loader)
             rows[f"data pipeline, {workers} workers (images/s)"] = seen / (time.perf_counter() - start)
@@ -208,76 +299,125 @@ def eval_memory_rows(args):
 
     model = MiraGeForImageClassification(MiraGeConfig(clip_config=tiny_clip_config(), prompt_depth=2)).eval()
     preprocess, accelerator, rows = Preprocessor(tiny_image_processor()), Accelerator(cpu=True), {}
+    small, large = (16, 128) if args.tiny else (256, 2048)
     with tempfile.TemporaryDirectory() as root:
-        make_synthetic_genimage(root, generators=["upsampler"], n_train_per_class=1024, n_val_per_class=1, image_size=64)
+        make_synthetic_genimage(root, generators=["upsampler"], n_train_per_class=large // 2, n_val_per_class=1,
+                                image_size=64)  # fmt: skip
         dataset = load_genimage(root, split="train")
-        predict(model, dataset.select(range(64)), preprocess, accelerator)  # warm-up: allocator, imports
-        for n in (256, 2048):
+        predict(model, dataset.select(range(16)), preprocess, accelerator)  # warm-up: allocator, imports
+        for n in (small, large):
             before = peak_memory_mb(torch.device("cpu"))
             predict(model, dataset.select(range(n)), preprocess, accelerator, batch_size=64)
             rows[f"evaluation of {n} images: peak RSS growth (MiB)"] = peak_memory_mb(torch.device("cpu")) - before
     return rows
 
 
-def main():
+def datasets_missing():
+    """Why the rows that load data through `datasets` cannot run here, or None where they can.
+
+    Builds a one-row data set rather than only importing: an install can import and still fail to build one
+    (seen with Python 3.12.1, where fingerprinting a table fails to pickle pyarrow's MonthDayNano).
+    """
+    try:
+        import datasets
+
+        datasets.Dataset.from_dict({"probe": [1]})
+    except Exception as error:  # noqa: BLE001 - any failure here only means these rows cannot be measured
+        return f"skipped: `datasets` does not work here ({type(error).__name__}: {error})"
+    return None
+
+
+def ratios_of(rows, args):
+    """The comparisons the targets are stated in, each between rows of this run."""
+    mirage, peer = rows["MiraGe, fp32, SDPA, cached anchors"], rows["peer-style: MiraGe fp32 eager, anchors recomputed"]
+    ratios = {
+        "MiraGe / bare tower (fp32 SDPA)": mirage / rows["bare CLIP tower, fp32, SDPA"],
+        "MiraGe / peer-style fp32 eager": mirage / peer,
+    }
+    if args.bf16:
+        mirage_bf16 = rows["MiraGe, bf16, SDPA, cached anchors"]
+        ratios["MiraGe bf16 / bare tower bf16"] = mirage_bf16 / rows["bare CLIP tower, bf16, SDPA"]
+        ratios["MiraGe bf16 / peer-style fp32 eager"] = mirage_bf16 / peer
+    compiled = next((value for name, value in rows.items() if name.startswith("MiraGe compiled")), None)
+    if compiled is not None:
+        bare = rows[f"bare CLIP tower, {'bf16' if args.bf16 else 'fp32'}, SDPA"]
+        ratios["compiled MiraGe / bare tower (same dtype)"] = compiled / bare
+        ratios["compiled MiraGe / peer-style fp32 eager"] = compiled / peer
+    step = next(value for name, value in rows.items() if name.startswith("training step") and ":" not in name)
+    pipeline = [value for name, value in rows.items() if name.startswith("data pipeline")]
+    if pipeline:
+        ratios["data pipeline (most workers) / training step"] = pipeline[-1] / step
+    return ratios
+
+
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--gpu", action="store_true", help="ViT-L/14 on CUDA instead of ViT-B/16 on CPU")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--gpu", action="store_true", help="ViT-L/14 on CUDA, with bf16 rows and the sync check")
+    size.add_argument("--tiny", action="store_true", help="a tiny CLIP on the CPU, to check the script itself")
+    parser.add_argument("--bf16", action="store_true", help="also measure bf16 autocast (always on with --gpu)")
     parser.add_argument("--compile", action="store_true", help="also measure the torch.compile path")
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--train_batch", type=int, default=None)
     parser.add_argument("--seconds", type=float, default=None, help="measuring time per row")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per inference variant")
-    parser.add_argument("--workers", type=int, default=os.cpu_count())
+    parser.add_argument("--rounds", type=int, default=None, help="alternating rounds per inference variant")
     parser.add_argument("--output", default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    args.bf16 = args.bf16 or args.gpu
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    profile = PROFILES["gpu" if args.gpu else "tiny" if args.tiny else "cpu"]
     device = torch.device("cuda" if args.gpu else "cpu")
-    args.batch = args.batch or (256 if args.gpu else 8)
-    args.train_batch = args.train_batch or (128 if args.gpu else 8)
-    args.seconds = args.seconds or (5.0 if args.gpu else 4.0)
+    args.batch = args.batch or profile.batch
+    args.train_batch = args.train_batch or profile.train_batch
+    args.seconds = args.seconds or profile.seconds
+    args.rounds = args.rounds or (1 if args.tiny else 3)
     if args.gpu:
         torch.backends.cuda.matmul.allow_tf32 = True
 
-    rows = eval_memory_rows(args)  # first: the process peak must not already include the big models
-    rows.update(inference_rows(args, device))
-    rows.update(training_rows(args, device))
-    if not args.gpu:
-        rows.update(latency_rows(args))
-    rows.update(data_rows(args))
+    rows, checks = {}, {}
+    missing = datasets_missing()
+    skipped = {"evaluation memory and data pipeline": missing} if missing else {}
+    if not missing:
+        rows.update(eval_memory_rows(args))  # first: before the big models raise the process peak
+    rows.update(inference_rows(args, profile, device))
+    rows.update(training_rows(args, profile, device))
+    if device.type == "cuda":
+        checks.update(sync_checks(profile, device))
+    else:
+        rows.update(latency_rows(args, profile))
+    if not missing:
+        rows.update(data_rows(args, profile))
+    ratios = ratios_of(rows, args)
 
-    base = rows["bare CLIP tower, fp32, SDPA"]
-    ratios = {
-        "MiraGe / bare tower (fp32 SDPA)": rows["MiraGe, fp32, SDPA, cached anchors"] / base,
-        "MiraGe / peer-style fp32 eager": rows["MiraGe, fp32, SDPA, cached anchors"]
-        / rows["peer-style: MiraGe fp32 eager, anchors recomputed"],
-    }
-    if args.gpu:
-        ratios["MiraGe bf16 / bare tower bf16"] = (
-            rows["MiraGe, bf16, SDPA, cached anchors"] / rows["bare CLIP tower, bf16, SDPA"]
-        )
-    for name, value in list(rows.items()):
-        if name.startswith("MiraGe compiled"):
-            bare_same_dtype = rows["bare CLIP tower, bf16, SDPA" if args.gpu else "bare CLIP tower, fp32, SDPA"]
-            ratios["compiled MiraGe / bare tower (same dtype)"] = value / bare_same_dtype
-            ratios["compiled MiraGe / peer-style fp32 eager"] = (
-                value / rows["peer-style: MiraGe fp32 eager, anchors recomputed"]
-            )
     report = {
         "date": date.today().isoformat(),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
-        + (f", {torch.cuda.get_device_name()}" if args.gpu else ""),
+        + (f", {torch.cuda.get_device_name()}" if device.type == "cuda" else ""),
         "torch": torch.__version__,
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "model": profile.name,
         "batch": args.batch,
         "train_batch": args.train_batch,
         "rows": rows,
         "ratios": ratios,
+        "checks": checks,
+        "skipped": skipped,
     }
-    width = max(map(len, [*rows, *ratios]))
+    width = max(map(len, [*rows, *ratios, *checks]))
     for name, value in [*rows.items(), *ratios.items()]:
         print(f"{name:<{width}}  {value:10.3f}")
+    for name, value in [*checks.items(), *skipped.items()]:
+        print(f"{name:<{width}}  {value}")
+    if not all(math.isfinite(value) and value > 0 for value in ratios.values()):
+        raise SystemExit(f"a ratio is not a positive number: {ratios}")
     if args.output:
-        with open(args.output, "w") as handle:
+        with open(f"{args.output}.tmp", "w") as handle:
             json.dump(report, handle, indent=2)
+        os.replace(f"{args.output}.tmp", args.output)
     return report
 
 

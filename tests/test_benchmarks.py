@@ -1,0 +1,41 @@
+"""benchmarks/run.py on a tiny CLIP: every comparison the speed targets are stated in comes out of one run.
+
+A GPU run gets one try on a lent machine, so its code paths (bf16 rows, the compiled path, the ratios, the JSON
+report) are checked here on the CPU; only the CUDA-only sync check and GPU memory rows are left to that run.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parent.parent
+TARGET_RATIOS = {
+    "MiraGe / bare tower (fp32 SDPA)",
+    "MiraGe / peer-style fp32 eager",
+    "MiraGe bf16 / bare tower bf16",
+    "MiraGe bf16 / peer-style fp32 eager",
+    "compiled MiraGe / bare tower (same dtype)",
+    "compiled MiraGe / peer-style fp32 eager",
+    "data pipeline (most workers) / training step",
+}
+
+
+@pytest.mark.slow
+def test_benchmark_reports_every_target_ratio_from_one_run(tmp_path):
+    output = tmp_path / "results.json"
+    command = [sys.executable, "benchmarks/run.py", "--tiny", "--bf16", "--compile", "--output", str(output)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    report = json.loads(output.read_text())
+    assert set(report["ratios"]) == TARGET_RATIOS
+    assert all(value > 0 for value in report["ratios"].values())
+    assert report["skipped"] == {}, "the data rows ran here, where `datasets` works"
+    steps = {"training step, prompts only, bf16", "training step, prompts only, bf16, activation checkpointing"}
+    assert steps <= set(report["rows"])
+    assert any(name.startswith("evaluation of") for name in report["rows"])
