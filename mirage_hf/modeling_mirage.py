@@ -353,13 +353,17 @@ class MiraGeModel(MiraGePreTrainedModel):
     # ------------------------------------------------------------------------------------------ anchors
 
     def prompts_and_anchors(self) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
-        """(normalised text anchors or None, vision prompts). Cached in eval mode until a prompt changes."""
+        """(normalised text anchors or None, vision prompts). Cached in eval mode until a prompt changes.
+
+        The cached ones are computed outside any autocast, at the model's own precision, so they do not depend on
+        the context of the call that happened to fill the cache.
+        """
         if self.training:
             self._anchor_cache = None
             return self._compute_prompts_and_anchors()
         key = self._anchor_cache_key()
         if self._anchor_cache is None or self._anchor_cache[0] != key:
-            with torch.inference_mode(False), torch.no_grad():
+            with torch.inference_mode(False), torch.no_grad(), torch.autocast(self.device.type, enabled=False):
                 self._anchor_cache = (key, self._compute_prompts_and_anchors())
         return self._anchor_cache[1]
 

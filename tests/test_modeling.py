@@ -163,6 +163,17 @@ def test_cached_anchors_work_under_inference_mode_and_then_with_grad(make_model,
     torch.testing.assert_close(logits.detach(), expected.clone())
 
 
+def test_cached_anchors_do_not_depend_on_the_autocast_of_the_call_that_filled_the_cache(make_model, pixel_values):
+    model = make_model("mirage").eval()
+    with torch.inference_mode():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, _, filled_under_autocast = model.detect(pixel_values)
+        model._anchor_cache = None
+        _, _, filled_in_fp32 = model.detect(pixel_values)
+    assert filled_under_autocast.dtype == torch.float32
+    torch.testing.assert_close(filled_under_autocast, filled_in_fp32, rtol=0, atol=0)
+
+
 def test_batch_invariance_in_fp32(make_model, pixel_values):
     model = make_model("mirage").eval()
     with torch.no_grad():
