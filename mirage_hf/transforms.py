@@ -121,10 +121,32 @@ def open_image(source: Any, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
 # --------------------------------------------------------------------------- degradations
 
 
+# libjpeg refuses sides over 65,500 px; larger images are encoded in tiles of at most this size, a multiple of
+# 16 so that tiles start on the 16 x 16 block grid that one encoding of the whole image would use.
+JPEG_TILE = 65_488
+
+
 def jpeg(img: Image.Image, quality: int) -> Image.Image:
-    """Re-encode as JPEG at `quality` (1-100) and decode again, as a social-media upload would."""
+    """Re-encode as JPEG at `quality` (1-100) and decode again, as a social-media upload would.
+
+    An image with a side beyond JPEG's limit is encoded tile by tile: the same blocks as one encoding, except
+    that chroma is not interpolated across a tile border.
+    """
+    img = img.convert("RGB")
+    width, height = img.size
+    if max(width, height) <= JPEG_TILE:
+        return _jpeg_once(img, quality)
+    out = Image.new("RGB", img.size)
+    for top in range(0, height, JPEG_TILE):
+        for left in range(0, width, JPEG_TILE):
+            box = (left, top, min(left + JPEG_TILE, width), min(top + JPEG_TILE, height))
+            out.paste(_jpeg_once(img.crop(box), quality), box[:2])
+    return out
+
+
+def _jpeg_once(img: Image.Image, quality: int) -> Image.Image:
     buffer = io.BytesIO()
-    img.convert("RGB").save(buffer, "JPEG", quality=int(quality))
+    img.save(buffer, "JPEG", quality=int(quality))
     buffer.seek(0)
     with Image.open(buffer) as out:
         return out.convert("RGB")

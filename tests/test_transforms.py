@@ -201,6 +201,28 @@ def test_jpeg_lower_quality_differs_more():
     assert pixels(jpeg(img, 50)).tolist() == pixels(jpeg(img, 50)).tolist()  # deterministic
 
 
+def test_jpeg_of_an_image_wider_than_the_jpeg_limit_keeps_it_whole():
+    """A side over 65,500 px is legal for PNG but not for JPEG: the JPEG step (training augmentation, robustness
+    sweep) must still degrade such an image rather than stop the run."""
+    wide = Image.fromarray(np.tile(np.arange(70_000, dtype=np.uint8)[None, :, None] * 7, (3, 1, 3)))
+    out = jpeg(wide, 50)
+    assert out.size == wide.size and out.mode == "RGB"
+    assert 0 < np.abs(pixels(out) - pixels(wide)).mean() < 40
+    assert degrade(wide, "jpeg", 30).size == wide.size
+
+
+def test_jpeg_in_tiles_matches_one_encoding_away_from_the_tile_borders(monkeypatch):
+    import mirage_hf.transforms as transforms
+
+    img = noise_image(size=(96, 72))
+    whole = pixels(jpeg(img, 75))
+    monkeypatch.setattr(transforms, "JPEG_TILE", 32)
+    tiled = pixels(jpeg(img, 75))
+    rows, columns = ([i for i in range(n) if i % 32 not in (0, 31)] for n in (72, 96))  # off the tile borders
+    np.testing.assert_array_equal(tiled[np.ix_(rows, columns)], whole[np.ix_(rows, columns)])
+    assert not np.array_equal(tiled, whole), "chroma differs at the borders: the tiled path really ran"
+
+
 def test_blur_reduces_high_frequency_energy():
     img = noise_image()
     energies = [high_freq_energy(gaussian_blur(img, s)) for s in (0, 1, 2, 3)]
