@@ -103,6 +103,9 @@ class TrainConfig:
         None, 'A checkpoint folder, or "latest" (the newest complete one in <output_dir>/checkpoints).'
     )
     log_with: list[str] = option(list, "Accelerate trackers: tensorboard, wandb, ...", factory=True)
+    log_every: int = option(
+        10, "Log the loss terms, averaged over the last N optimiser steps (each log waits once for the GPU)."
+    )
 
     # --- evaluation --------------------------------------------------------------------------------
     eval_only: bool = False
@@ -134,6 +137,8 @@ class TrainConfig:
             raise ValueError("--eval_only needs --model <trained MiraGe folder or Hub id>")
         if not 0.0 <= self.calibration_holdout < 1.0:
             raise ValueError(f"calibration_holdout must lie in [0, 1), got {self.calibration_holdout}")
+        if self.log_every < 1:
+            raise ValueError(f"log_every must be >= 1, got {self.log_every}")
 
 
 def load_preset(path: str | os.PathLike) -> dict:

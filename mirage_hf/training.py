@@ -150,6 +150,29 @@ def train_loader(dataset, cfg: TrainConfig, collate, epoch: int) -> DataLoader:
 # ------------------------------------------------------------------------------------------- training
 
 
+class LossWindow:
+    """Sums of the loss terms over the optimiser steps since the last log, kept on the device.
+
+    Reading a loss (`.item()`) waits for the GPU to finish; doing it once per log instead of once per step lets
+    the next steps be queued while the current one runs.
+    """
+
+    def __init__(self):
+        self.sums, self.steps = {}, 0
+
+    def add(self, output):
+        for name, value in output.items():
+            if name.startswith("loss") and value is not None and value.ndim == 0:
+                self.sums[name] = self.sums.get(name, 0) + value.detach().float()
+        self.steps += 1
+
+    def pop_means(self) -> dict[str, float]:
+        means = (torch.stack(list(self.sums.values())) / self.steps).tolist()  # the one device sync
+        terms = dict(zip(self.sums, means))
+        self.sums, self.steps = {}, 0
+        return terms
+
+
 def configure_logging(is_main_process: bool):
     """Progress messages from rank 0 only; the libraries' INFO chatter (each saved file) stays hidden."""
     logger.setLevel(logging.INFO if is_main_process else logging.WARNING)
@@ -262,7 +285,7 @@ def train(cfg: TrainConfig) -> dict:
                 )
         accelerator.wait_for_everyone()
 
-    bad_images = BadImageReport()
+    bad_images, loss_window = BadImageReport(), LossWindow()
     bar = tqdm(
         total=total_steps, initial=progress["global_step"], desc="train", disable=not accelerator.is_local_main_process
     )
@@ -289,16 +312,16 @@ def train(cfg: TrainConfig) -> dict:
             progress["global_step"] += 1
             bar.update(1)
             if output is not None:
-                terms = {
-                    k: v.item() for k, v in output.items() if k.startswith("loss") and v is not None and v.ndim == 0
-                }
+                loss_window.add(output)
+            epoch_done = progress["batches_in_epoch"] >= len(loader)
+            finished = progress["global_step"] >= total_steps
+            if loss_window.steps and (finished or progress["global_step"] % cfg.log_every == 0):
+                terms = loss_window.pop_means()
                 accelerator.log(
                     {f"train/{k}": v for k, v in terms.items()} | {"train/lr": scheduler.get_last_lr()[0]},
                     step=progress["global_step"],
                 )
                 bar.set_postfix({k.removeprefix("loss_") or "loss": f"{v:.3f}" for k, v in terms.items()})
-            epoch_done = progress["batches_in_epoch"] >= len(loader)
-            finished = progress["global_step"] >= total_steps
             if epoch_done:
                 progress["epoch"], progress["batches_in_epoch"] = progress["epoch"] + 1, 0
             step = progress["global_step"]

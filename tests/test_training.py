@@ -1,6 +1,7 @@
 """train.py end to end on tiny generated data: learning, exact resume, evaluation, calibration, export."""
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -85,6 +86,29 @@ def test_interrupted_training_resumes_to_the_same_parameters(tmp_path, monkeypat
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
     assert resumed["clean"]["mean"] == straight["clean"]["mean"]
+
+
+def test_loss_terms_are_logged_every_log_every_steps_as_window_means(tmp_path, monkeypatch):
+    from accelerate import Accelerator
+
+    logged = []
+    monkeypatch.setattr(Accelerator, "log", lambda self, values, step=None, **_: logged.append((step, values)))
+    run(tmp_path, "--max_steps", "5", "--log_every", "2", "--eval_every", "5", "--calibrate", "null")
+    train_logs = [(step, values) for step, values in logged if "train/loss" in values]
+    assert [step for step, _ in train_logs] == [2, 4, 5]  # the last, shorter window is logged too
+    for _, values in train_logs:
+        assert {"train/loss", "train/loss_ce", "train/loss_supcon", "train/lr"} <= values.keys()
+        assert all(math.isfinite(value) for value in values.values())
+
+
+def test_loss_window_averages_each_term_over_its_steps_then_starts_over():
+    from mirage_hf.training import LossWindow
+
+    window = LossWindow()
+    window.add({"loss": torch.tensor(1.0), "loss_ce": torch.tensor(0.5), "logits": torch.zeros(2, 2)})
+    window.add({"loss": torch.tensor(3.0), "loss_ce": torch.tensor(1.5), "loss_sep": None})
+    assert window.pop_means() == {"loss": 2.0, "loss_ce": 1.0}
+    assert window.steps == 0 and window.sums == {}
 
 
 def test_a_corrupt_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
