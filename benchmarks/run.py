@@ -139,7 +139,10 @@ def inference_rows(args, profile, device):
         return run
 
     def peer_style(model):
-        """What research detectors do: fp32 eager, text features recomputed for every batch."""
+        """What research detectors do: fp32 eager, text features recomputed for every batch.
+
+        All fp32 rows keep PyTorch's default of no TF32 matmuls, as such code runs.
+        """
 
         def run():
             with torch.no_grad():
@@ -375,8 +378,6 @@ def main(argv=None):
     args.train_batch = args.train_batch or profile.train_batch
     args.seconds = args.seconds or profile.seconds
     args.rounds = args.rounds or (1 if args.tiny else 3)
-    if args.gpu:
-        torch.backends.cuda.matmul.allow_tf32 = True
 
     rows, checks = {}, {}
     missing = datasets_missing()
@@ -398,6 +399,7 @@ def main(argv=None):
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
         + (f", {torch.cuda.get_device_name()}" if device.type == "cuda" else ""),
         "torch": torch.__version__,
+        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
         "model": profile.name,
         "batch": args.batch,
