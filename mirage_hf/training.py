@@ -168,7 +168,7 @@ class LossWindow:
 
     def pop_means(self) -> dict[str, float]:
         means = (torch.stack(list(self.sums.values())) / self.steps).tolist()  # the one device sync
-        terms = dict(zip(self.sums, means))
+        terms = dict(zip(self.sums, means, strict=True))
         self.sums, self.steps = {}, 0
         return terms
 
