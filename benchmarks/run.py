@@ -119,7 +119,7 @@ def peak_memory_mb(device):
 
 
 def inference_rows(args, profile, device):
-    pixels = torch.randn(args.batch, 3, profile.image_size, profile.image_size, device=device)
+    pixels, _ = random_batch(profile, args.batch, device)
     rows = {}
 
     def bare(model, autocast_dtype=None):
@@ -180,25 +180,36 @@ def inference_rows(args, profile, device):
     return rows
 
 
+def random_batch(profile, size, device):
+    """Random pixels and alternating real/fake labels."""
+    pixels = torch.randn(size, 3, profile.image_size, profile.image_size, device=device)
+    return pixels, torch.arange(size, device=device) % 2
+
+
+def prompts_only_step(model, pixels, labels, device, cast):
+    """One optimiser step of the prompts (the MiraGe loss, AdamW), as a closure; the caller sets the model's mode."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+
+    def step():
+        with autocast(device, cast):
+            loss = model(pixel_values=pixels, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
 def training_rows(args, profile, device):
-    """A prompts-only training step (the MiraGe loss, AdamW), with and without activation checkpointing."""
-    pixels = torch.randn(args.train_batch, 3, profile.image_size, profile.image_size, device=device)
-    labels = torch.arange(args.train_batch, device=device) % 2
+    """A prompts-only training step, with and without activation checkpointing."""
+    pixels, labels = random_batch(profile, args.train_batch, device)
     cast = torch.bfloat16 if args.bf16 else None
     rows = {}
     for checkpointing in (False, True):
         model = build(profile, "sdpa", device, mode="mirage").train()
         if checkpointing:
             model.activation_checkpointing_enable()
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-
-        def step(model=model, optimizer=optimizer):
-            with autocast(device, cast):
-                loss = model(pixel_values=pixels, labels=labels).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
+        step = prompts_only_step(model, pixels, labels, device, cast)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         name = f"training step, prompts only, {'bf16' if cast else 'fp32'}"
@@ -206,29 +217,26 @@ def training_rows(args, profile, device):
         rows[name] = throughput(step, args.train_batch, device, args.seconds, warmup=1)
         memory = "peak GPU memory (MiB)" if device.type == "cuda" else "peak RSS of the process so far (MiB)"
         rows[f"{name}: {memory}"] = peak_memory_mb(device)
-        del model, optimizer, step
+        del model, step
     return rows
 
 
 def sync_checks(profile, device):
     """Whether the eval forward and a training step run without a host-device sync (CUDA's sync debug mode)."""
-    pixels = torch.randn(8, 3, profile.image_size, profile.image_size, device=device)
-    labels = torch.arange(8, device=device) % 2
+    pixels, labels = random_batch(profile, 8, device)
     model = build(profile, "sdpa", device, mode="mirage")
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
 
     def eval_forward():
         with torch.inference_mode(), autocast(device, torch.bfloat16):
-            model.eval().detect(pixels)
-
-    def training_step():
-        with autocast(device, torch.bfloat16):
-            model.train()(pixel_values=pixels, labels=labels).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+            model.detect(pixels)
 
     checks = {}
-    for name, fn in {"eval forward, anchors cached": eval_forward, "training step": training_step}.items():
+    training_step = prompts_only_step(model, pixels, labels, device, torch.bfloat16)
+    for name, training, fn in (
+        ("eval forward, anchors cached", False, eval_forward),
+        ("training step", True, training_step),
+    ):
+        model.train(training)
         fn()  # warm-up: the anchor cache, lazy optimizer state
         sync(device)
         torch.cuda.set_sync_debug_mode("error")
