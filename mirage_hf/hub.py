@@ -298,15 +298,37 @@ def planned_calls(staged_dir, repo_id: str, space_repo_id=None, private: bool = 
     staged_dir = Path(staged_dir)
     calls = [
         ("create_repo", {"repo_id": repo_id, "repo_type": "model", "private": private, "exist_ok": True}),
-        ("upload_folder", {"repo_id": repo_id, "repo_type": "model", "folder_path": str(staged_dir / "model"),
-                           "commit_message": "Upload MiraGe detector"}),
+        (
+            "upload_folder",
+            {
+                "repo_id": repo_id,
+                "repo_type": "model",
+                "folder_path": str(staged_dir / "model"),
+                "commit_message": "Upload MiraGe detector",
+            },
+        ),
     ]
     if space_repo_id:
         calls += [
-            ("create_repo", {"repo_id": space_repo_id, "repo_type": "space", "space_sdk": "gradio",
-                             "private": private, "exist_ok": True}),
-            ("upload_folder", {"repo_id": space_repo_id, "repo_type": "space",
-                               "folder_path": str(staged_dir / "space"), "commit_message": f"Space for {repo_id}"}),
+            (
+                "create_repo",
+                {
+                    "repo_id": space_repo_id,
+                    "repo_type": "space",
+                    "space_sdk": "gradio",
+                    "private": private,
+                    "exist_ok": True,
+                },
+            ),
+            (
+                "upload_folder",
+                {
+                    "repo_id": space_repo_id,
+                    "repo_type": "space",
+                    "folder_path": str(staged_dir / "space"),
+                    "commit_message": f"Space for {repo_id}",
+                },
+            ),
         ]
     return calls
 

@@ -24,7 +24,7 @@ class Verdict:
 
 
 def verdict_label(p_fake: float, threshold: float, unsure_margin: float = 0.0) -> str:
-    """"unsure" within `unsure_margin` of the threshold (scores there flip under resizing or compression)."""
+    """ "unsure" within `unsure_margin` of the threshold (scores there flip under resizing or compression)."""
     if abs(p_fake - threshold) < unsure_margin:
         return "unsure"
     return "fake" if p_fake >= threshold else "real"

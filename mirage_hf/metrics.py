@@ -14,8 +14,8 @@ Results are plain dicts of Python floats / ints; :func:`to_jsonable` turns ``nan
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -174,9 +174,7 @@ def per_subset_metrics(labels, p_fake, subsets: Sequence[str], threshold: float 
     clash = set(names) & set(RESERVED_SUBSETS)
     if clash:
         raise ValueError(f"subset names {sorted(clash)} are reserved for the aggregate rows")
-    results = {
-        name: detection_metrics(labels[subsets == name], p_fake[subsets == name], threshold) for name in names
-    }
+    results = {name: detection_metrics(labels[subsets == name], p_fake[subsets == name], threshold) for name in names}
     results["mean"] = mean_over_subsets(results)
     results["all"] = detection_metrics(labels, p_fake, threshold)
     return results

@@ -119,7 +119,9 @@ class TrainConfig:
     calibration_holdout: float = option(
         0.1, "Fraction of the training data held out (never trained on) for calibration."
     )
-    compile: bool = option(False, "Evaluate with the image encoder under torch.compile (opt-in; pays off on large sets).")
+    compile: bool = option(
+        False, "Evaluate with the image encoder under torch.compile (opt-in; pays off on large sets)."
+    )
 
     def __post_init__(self):
         for option in dataclasses.fields(self):  # YAML reads "1e-3" as a string

@@ -97,8 +97,7 @@ class DetectorApp:
         detector = self.detector()
         name = getattr(detector.model.config, "_name_or_path", "") or "model"
         text = (
-            f"Model `{name}`: calibrated threshold {detector.threshold:.3f}, "
-            f"unsure band {detector.unsure_margin:.2f}."
+            f"Model `{name}`: calibrated threshold {detector.threshold:.3f}, unsure band {detector.unsure_margin:.2f}."
         )
         return gr.Slider(value=round(detector.threshold, 2)), text
 

@@ -37,7 +37,10 @@ def folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("images")
     (root / "nested" / "deeper").mkdir(parents=True)
     rng = np.random.default_rng(0)
-    noise = lambda h, w: Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+
+    def noise(h, w):
+        return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+
     noise(40, 36).save(root / "ok_rgb.png")
     noise(33, 45).save(root / "nested" / "deeper" / "ok_rgb.png")
     noise(50, 30).save(root / "ok_photo.jpg", "JPEG")

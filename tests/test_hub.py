@@ -26,15 +26,27 @@ SUBSETS = {"ADM": 0.81, "BigGAN": 0.62, "mean": 0.715, "all": 0.7}
 
 def metrics(accuracy):
     return {
-        "accuracy": accuracy, "real_accuracy": 0.9, "fake_accuracy": accuracy - 0.1,
-        "average_precision": accuracy + 0.05, "roc_auc": accuracy + 0.04, "tpr_at_5_fpr": None, "ece": 0.1,
-        "n": 200, "n_real": 100, "n_fake": 100,
+        "accuracy": accuracy,
+        "real_accuracy": 0.9,
+        "fake_accuracy": accuracy - 0.1,
+        "average_precision": accuracy + 0.05,
+        "roc_auc": accuracy + 0.04,
+        "tpr_at_5_fpr": None,
+        "ece": 0.1,
+        "n": 200,
+        "n_real": 100,
+        "n_fake": 100,
     }
 
 
 EVAL_RESULTS = {
-    "model": "outputs/run/model", "eval_dataset": "genimage:/data/GenImage", "eval_split": "val",
-    "preprocess": "center_crop", "threshold": 0.3, "temperature": 0.5, "bad_images": 1,
+    "model": "outputs/run/model",
+    "eval_dataset": "genimage:/data/GenImage",
+    "eval_split": "val",
+    "preprocess": "center_crop",
+    "threshold": 0.3,
+    "temperature": 0.5,
+    "bad_images": 1,
     "clean": {name: metrics(acc) for name, acc in SUBSETS.items()},
     "jpeg75": {name: metrics(acc - 0.1) for name, acc in SUBSETS.items()},
 }
@@ -114,7 +126,10 @@ def test_staged_model_loads_as_remote_code_without_mirage_hf(staged, model_dir, 
     assert result.returncode == 0, result.stderr[-3000:]
     remote = json.loads(result.stdout.strip().splitlines()[-1])
     local = pipeline("image-classification", model=str(model_dir))(paths)
-    scores = lambda rows: [{r["label"]: r["score"] for r in image} for image in rows]
+
+    def scores(rows):
+        return [{r["label"]: r["score"] for r in image} for image in rows]
+
     for got, want in zip(scores(remote), scores(local), strict=True):
         assert got == pytest.approx(want, abs=1e-5)
 
@@ -133,8 +148,13 @@ def test_staged_space_runs_on_its_own_copy_of_mirage_hf(staged, tmp_path):
         print(verdict)
         """
     )
-    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path), "GRADIO_ANALYTICS_ENABLED": "False",
-           "MIRAGE_MODEL": str(staged / "model"), "PATH": "/usr/bin:/bin"}
+    env = {
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(tmp_path),
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "MIRAGE_MODEL": str(staged / "model"),
+        "PATH": "/usr/bin:/bin",
+    }
     result = subprocess.run(
         [sys.executable, "-c", script], check=False, cwd=tmp_path, env=env, capture_output=True, text=True
     )
@@ -156,8 +176,10 @@ def hub_calls(monkeypatch):
 def test_upload_creates_and_fills_the_model_repo_and_the_space(staged, hub_calls):
     upload(staged, REPO, SPACE, private=True)
     assert [(name, kw["repo_id"], kw["repo_type"]) for name, kw in hub_calls] == [
-        ("create_repo", REPO, "model"), ("upload_folder", REPO, "model"),
-        ("create_repo", SPACE, "space"), ("upload_folder", SPACE, "space"),
+        ("create_repo", REPO, "model"),
+        ("upload_folder", REPO, "model"),
+        ("create_repo", SPACE, "space"),
+        ("upload_folder", SPACE, "space"),
     ]
     assert hub_calls[2][1]["space_sdk"] == "gradio" and all(kw["private"] for _, kw in hub_calls[::2])
     assert hub_calls[1][1]["folder_path"] == str(staged / "model")

@@ -54,8 +54,12 @@ def test_detect_gives_probabilities_and_a_verdict(detector, images):
     probabilities, verdict, overlay = app.detect(Image.open(images["good"]))
     p = float(detector.p_fake([Image.open(images["good"]).convert("RGB")])[0])
     assert probabilities == pytest.approx({"real": 1 - p, "fake": p})
-    assert verdict.startswith({"fake": "Likely AI-generated", "real": "Likely real", "unsure": "Unsure"}[
-        space.label_at(p, 0.3, 0.05)]) and f"{p:.3f}" in verdict
+    assert (
+        verdict.startswith(
+            {"fake": "Likely AI-generated", "real": "Likely real", "unsure": "Unsure"}[space.label_at(p, 0.3, 0.05)]
+        )
+        and f"{p:.3f}" in verdict
+    )
     assert overlay is None  # the explanation map costs 32 passes: only on request
     assert app.detect(images["good"], threshold=0.0)[1].startswith("Likely AI-generated")
     assert app.detect(images["good"], threshold=1.0)[1].startswith("Likely real")
@@ -152,8 +156,13 @@ def test_page_in_headless_chromium(server, images, tmp_path):
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(
             executable_path=CHROMIUM,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync"],
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
         )
         try:
             page = browser.new_page(viewport={"width": 1200, "height": 800})
