@@ -17,6 +17,10 @@ DEEP_PROMPT_MODES = ("maple", "mirage")
 """Modes with deep multimodal prompts (text prompts coupled into the vision tower)."""
 
 ID2LABEL = {0: "real", 1: "fake"}
+LABEL2ID = {name: index for index, name in ID2LABEL.items()}
+
+PREPROCESS_MODES = ("resize", "center_crop")
+"""How an image reaches the model's input size: CLIP's resize + centre crop, or a centre crop without resizing."""
 
 
 @strict
@@ -64,6 +68,13 @@ class MiraGeConfig(PreTrainedConfig):
             Calibrated p(fake) from which an image is called fake. The output logits are shifted so that
             `softmax(logits)[..., 1] >= 0.5` exactly when this threshold is reached, so `pipeline()` and every
             other consumer of the logits uses the calibrated decision.
+        preprocess (`str`, *optional*, defaults to `"resize"`):
+            How images were brought to the input size when the model was evaluated and calibrated: `resize`
+            (the image processor's resize and centre crop) or `center_crop` (a crop without resizing, which keeps
+            pixel-level traces). Training records it; evaluation, `mirage-detect` and the Space use it by default.
+
+    The label set is fixed (`id2label = {0: "real", 1: "fake"}`): constructing, loading or assigning another one
+    (`num_labels=5`, `config.num_labels = 3`, a new `id2label`) raises `ValueError`.
     """
 
     model_type = "mirage"
@@ -87,13 +98,14 @@ class MiraGeConfig(PreTrainedConfig):
     memory_bank_size: int = 1024
     calibration_temperature: float | int = 1.0
     decision_threshold: float | int = 0.5
+    preprocess: str = "resize"
 
     def __post_init__(self, **kwargs):
-        # The label set is part of the method, not a choice: drop whatever a caller or an old file says.
-        for key in ("id2label", "label2id", "num_labels"):
-            kwargs.pop(key, None)
+        num_labels = kwargs.pop("num_labels", None)  # no field: it arrives as a keyword (also from `from_pretrained`)
+        if num_labels is not None:
+            _check_label_set("num_labels", num_labels)
         self.id2label = dict(ID2LABEL)
-        self.label2id = {name: index for index, name in ID2LABEL.items()}
+        self.label2id = dict(LABEL2ID)
         if self.class_names is None:
             self.class_names = ["real", "fake"]
         # Built here rather than through `sub_configs_defaults`, which transformers 5.17 lacks.
@@ -104,6 +116,13 @@ class MiraGeConfig(PreTrainedConfig):
         if self.prompt_token_ids is None:
             self.prompt_token_ids = self._placeholder_prompt_token_ids()
         self._check_prompt_token_ids()
+
+    def __setattr__(self, key, value):
+        # The label set is part of the method: any assignment that would change it fails (a first `None`, the
+        # dataclass default before `__post_init__` fills the labels, passes).
+        if key in ("id2label", "label2id", "num_labels") and not (value is None and key not in self.__dict__):
+            value = _check_label_set(key, value)
+        super().__setattr__(key, value)
 
     @property
     def text_prompt_depth(self) -> int:
@@ -157,6 +176,8 @@ class MiraGeConfig(PreTrainedConfig):
             fail("calibration_temperature", f"must be > 0, got {self.calibration_temperature}")
         if not 0.0 < self.decision_threshold < 1.0:
             fail("decision_threshold", f"must lie strictly between 0 and 1, got {self.decision_threshold}")
+        if self.preprocess not in PREPROCESS_MODES:
+            fail("preprocess", f"must be one of {', '.join(PREPROCESS_MODES)}, got {self.preprocess!r}")
 
     def _placeholder_prompt_token_ids(self) -> list[list[int]]:
         """Distinct in-vocabulary ids shaped like real prompts, for models built without a tokenizer."""
@@ -179,6 +200,26 @@ class MiraGeConfig(PreTrainedConfig):
                     f"MiraGeConfig.prompt_token_ids: a prompt of {len(prompt)} tokens cannot hold <bos>, "
                     f"{self.num_learned_ctx} context tokens and <eos> within {max_len} positions"
                 )
+
+
+def _check_label_set(key: str, value):
+    """`value` for `key` in the fixed form (int ids) if it describes (real, fake); ValueError otherwise."""
+    fixed = {"id2label": ID2LABEL, "label2id": LABEL2ID, "num_labels": len(ID2LABEL)}[key]
+    try:
+        if key == "id2label":
+            normalised = {int(index): name for index, name in value.items()}
+        elif key == "label2id":
+            normalised = {name: int(index) for name, index in value.items()}
+        else:
+            normalised = int(value)
+    except (AttributeError, TypeError, ValueError):
+        normalised = None
+    if normalised != fixed:
+        raise ValueError(
+            f"MiraGeConfig.{key}: the label set of a MiraGe detector is fixed ({key} = {fixed}); got {value!r}. "
+            "It always outputs two logits, real (0) and fake (1)."
+        )
+    return normalised
 
 
 __all__ = ["MiraGeConfig"]

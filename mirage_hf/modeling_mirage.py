@@ -26,6 +26,7 @@ from transformers import (
     PreTrainedModel,
 )
 from transformers import initialization as init
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 
 from .configuration_mirage import MiraGeConfig
@@ -43,20 +44,30 @@ class MiraGeOutput(ModelOutput):
         Calibrated logits for (real, fake): `softmax(logits)[:, 1] >= 0.5` is the model's fake decision.
     image_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`):
         L2-normalised image features.
-    text_embeds (`torch.FloatTensor` of shape `(2, projection_dim)`, *optional*):
-        L2-normalised class anchors (real, fake); `None` in `linear_probe` mode, which has no anchors.
     loss_ce, loss_align, loss_sep, loss_supcon (`torch.FloatTensor` of shape `()`, *optional*):
         The unweighted loss terms that are switched on, for logging.
+    hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned with `output_hidden_states=True`):
+        The vision tower's: the input of its first layer, then the output of each layer, each of shape
+        `(batch_size, 1 + num_patches + n_ctx, hidden_size)`. The last `n_ctx` positions are the vision prompt
+        tokens (in `maple`/`mirage` mode), which the next layer replaces within the first `prompt_depth` layers.
+    attentions (`tuple(torch.FloatTensor)`, *optional*, returned with `output_attentions=True`):
+        The vision tower's attention weights per layer, `(batch_size, num_heads, seq_len, seq_len)` over the same
+        tokens, prompt tokens included. Only eager attention computes them (load with
+        `attn_implementation="eager"`); with SDPA the tuple is empty, as in transformers' CLIP.
+
+    Every field is per image, so `pipeline(..., batch_size=N)` can split the output; the class anchors are
+    `model.text_anchors()`.
     """
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
     image_embeds: torch.FloatTensor | None = None
-    text_embeds: torch.FloatTensor | None = None
     loss_ce: torch.FloatTensor | None = None
     loss_align: torch.FloatTensor | None = None
     loss_sep: torch.FloatTensor | None = None
     loss_supcon: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 def _replace_tokens(hidden: torch.Tensor, prompts: torch.Tensor, start: int) -> torch.Tensor:
@@ -250,11 +261,6 @@ class MiraGePreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_attention_backend = True
     _keys_to_ignore_on_load_missing = [r"loss_fn\.memory_bank\."]
-    _keys_to_ignore_on_save = [
-        "loss_fn.memory_bank.features",
-        "loss_fn.memory_bank.labels",
-        "loss_fn.memory_bank.position",
-    ]
     if not hasattr(PreTrainedModel, "activation_checkpointing_enable"):  # older name, in transformers 5.17
         activation_checkpointing_enable = PreTrainedModel.gradient_checkpointing_enable
 
@@ -276,6 +282,13 @@ class MiraGePreTrainedModel(PreTrainedModel):
         elif module is getattr(self, "classifier", None):
             init.normal_(module.weight, std=0.02)
             init.zeros_(module.bias)
+
+    @torch.no_grad()
+    def initialize_weights(self):
+        """Also initialises CLIP's logit scale, which CLIP's own `_init_weights` leaves to its `__init__` (so a
+        checkpoint without it, or a model built on the meta device, would keep uninitialised memory)."""
+        super().initialize_weights()
+        init.constant_(self.clip.logit_scale, self.config.clip_config.logit_scale_init_value)
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
@@ -328,19 +341,47 @@ class MiraGeModel(MiraGePreTrainedModel):
         pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), self.prompt_learner.eos_positions]
         return self.clip.text_projection(pooled)
 
-    def encode_image(self, pixel_values: torch.Tensor, vision_prompts: list[torch.Tensor]) -> torch.Tensor:
-        """Projected (not normalised) image features with the vision prompts appended after the patches."""
+    def encode_image(
+        self,
+        pixel_values: torch.Tensor,
+        vision_prompts: list[torch.Tensor],
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> BaseModelOutputWithPooling:
+        """The vision tower with the vision prompts appended after the patches.
+
+        As in CLIP's `get_image_features`, `pooler_output` holds the projected (not normalised) image features;
+        the hidden states and attentions (see `MiraGeOutput`) include the prompt tokens.
+        """
         vision_model = self.clip.vision_model
         hidden = vision_model.embeddings(pixel_values.to(self.clip.visual_projection.weight.dtype))
         if vision_prompts:
             hidden = torch.cat([hidden, vision_prompts[0].to(hidden.dtype).expand(hidden.shape[0], -1, -1)], 1)
         hidden = vision_model.pre_layrnorm(hidden)
-        for index, layer in enumerate(vision_model.encoder.layers):
-            if 1 <= index < len(vision_prompts):
-                hidden = _replace_tokens(hidden, vision_prompts[index], start=-vision_prompts[index].shape[0])
-            hidden = layer(hidden, None)
-        pooled = vision_model.post_layernorm(hidden[:, 0])
-        return self.clip.visual_projection(pooled)
+        hidden_states, attentions = [hidden], []
+
+        def record_attention(module, args, output):  # CLIPAttention returns (output, weights or None)
+            if output[1] is not None:
+                attentions.append(output[1])
+
+        layer_kwargs = {"output_attentions": True} if output_attentions else {}  # SDPA then warns, as in CLIP
+        layers = vision_model.encoder.layers
+        hooks = [layer.self_attn.register_forward_hook(record_attention) for layer in layers if output_attentions]
+        try:
+            for index, layer in enumerate(layers):
+                if 1 <= index < len(vision_prompts):
+                    hidden = _replace_tokens(hidden, vision_prompts[index], start=-vision_prompts[index].shape[0])
+                hidden = layer(hidden, None, **layer_kwargs)
+                hidden_states.append(hidden)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return BaseModelOutputWithPooling(
+            last_hidden_state=hidden,
+            pooler_output=self.clip.visual_projection(vision_model.post_layernorm(hidden[:, 0])),
+            hidden_states=tuple(hidden_states) if output_hidden_states else None,
+            attentions=tuple(attentions) if output_attentions else None,
+        )
 
     def _causal_mask(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """Eager attention needs an explicit mask; SDPA and flash attention use `is_causal` instead."""
@@ -366,6 +407,10 @@ class MiraGeModel(MiraGePreTrainedModel):
             with torch.inference_mode(False), torch.no_grad(), torch.autocast(self.device.type, enabled=False):
                 self._anchor_cache = (key, self._compute_prompts_and_anchors())
         return self._anchor_cache[1]
+
+    def text_anchors(self) -> torch.Tensor | None:
+        """The L2-normalised class anchors (real, fake), `(2, projection_dim)`; None in `linear_probe` mode."""
+        return self.prompts_and_anchors()[0]
 
     def _compute_prompts_and_anchors(self):
         text_prompts, vision_prompts = self.prompt_learner()
@@ -397,22 +442,55 @@ class MiraGeModel(MiraGePreTrainedModel):
 
     def detect(self, pixel_values: torch.Tensor):
         """Uncalibrated logits, normalised image embeddings and anchors (None in linear_probe mode)."""
+        return self._detect(pixel_values)[:3]
+
+    def _detect(self, pixel_values, output_hidden_states: bool = False, output_attentions: bool = False):
+        """`detect`, plus the vision tower's output (hidden states and attentions on request)."""
         self._check_pixel_values(pixel_values)
         text_embeds, vision_prompts = self.prompts_and_anchors()
-        image_features = self.encode_image(pixel_values, vision_prompts)
-        image_embeds = F.normalize(image_features, dim=-1)
+        vision = self.encode_image(pixel_values, vision_prompts, output_hidden_states, output_attentions)
+        image_embeds = F.normalize(vision.pooler_output, dim=-1)
         if self.classifier is not None:
-            logits = self.classifier(image_features)
+            logits = self.classifier(vision.pooler_output)
         else:
             logits = self.clip.logit_scale.exp() * image_embeds @ text_embeds.to(image_embeds.dtype).T
-        return logits, image_embeds, text_embeds
+        return logits, image_embeds, text_embeds, vision
 
     def calibrated(self, logits: torch.Tensor) -> torch.Tensor:
         return calibrate_logits(logits, self.config.calibration_temperature, self.config.decision_threshold)
 
-    def forward(self, pixel_values: torch.Tensor | None = None, **kwargs) -> MiraGeOutput:
-        logits, image_embeds, text_embeds = self.detect(pixel_values)
-        return MiraGeOutput(logits=self.calibrated(logits), image_embeds=image_embeds, text_embeds=text_embeds)
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> MiraGeOutput | tuple:
+        return self._output(pixel_values, None, output_hidden_states, output_attentions, return_dict)
+
+    def _output(self, pixel_values, labels, output_hidden_states, output_attentions, return_dict):
+        """The forward pass behind both heads, following transformers' conventions.
+
+        Unset flags come from the config; `return_dict=False` (or `config.return_dict=False`, or
+        `config.torchscript=True`) gives `to_tuple()`: the fields that are set, in order.
+        """
+        config = self.config
+        output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        output_attentions = config.output_attentions if output_attentions is None else output_attentions
+        if return_dict is None:
+            return_dict = config.return_dict and not getattr(config, "torchscript", False)
+        logits, image_embeds, text_embeds, vision = self._detect(pixel_values, output_hidden_states, output_attentions)
+        terms = {} if labels is None else self.loss_fn(logits, image_embeds, text_embeds, labels.to(logits.device))
+        output = MiraGeOutput(
+            loss=terms.get("loss"),
+            logits=self.calibrated(logits),
+            image_embeds=image_embeds,
+            **{f"loss_{name}": value for name, value in terms.items() if name != "loss"},
+            hidden_states=vision.hidden_states,
+            attentions=vision.attentions,
+        )
+        return output if return_dict else output.to_tuple()
 
     # ------------------------------------------------------------------------------- building / adapters
 
@@ -430,6 +508,7 @@ class MiraGeModel(MiraGePreTrainedModel):
         config = build_config(**config_overrides)
         if "prompt_token_ids" not in config_overrides:
             tokenizer = tokenizer or cls._load_tokenizer(name_or_path)
+            _check_tokenizer_fits(tokenizer, config.clip_config.text_config, name_or_path)
             config = build_config(prompt_token_ids=_tokenize_class_prompts(tokenizer, config), **config_overrides)
         model, info = cls.from_pretrained(name_or_path, config=config, dtype=dtype, output_loading_info=True)
         not_clip = ("prompt_learner.", "classifier.", "loss_fn.")
@@ -513,6 +592,32 @@ class MiraGeModel(MiraGePreTrainedModel):
         return model
 
 
+def _check_tokenizer_fits(tokenizer, text_config, name_or_path):
+    """ValueError unless `tokenizer` speaks the checkpoint's vocabulary (size and special token ids).
+
+    Configs written by older transformers (openai/clip-*) hold the placeholder ids bos=0, eos=2; CLIP then finds
+    the end token as the largest id, so there the end token must be the vocabulary's last entry.
+    """
+    vocab_size, problems = text_config.vocab_size, []
+    if len(tokenizer) > vocab_size:
+        problems.append(f"it has {len(tokenizer)} tokens, the text tower embeds {vocab_size}")
+    if text_config.eos_token_id == 2:
+        if len(tokenizer) != vocab_size or tokenizer.eos_token_id != vocab_size - 1:
+            problems.append(
+                f"its {len(tokenizer)} tokens and end token {tokenizer.eos_token_id} do not match the checkpoint's "
+                f"{vocab_size} tokens ending with the end token {vocab_size - 1}"
+            )
+    else:
+        for name in ("bos_token_id", "eos_token_id"):
+            if getattr(tokenizer, name) != getattr(text_config, name):
+                problems.append(f"its {name} is {getattr(tokenizer, name)}, the checkpoint's {getattr(text_config, name)}")
+    if problems:
+        raise ValueError(
+            f"The tokenizer does not fit the CLIP checkpoint {str(name_or_path)!r}: {'; '.join(problems)}. "
+            "Pass the tokenizer saved with that checkpoint (or none, to load it from there)."
+        )
+
+
 def _tokenize_class_prompts(tokenizer, config: MiraGeConfig) -> list[list[int]]:
     """`<bos> ctx_init class_name . <eos>` per class; the first n_ctx context words become learnable."""
     n_ctx = config.num_learned_ctx
@@ -555,22 +660,20 @@ class MiraGeForImageClassification(MiraGeModel):
     def __init__(self, config: MiraGeConfig):
         super().__init__(config)
         self.loss_fn = MiraGeLoss(config)
+        if self.loss_fn.memory_bank is not None:  # training state, left out of exported models
+            self._keys_to_ignore_on_save = [f"loss_fn.{name}" for name, _ in self.loss_fn.named_buffers()]
         self.post_init()
 
     def forward(
-        self, pixel_values: torch.Tensor | None = None, labels: torch.LongTensor | None = None, **kwargs
-    ) -> MiraGeOutput:
-        logits, image_embeds, text_embeds = self.detect(pixel_values)
-        terms = {}
-        if labels is not None:
-            terms = self.loss_fn(logits, image_embeds, text_embeds, labels.to(logits.device))
-        return MiraGeOutput(
-            loss=terms.get("loss"),
-            logits=self.calibrated(logits),
-            image_embeds=image_embeds,
-            text_embeds=text_embeds,
-            **{f"loss_{name}": value for name, value in terms.items() if name != "loss"},
-        )
+        self,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> MiraGeOutput | tuple:
+        return self._output(pixel_values, labels, output_hidden_states, output_attentions, return_dict)
 
 
 __all__ = [

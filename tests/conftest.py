@@ -1,6 +1,8 @@
 """Tiny CLIP checkpoints built in the tests: no Hub access, a few milliseconds per forward."""
 
+import gzip
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -11,6 +13,7 @@ import mirage_hf
 from mirage_hf.tiny import save_tiny_clip, tiny_clip_config  # noqa: F401  (re-exported for the tests)
 
 IMAGE_SIZE = 30
+DATA_DIR = Path(__file__).resolve().parent / "data"
 
 # A few-second train.py run: tiny CLIP, tiny generated data, LoRA so that something learns.
 TINY_TRAIN_ARGS = [
@@ -48,6 +51,41 @@ def load_space_app():
 def clip_dir(tmp_path_factory):
     """A saved random CLIP with its tokenizer and image processor: what `from_clip` reads from the Hub."""
     return save_tiny_clip(tmp_path_factory.mktemp("tiny-clip"), image_size=IMAGE_SIZE)
+
+
+def openai_clip_tokenizer():
+    """OpenAI's CLIP tokenizer, built from its BPE merges (tests/data) as HF's vocab.json / merges.txt are:
+    the 256 byte characters, the same with `</w>`, one token per merge, then the two special tokens."""
+    from transformers import CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    with gzip.open(DATA_DIR / "bpe_simple_vocab_16e6.txt.gz", "rt", encoding="utf-8") as handle:
+        lines = handle.read().split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]  # as OpenAI's tokenizer reads it
+    byte_chars = list(bytes_to_unicode().values())
+    tokens = [*byte_chars, *(c + "</w>" for c in byte_chars), *("".join(m) for m in merges)]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    return CLIPTokenizer(vocab={token: index for index, token in enumerate(tokens)}, merges=merges)
+
+
+@pytest.fixture(scope="session")
+def openai_vocab_clip_dir(tmp_path_factory):
+    """A tiny random CLIP laid out like `openai/clip-vit-large-patch14`: OpenAI's 49,408-token vocabulary and the
+    placeholder special ids (bos 0, eos 2) its config.json holds."""
+    from transformers import CLIPModel
+
+    from mirage_hf.tiny import tiny_image_processor
+
+    path = tmp_path_factory.mktemp("openai-vocab-clip")
+    tokenizer = openai_clip_tokenizer()
+    config = tiny_clip_config(image_size=IMAGE_SIZE)
+    config.text_config.vocab_size = len(tokenizer)
+    config.text_config.bos_token_id, config.text_config.eos_token_id, config.text_config.pad_token_id = 0, 2, 1
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    tiny_image_processor(IMAGE_SIZE).save_pretrained(path)
+    return str(path)
 
 
 @pytest.fixture
