@@ -95,8 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--preprocess",
         choices=PREPROCESS_MODES,
-        default="resize",
-        help="resize: CLIP's resize and centre crop; center_crop: crop without resizing (keeps pixel traces)",
+        help="resize: CLIP's resize and centre crop; center_crop: crop without resizing (keeps pixel traces); "
+        "default: the one the model was calibrated with (its config's `preprocess`)",
     )
     parser.add_argument(
         "--unsure_margin",

@@ -38,9 +38,10 @@ def compile_image_path(model):
 
 class Detector:
     def __init__(
-        self, model, image_processor, preprocess: str = "resize", unsure_margin: float = 0.0, compile: bool = False
+        self, model, image_processor, preprocess: str | None = None, unsure_margin: float = 0.0, compile: bool = False
     ):
-        self.preprocess = Preprocessor(image_processor, preprocess)
+        """`preprocess` None uses the mode the model was calibrated with (`model.config.preprocess`)."""
+        self.preprocess = Preprocessor(image_processor, preprocess or model.config.preprocess)
         expected = model.config.clip_config.vision_config.image_size
         if self.preprocess.image_size != expected:  # fail at load, not on the first image
             raise ValueError(

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import yaml
 
+from .configuration_mirage import PREPROCESS_MODES
+
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
@@ -75,8 +77,10 @@ class TrainConfig:
     resize_prob: float = 0.1
     blur_prob: float = 0.1
     jpeg_prob: float = 0.1
-    eval_preprocess: str = option(
-        "resize", '"resize" (the CLIP processor\'s resize + centre crop) or "center_crop" (no resize: keeps artefacts).'
+    eval_preprocess: str | None = option(
+        None,
+        '"resize" (the CLIP processor\'s resize + centre crop) or "center_crop" (no resize: keeps artefacts). '
+        "Training stores it in the model's config (default resize); --eval_only defaults to the model's.",
     )
 
     # --- optimisation ------------------------------------------------------------------------------
@@ -129,7 +133,7 @@ class TrainConfig:
                 setattr(self, option.name, float(getattr(self, option.name)))
         choices = {
             "mixed_precision": ("no", "bf16", "fp16"),
-            "eval_preprocess": ("resize", "center_crop"),
+            "eval_preprocess": (None, *PREPROCESS_MODES),
             "calibrate": (None, "balanced_accuracy", "target_fpr"),
         }
         for name, allowed in choices.items():
@@ -166,7 +170,11 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         description="Train or evaluate a MiraGe detector with Accelerate.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--config", default="demo", help="preset name in configs/ or a YAML/JSON file")
+    parser.add_argument(
+        "--config",
+        help="preset name in configs/ or a YAML/JSON file (default: demo; none with --eval_only, which then "
+        "scores with the preprocessing stored in the model)",
+    )
     for option in dataclasses.fields(TrainConfig):
         flag = {"nargs": "?", "const": True} if option.type is bool else {}
         parser.add_argument(
@@ -177,6 +185,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
             **flag,
         )
     args = vars(parser.parse_args(argv))
-    values = load_preset(args.pop("config"))
+    preset = args.pop("config") or (None if args.get("eval_only") else "demo")
+    values = load_preset(preset) if preset else {}
     values.update(args)
     return TrainConfig(**values)

@@ -19,7 +19,13 @@ from transformers import get_cosine_schedule_with_warmup
 from transformers.models.auto.image_processing_auto import AutoImageProcessor  # top-level: torchvision-only in 5.17
 
 from .calibration import calibrate
-from .checkpoints import load_checkpoint, resolve_resume, save_checkpoint
+from .checkpoints import (
+    frozen_base_fingerprint,
+    keep_frozen_base_out_of_checkpoints,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+)
 from .data import check_binary_labels, load_data
 from .evaluation import evaluate, predict
 from .export import export_model, mirage_core
@@ -48,10 +54,22 @@ MODEL_OPTIONS = (
 # ------------------------------------------------------------------------------------------- building
 
 
+class ClipUnavailable(OSError):
+    """The configured CLIP is neither a local folder nor reachable on the Hub (or in its cache)."""
+
+
 def resolve_clip(cfg: TrainConfig) -> str:
     """The CLIP checkpoint to build on; "tiny-random" is written once into the output folder."""
     if cfg.clip_model != "tiny-random":
-        MiraGeForImageClassification.clip_config_dict(cfg.clip_model)  # not CLIP: fail before any data work
+        try:
+            MiraGeForImageClassification.clip_config_dict(cfg.clip_model)  # not CLIP: fail before any data work
+        except OSError as error:
+            name = Path(cfg.clip_model).name
+            raise ClipUnavailable(
+                f"clip_model {cfg.clip_model!r} is not a local folder and could not be fetched from the Hub "
+                f"(offline or unreachable, and not in the cache). Download it once where the Hub is reachable "
+                f"(`hf download {cfg.clip_model}`), or point at a local copy: --clip_model /path/to/{name}"
+            ) from error
         return cfg.clip_model
     path = Path(cfg.output_dir) / "tiny-clip"
     if not (path / "config.json").exists():
@@ -60,7 +78,10 @@ def resolve_clip(cfg: TrainConfig) -> str:
 
 
 def build_model(cfg: TrainConfig, clip_path: str):
-    model = MiraGeForImageClassification.from_clip(clip_path, **{k: getattr(cfg, k) for k in MODEL_OPTIONS})
+    options = {k: getattr(cfg, k) for k in MODEL_OPTIONS}
+    if cfg.eval_preprocess:  # recorded in the model: it is scored (and calibrated) with it from now on
+        options["preprocess"] = cfg.eval_preprocess
+    model = MiraGeForImageClassification.from_clip(clip_path, **options)
     if cfg.lora_r:
         model = add_lora(
             model, r=cfg.lora_r, alpha=cfg.lora_alpha, towers=tuple(cfg.lora_towers),
@@ -209,18 +230,17 @@ def train(cfg: TrainConfig) -> dict:
         split = train_set.train_test_split(test_size=cfg.calibration_holdout, seed=cfg.seed, stratify_by_column="label")
         train_set, calibration_set = split["train"], split["test"]
 
+    model = build_model(cfg, clip_path)
     image_processor = AutoImageProcessor.from_pretrained(clip_path)
     image_size = image_processor.crop_size["height"]
     augmentation = TrainAugmentation(
         image_size, flip_prob=cfg.flip_prob, resize_prob=cfg.resize_prob, blur_prob=cfg.blur_prob,
         jpeg_prob=cfg.jpeg_prob, seed=cfg.seed,
     )  # fmt: skip
-    train_collate = SeededCollator(
-        augmentation, Preprocessor(image_processor, cfg.eval_preprocess, augmentation), cfg.seed
-    )
-    eval_preprocess = Preprocessor(image_processor, cfg.eval_preprocess)
+    preprocess_mode = mirage_core(model).config.preprocess
+    train_collate = SeededCollator(augmentation, Preprocessor(image_processor, preprocess_mode, augmentation), cfg.seed)
+    eval_preprocess = Preprocessor(image_processor, preprocess_mode)
 
-    model = build_model(cfg, clip_path)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:  # zero_shot: CLIP with hand-written prompts, nothing to fit
@@ -244,6 +264,7 @@ def train(cfg: TrainConfig) -> dict:
     total_steps = cfg.max_steps or steps_per_epoch * cfg.num_epochs
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    keep_frozen_base_out_of_checkpoints(accelerator, frozen_base_fingerprint(clip_path))
     accelerator.init_trackers(
         "mirage", config=to_jsonable({k: v for k, v in vars(cfg).items() if not isinstance(v, (dict, list))})
     )
@@ -378,7 +399,7 @@ def finish_evaluation(cfg, model, eval_set, preprocess, accelerator, image_proce
             "model": cfg.model or str(Path(cfg.output_dir) / "model"),
             "eval_dataset": cfg.eval_dataset or cfg.dataset,
             "eval_split": cfg.eval_split,
-            "preprocess": cfg.eval_preprocess,
+            "preprocess": preprocess.mode,
             "threshold": config.decision_threshold,
             "temperature": config.calibration_temperature,
             "bad_images": report.count,
@@ -388,7 +409,7 @@ def finish_evaluation(cfg, model, eval_set, preprocess, accelerator, image_proce
     if accelerator.is_main_process:
         title = (
             f"threshold {config.decision_threshold:.3f}, temperature {config.calibration_temperature:.3f}, "
-            f"preprocessing: {cfg.eval_preprocess}"
+            f"preprocessing: {preprocess.mode}"
         )
         print(format_table(results["clean"], title=title))
         if cfg.robustness:
@@ -420,13 +441,15 @@ def evaluate_only(cfg: TrainConfig) -> dict:
         cfg.eval_subsets,
         cfg.max_eval_samples,
     )
-    return finish_evaluation(
-        cfg, model, eval_set, Preprocessor(image_processor, cfg.eval_preprocess), accelerator, image_processor
-    )
+    preprocess = Preprocessor(image_processor, cfg.eval_preprocess or model.config.preprocess)
+    return finish_evaluation(cfg, model, eval_set, preprocess, accelerator, image_processor)
 
 
 def main(argv=None) -> dict:
     from .train_config import parse_args
 
     cfg = parse_args(argv)
-    return evaluate_only(cfg) if cfg.eval_only else train(cfg)
+    try:
+        return evaluate_only(cfg) if cfg.eval_only else train(cfg)
+    except ClipUnavailable as error:  # a set-up problem, not a bug: one line instead of a chained traceback
+        raise SystemExit(f"train.py: {error}") from None

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageFilter, ImageOps, UnidentifiedImageError
 
+from .configuration_mirage import PREPROCESS_MODES
+
 # PIL's own bomb limit (~9459 x 9459). Checked against the header before any pixel is decoded.
 MAX_IMAGE_PIXELS = 89_478_485
 _INT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")  # 16-bit data (PNG, TIFF) in integer modes
@@ -265,7 +267,6 @@ class TrainAugmentation:
 
 # --------------------------------------------------------------------------- model inputs
 
-PREPROCESS_MODES = ("resize", "center_crop")
 # "resize" mode: a longer side beyond this many times the shorter one is centre-cropped first (see
 # bounded_aspect); no photo is that elongated, so ordinary images reach the processor untouched.
 MAX_ASPECT_RATIO = 64

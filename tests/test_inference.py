@@ -20,6 +20,23 @@ def test_detector_agrees_with_the_pipeline_decision(detector_dir):
     assert all(0.0 <= v.p_fake <= 1.0 for v in verdicts)
 
 
+def test_detector_scores_with_the_preprocessing_stored_in_the_model(detector_dir, tmp_path):
+    import json
+    import shutil
+
+    from mirage_hf.transforms import Preprocessor
+
+    folder = shutil.copytree(detector_dir, tmp_path / "model")
+    config = json.loads((folder / "config.json").read_text())
+    assert config["preprocess"] == "resize"
+    (folder / "config.json").write_text(json.dumps({**config, "preprocess": "center_crop"}))
+    detector = Detector.from_pretrained(folder, device="cpu")
+    assert detector.preprocess.mode == "center_crop"
+    expected = Preprocessor(detector.image_processor, "center_crop")(images(2))
+    torch.testing.assert_close(detector.preprocess(images(2)), expected)
+    assert Detector.from_pretrained(folder, device="cpu", preprocess="resize").preprocess.mode == "resize"
+
+
 def test_unsure_band_around_the_calibrated_threshold(detector_dir):
     detector = Detector.from_pretrained(detector_dir, device="cpu", unsure_margin=0.1)
     assert detector.verdict(0.35).label == "unsure" and detector.verdict(0.25).label == "unsure"

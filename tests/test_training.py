@@ -132,6 +132,63 @@ def test_eval_only_with_the_robustness_sweep(tmp_path):
     assert (tmp_path / "eval" / "eval_results.json").exists()
 
 
+def test_the_preprocessing_a_model_was_calibrated_with_is_stored_and_scores_it_by_default(tmp_path):
+    run(tmp_path / "train", "--max_steps", "2", "--eval_preprocess", "center_crop")
+    model_dir = tmp_path / "train" / "model"
+    assert json.loads((model_dir / "config.json").read_text())["preprocess"] == "center_crop"
+    run(tmp_path / "resize", "--max_steps", "2", "--eval_preprocess", "resize")
+    assert json.loads((tmp_path / "resize" / "model" / "config.json").read_text())["preprocess"] == "resize"
+    evaluate = [
+        "--eval_only", "--model", str(model_dir), "--dataset", f"genimage:{tmp_path / 'train' / 'synthetic-data'}",
+        "--num_workers", "0", "--max_eval_samples", "8",
+    ]  # fmt: skip
+    # The README's command: no --config, no --eval_preprocess -> the model's own, not a preset's.
+    assert main([*evaluate, "--output_dir", str(tmp_path / "e1")])["preprocess"] == "center_crop"
+    overridden = main([*evaluate, "--output_dir", str(tmp_path / "e2"), "--eval_preprocess", "resize"])
+    assert overridden["preprocess"] == "resize"
+
+
+def test_without_the_hub_a_real_preset_says_in_one_line_which_clip_and_how_to_point_at_a_folder(tmp_path):
+    import subprocess
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty-hf-home")}
+    command = [sys.executable, str(Path(__file__).resolve().parent.parent / "train.py"), "--config", "genimage_sd14"]
+    result = subprocess.run(
+        [*command, "--output_dir", str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "'openai/clip-vit-large-patch14'" in lines[0]
+    assert "--clip_model /path/to/clip-vit-large-patch14" in lines[0]
+
+
+def test_checkpoints_hold_only_what_trains_and_refuse_another_clip(tmp_path):
+    from safetensors.torch import load_file
+
+    from mirage_hf.checkpoints import FrozenBaseMismatch
+    from mirage_hf.tiny import save_tiny_clip
+
+    args = ["--max_steps", "2", "--save_every", "2", "--calibrate", "null"]
+    run(tmp_path, *args)
+    checkpoint = tmp_path / "checkpoints" / "step_00000002"
+    saved = load_file(checkpoint / "model.safetensors")
+    exported = load_file(tmp_path / "model" / "model.safetensors")
+    trained = {key for key in saved if "lora_" in key or "prompt_learner." in key}
+    assert trained and {key for key in saved if "memory_bank." in key}  # what trains, and the bank
+    assert set(saved) == trained | {key for key in saved if "memory_bank." in key}  # nothing else
+    assert sum(t.numel() for t in saved.values()) < 0.2 * sum(t.numel() for t in exported.values())
+    fingerprint = json.loads((checkpoint / "frozen_base.json").read_text())
+    assert fingerprint["clip_model"] == str(tmp_path / "tiny-clip") and len(fingerprint["sha256"]) == 64
+
+    import yaml
+
+    tiny_options = yaml.safe_load(TINY[TINY.index("--tiny_clip") + 1])
+    save_tiny_clip(tmp_path / "tiny-clip", seed=1, **tiny_options)  # another CLIP under the same name
+    with pytest.raises(FrozenBaseMismatch, match="trained on the CLIP .* resume with --clip_model"):
+        run(tmp_path, "--max_steps", "4", "--save_every", "2", "--calibrate", "null", "--resume_from_checkpoint", "latest")
+
+
 def test_the_demo_recipe_learns_its_training_generator(tmp_path):
     """The README's claim, on a smaller budget: the tiny CLIP + prompts + LoRA reaches >= 0.90 in-distribution."""
     results = main([
