@@ -610,7 +610,9 @@ def _check_tokenizer_fits(tokenizer, text_config, name_or_path):
     else:
         for name in ("bos_token_id", "eos_token_id"):
             if getattr(tokenizer, name) != getattr(text_config, name):
-                problems.append(f"its {name} is {getattr(tokenizer, name)}, the checkpoint's {getattr(text_config, name)}")
+                problems.append(
+                    f"its {name} is {getattr(tokenizer, name)}, the checkpoint's {getattr(text_config, name)}"
+                )
     if problems:
         raise ValueError(
             f"The tokenizer does not fit the CLIP checkpoint {str(name_or_path)!r}: {'; '.join(problems)}. "

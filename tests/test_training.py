@@ -186,7 +186,7 @@ def test_checkpoints_hold_only_what_trains_and_refuse_another_clip(tmp_path):
     tiny_options = yaml.safe_load(TINY[TINY.index("--tiny_clip") + 1])
     save_tiny_clip(tmp_path / "tiny-clip", seed=1, **tiny_options)  # another CLIP under the same name
     with pytest.raises(FrozenBaseMismatch, match="trained on the CLIP .* resume with --clip_model"):
-        run(tmp_path, "--max_steps", "4", "--save_every", "2", "--calibrate", "null", "--resume_from_checkpoint", "latest")
+        run(tmp_path, "--max_steps", "4", *args[2:], "--resume_from_checkpoint", "latest")
 
 
 def test_the_demo_recipe_learns_its_training_generator(tmp_path):
