@@ -616,7 +616,7 @@ def _check_tokenizer_fits(tokenizer, text_config, name_or_path):
     if problems:
         raise ValueError(
             f"The tokenizer does not fit the CLIP checkpoint {str(name_or_path)!r}: {'; '.join(problems)}. "
-            "Pass the tokenizer saved with that checkpoint (or none, to load it from there)."
+            "from_clip needs the CLIP tokenizer of that checkpoint: save it next to the weights, or pass tokenizer=..."
         )
 
 
