@@ -16,11 +16,6 @@ def test_config_round_trips_with_nested_clip_and_fixed_labels(tmp_path):
     assert loaded.id2label == {0: "real", 1: "fake"} and loaded.label2id == {"real": 0, "fake": 1}
 
 
-def test_labels_cannot_be_overridden():
-    config = MiraGeConfig(clip_config=tiny_clip_config(), prompt_depth=2, id2label={0: "a", 1: "b"})
-    assert config.id2label == {0: "real", 1: "fake"}
-
-
 def test_placeholder_prompts_fit_the_vocabulary_and_avoid_special_tokens():
     clip = tiny_clip_config()
     config = MiraGeConfig(clip_config=clip, prompt_depth=2)
