@@ -430,3 +430,8 @@ def main(argv=None) -> dict:
 
     cfg = parse_args(argv)
     return evaluate_only(cfg) if cfg.eval_only else train(cfg)
+
+
+def script() -> None:
+    """`mirage-train` and `train.py`: `main` on the command line (a console script would exit with its results)."""
+    main()

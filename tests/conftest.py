@@ -30,20 +30,6 @@ def fresh_accelerator_state():
     GradientState._reset_state()
 
 
-def load_space_app():
-    """space/app.py as a module (it is a Space file, not part of the package)."""
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "space" / "app.py"
-    spec = importlib.util.spec_from_file_location("mirage_space_app", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # gradio resolves the handlers' module by name
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="session")
 def clip_dir(tmp_path_factory):
     """A saved random CLIP with its tokenizer and image processor: what `from_clip` reads from the Hub."""
