@@ -13,8 +13,8 @@ import argparse
 import json
 import re
 import shutil
-from fnmatch import fnmatch
 import tempfile
+from fnmatch import fnmatch
 from importlib.resources import files
 from pathlib import Path
 

@@ -171,7 +171,9 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         description="Train or evaluate a MiraGe detector with Accelerate.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--config", default="demo", help=f"a shipped preset ({', '.join(preset_names())}) or a YAML/JSON file")
+    parser.add_argument(
+        "--config", default="demo", help=f"a shipped preset ({', '.join(preset_names())}) or a YAML/JSON file"
+    )
     for option in dataclasses.fields(TrainConfig):
         flag = {"nargs": "?", "const": True} if option.type is bool else {}
         parser.add_argument(

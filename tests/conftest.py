@@ -1,5 +1,6 @@
 """Tiny CLIP checkpoints built in the tests: no Hub access, a few milliseconds per forward."""
 
+import logging
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -28,6 +29,32 @@ def fresh_accelerator_state():
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
+
+
+class LoadReports(logging.Handler):
+    """Collects the load reports transformers logs (the tables of MISSING / UNEXPECTED weights)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.reports = []
+
+    def emit(self, record):
+        if "LOAD REPORT" in record.getMessage():
+            self.reports.append(record.getMessage())
+
+
+@pytest.fixture(autouse=True)
+def load_reports(request):
+    """No `from_clip` or `from_pretrained` in any test may log a MISSING table, except in a test marked
+    `missing_weights_expected` (a checkpoint that really lacks weights). Yields the reports to assert on."""
+    handler = LoadReports()
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    yield handler.reports
+    logger.removeHandler(handler)
+    missing = [report for report in handler.reports if "MISSING" in report]
+    if missing and request.node.get_closest_marker("missing_weights_expected") is None:
+        pytest.fail(f"a load report calls weights missing:\n{missing[0]}")
 
 
 @pytest.fixture(scope="session")

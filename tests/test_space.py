@@ -30,7 +30,6 @@ CHROMIUM = "/usr/bin/chromium"
 HAS_EXPLAIN = importlib.util.find_spec("mirage_hf.explain") is not None
 
 
-
 @pytest.fixture(scope="module")
 def detector(detector_dir):
     return Detector.from_pretrained(detector_dir, device="cpu", unsure_margin=0.05)
