@@ -1,4 +1,5 @@
-"""Publish a trained detector to the Hub (model repo with card, optional Gradio Space); see mirage_hf/hub.py.
+"""Publish a trained detector to the Hub (the `mirage-push` command): model repo with card, optional Gradio
+Space; see mirage_hf/hub.py.
 
 python push_to_hub.py --model_dir outputs/demo/model --repo_id user/name [--space_repo_id user/name-demo] --dry_run
 """

@@ -21,6 +21,8 @@ from accelerate.utils import SAFE_WEIGHTS_NAME
 from safetensors.torch import load_file
 from transformers.utils import cached_file
 
+from .atomic import commit, staging_path
+
 logger = logging.getLogger(__name__)
 
 PROGRESS_FILE = "progress.json"
@@ -105,7 +107,7 @@ def save_checkpoint(accelerator, output_dir, progress: dict, total_limit: int) -
     """Saves the full training state atomically; keeps the newest `total_limit` checkpoints."""
     root = checkpoint_dir(output_dir)
     final = root / f"{PREFIX}{progress['global_step']:08d}"
-    staging = root / f".tmp-{final.name}"
+    staging = staging_path(final)
     if accelerator.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
@@ -114,8 +116,7 @@ def save_checkpoint(accelerator, output_dir, progress: dict, total_limit: int) -
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (staging / PROGRESS_FILE).write_text(json.dumps(progress, indent=2))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(staging, final)
+        commit(staging, final)
         for old in complete_checkpoints(output_dir)[:-total_limit] if total_limit > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()

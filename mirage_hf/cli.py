@@ -28,9 +28,9 @@ import torch
 from tqdm import tqdm
 from transformers.utils import logging as hf_logging
 
+from .atomic import atomic_write
 from .explain import explain_images
 from .inference import Detector
-from .modeling_mirage import _atomic_write
 from .transforms import PREPROCESS_MODES, ImageLoadError, open_image
 
 PROG = "mirage-detect"
@@ -235,12 +235,8 @@ def _write_output(write, output: str | None) -> None:
     """Runs `write(handle)` into `output` atomically (temp file, then rename), or into a temporary file copied to
     stdout at the end, so that the rows never interleave with the progress bar."""
     if output is not None:
-
-        def write_file(tmp_path):
-            with open(tmp_path, "w", encoding="utf-8", newline="") as handle:
-                write(handle)
-
-        _atomic_write(output, write_file)
+        with atomic_write(output) as staging, open(staging, "w", encoding="utf-8", newline="") as handle:
+            write(handle)
         return
     with tempfile.TemporaryFile("w+", encoding="utf-8", newline="") as handle:
         write(handle)

@@ -7,10 +7,9 @@ It is written beside the target and renamed over it, so a reader never sees half
 
 import copy
 import json
-import os
-import shutil
 from pathlib import Path
 
+from .atomic import atomic_write
 from .modeling_mirage import MiraGeModel
 
 
@@ -40,17 +39,9 @@ def mergeable_copy(model) -> MiraGeModel:
 def export_model(model, image_processor, output_dir, eval_results: dict | None = None) -> Path:
     """Writes the model folder atomically (temporary sibling, then rename) and returns its path."""
     output_dir = Path(output_dir)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = output_dir.parent / f".tmp-{output_dir.name}"
-    shutil.rmtree(staging, ignore_errors=True)
-    mergeable_copy(model).save_pretrained(staging)
-    image_processor.save_pretrained(staging)
-    if eval_results is not None:
-        (staging / "eval_results.json").write_text(json.dumps(eval_results, indent=2, allow_nan=False) + "\n")
-    previous = output_dir.parent / f".old-{output_dir.name}"
-    shutil.rmtree(previous, ignore_errors=True)
-    if output_dir.exists():
-        os.replace(output_dir, previous)
-    os.replace(staging, output_dir)
-    shutil.rmtree(previous, ignore_errors=True)
+    with atomic_write(output_dir) as staging:
+        mergeable_copy(model).save_pretrained(staging)
+        image_processor.save_pretrained(staging)
+        if eval_results is not None:
+            (staging / "eval_results.json").write_text(json.dumps(eval_results, indent=2, allow_nan=False) + "\n")
     return output_dir

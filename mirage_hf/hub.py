@@ -14,6 +14,8 @@ import json
 import re
 import shutil
 import tempfile
+from fnmatch import fnmatch
+from importlib.resources import files
 from pathlib import Path
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, SpaceCard
@@ -21,9 +23,10 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, SpaceCa
 from . import __version__
 from .metrics import format_comparison_table, format_table
 
-PACKAGE_DIR = Path(__file__).resolve().parent
-SPACE_DIR = PACKAGE_DIR.parent / "space"
+PACKAGE = files("mirage_hf")
+SPACE_TEMPLATE = PACKAGE / "space"  # package data: the Space's app, requirements, card and examples
 SPACE_FILES = ("app.py", "requirements.txt", "examples")
+NOT_IN_SPACE_COPY = ("__pycache__", "*.pyc", "space", "configs")  # the Space's own copy of mirage_hf needs neither
 MODEL_FILES = (
     "config.json",
     "preprocessor_config.json",
@@ -260,22 +263,27 @@ def _copy_model_files(model_dir: Path, target: Path) -> None:
             shutil.copy2(path, target / path.name)
 
 
+def _copy_resource(source, target: Path, ignore=()) -> None:
+    """Copies a package resource (file or folder, read through importlib.resources) to `target`."""
+    if source.is_dir():
+        target.mkdir(parents=True)
+        for entry in source.iterdir():
+            if not any(fnmatch(entry.name, pattern) for pattern in ignore):
+                _copy_resource(entry, target / entry.name, ignore)
+    else:
+        target.write_bytes(source.read_bytes())
+
+
 def _stage_space(target: Path, repo_id: str) -> None:
     """The Space: app, requirements, examples, README naming the model, and a copy of this package (the Space
     installs only requirements.txt, and mirage-hf is not on PyPI)."""
-    if not SPACE_DIR.is_dir():
-        raise FileNotFoundError(f"no Space sources at {SPACE_DIR}: run this from a mirage-hf source checkout")
     target.mkdir(parents=True)
     for name in SPACE_FILES:
-        source = SPACE_DIR / name
-        if source.is_dir():
-            shutil.copytree(source, target / name)
-        else:
-            shutil.copy2(source, target / name)
-    card = SpaceCard.load(SPACE_DIR / "README.md")
+        _copy_resource(SPACE_TEMPLATE / name, target / name)
+    card = SpaceCard((SPACE_TEMPLATE / "README.md").read_text(encoding="utf-8"))
     card.data.models = [repo_id]
     card.save(target / "README.md")
-    shutil.copytree(PACKAGE_DIR, target / "mirage_hf", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    _copy_resource(PACKAGE, target / "mirage_hf", ignore=NOT_IN_SPACE_COPY)
 
 
 def stage_model_repo(

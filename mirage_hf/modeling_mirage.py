@@ -8,10 +8,8 @@ CLIP), so SDPA / flash attention and activation checkpointing of `CLIPEncoderLay
 CLIP checkpoint loads unchanged into `model.clip`.
 """
 
-import json
+import contextvars
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from functools import partial
 
@@ -31,8 +29,9 @@ from transformers.utils import ModelOutput
 
 from .configuration_mirage import MiraGeConfig
 
-ADAPTER_CONFIG_NAME = "mirage_adapter_config.json"
-ADAPTER_WEIGHTS_NAME = "mirage_adapter.safetensors"
+# What from_clip adds to a CLIP checkpoint and initialises on purpose: no load report may call it missing.
+ADDED_TO_CLIP = (r"^prompt_learner\.", r"^classifier\.", r"^loss_fn\.")
+_building_on_clip = contextvars.ContextVar("mirage_building_on_clip", default=False)
 
 
 @dataclass
@@ -290,6 +289,11 @@ class MiraGePreTrainedModel(PreTrainedModel):
         super().initialize_weights()
         init.constant_(self.clip.logit_scale, self.config.clip_config.logit_scale_init_value)
 
+    def post_init(self):
+        super().post_init()
+        if _building_on_clip.get():  # only while from_clip loads a CLIP checkpoint into this model
+            self._keys_to_ignore_on_load_missing |= set(ADDED_TO_CLIP)
+
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         """Loads as usual, then freezes CLIP again (loading materialises every weight as trainable)."""
@@ -492,14 +496,15 @@ class MiraGeModel(MiraGePreTrainedModel):
         )
         return output if return_dict else output.to_tuple()
 
-    # ------------------------------------------------------------------------------- building / adapters
+    # ------------------------------------------------------------------------------------------ building
 
     @classmethod
     def from_clip(cls, name_or_path, *, tokenizer=None, dtype=torch.float32, **config_overrides):
         """Builds a MiraGe model on a pretrained CLIP (Hub id or local folder with weights and tokenizer).
 
         The CLIP weights go into `model.clip` (frozen); the class prompts are tokenised with the checkpoint's
-        tokenizer (or `tokenizer`) and stored in the config, so the saved model needs no tokenizer.
+        tokenizer (or `tokenizer`) and stored in the config, so the saved model needs no tokenizer. The weights
+        MiraGe adds are new by design and stay out of the load report; missing CLIP weights are an error.
         """
         config_dict = cls.clip_config_dict(name_or_path)
         build_config = partial(
@@ -510,11 +515,14 @@ class MiraGeModel(MiraGePreTrainedModel):
             tokenizer = tokenizer or cls._load_tokenizer(name_or_path)
             _check_tokenizer_fits(tokenizer, config.clip_config.text_config, name_or_path)
             config = build_config(prompt_token_ids=_tokenize_class_prompts(tokenizer, config), **config_overrides)
-        model, info = cls.from_pretrained(name_or_path, config=config, dtype=dtype, output_loading_info=True)
-        not_clip = ("prompt_learner.", "classifier.", "loss_fn.")
-        missing_clip = [key for key in info["missing_keys"] if not key.startswith(not_clip)]
-        if missing_clip:
-            raise ValueError(f"{name_or_path!r} lacks CLIP weights: {', '.join(sorted(missing_clip)[:5])} ...")
+        building = _building_on_clip.set(True)
+        try:
+            model, info = cls.from_pretrained(name_or_path, config=config, dtype=dtype, output_loading_info=True)
+        finally:
+            _building_on_clip.reset(building)
+        model._keys_to_ignore_on_load_missing -= set(ADDED_TO_CLIP)
+        if info["missing_keys"]:  # only CLIP's own weights can be left
+            raise ValueError(f"{name_or_path!r} lacks CLIP weights: {', '.join(sorted(info['missing_keys'])[:5])} ...")
         model.init_context_from_words()
         return model
 
@@ -549,47 +557,6 @@ class MiraGeModel(MiraGePreTrainedModel):
         words = self.prompt_learner.token_ids[0, 1 : 1 + n_ctx]
         self.prompt_learner.text_prompts[0].copy_(self.clip.text_model.embeddings.token_embedding(words))
         self._anchor_cache = None
-
-    def save_adapter(self, save_directory):
-        """Writes only the trainable weights (safetensors) and the settings needed to rebuild the model."""
-        from safetensors.torch import save_file
-
-        trainable = {name for name, param in self.named_parameters() if param.requires_grad}
-        state = {name: tensor.detach().contiguous() for name, tensor in self.state_dict().items() if name in trainable}
-        own_fields = set(MiraGeConfig.__annotations__) - {"clip_config", "clip_name_or_path"}
-        settings = {key: getattr(self.config, key) for key in sorted(own_fields)}
-        adapter_config = {
-            "base_model_name_or_path": self.config.clip_name_or_path,
-            "model_class": type(self).__name__,
-            "mirage_config": settings,
-        }
-        os.makedirs(save_directory, exist_ok=True)
-        _atomic_write(os.path.join(save_directory, ADAPTER_WEIGHTS_NAME), lambda path: save_file(state, path))
-        _atomic_write(
-            os.path.join(save_directory, ADAPTER_CONFIG_NAME),
-            lambda path: open(path, "w").write(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n"),
-        )
-
-    @classmethod
-    def from_adapter(cls, adapter_directory, base_model=None, **kwargs):
-        """Rebuilds a model from `save_adapter` output on top of its base CLIP (or `base_model`)."""
-        from safetensors.torch import load_file
-
-        with open(os.path.join(adapter_directory, ADAPTER_CONFIG_NAME)) as handle:
-            adapter_config = json.load(handle)
-        base_model = base_model or adapter_config["base_model_name_or_path"]
-        if base_model is None:
-            raise ValueError("The adapter does not name its base CLIP; pass base_model=<Hub id or folder>.")
-        model = cls.from_clip(base_model, **adapter_config["mirage_config"], **kwargs)
-        state = load_file(os.path.join(adapter_directory, ADAPTER_WEIGHTS_NAME))
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        trainable = {name for name, param in model.named_parameters() if param.requires_grad}
-        if unexpected or trainable - state.keys():
-            raise ValueError(
-                f"The adapter in {adapter_directory!r} does not match the model it describes: "
-                f"unexpected {sorted(unexpected)}, missing {sorted(trainable - state.keys())}"
-            )
-        return model
 
 
 def _check_tokenizer_fits(tokenizer, text_config, name_or_path):
@@ -640,20 +607,6 @@ def _tokenize_class_prompts(tokenizer, config: MiraGeConfig) -> list[list[int]]:
             "(unknown tokens): from_clip needs the CLIP tokenizer saved next to the weights, or pass tokenizer=..."
         )
     return prompts
-
-
-def _atomic_write(path: str, write):
-    """Writes through `write(tmp_path)` into a temporary file, then renames it over `path`."""
-    directory = os.path.dirname(os.path.abspath(path))
-    handle, tmp_path = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    os.close(handle)
-    try:
-        write(tmp_path)
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
 
 
 class MiraGeForImageClassification(MiraGeModel):

@@ -5,13 +5,14 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
 
 import yaml
 
 from .configuration_mirage import PREPROCESS_MODES
 
-PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
+PRESETS = files("mirage_hf") / "configs"  # package data: found by name from any directory, in a wheel too
 
 
 def option(default, help: str, factory: bool = False):
@@ -147,17 +148,21 @@ class TrainConfig:
             raise ValueError(f"log_every must be >= 1, got {self.log_every}")
 
 
+def preset_names() -> list[str]:
+    """The presets shipped in the package (`mirage_hf/configs/<name>.yaml`)."""
+    return sorted(entry.name.removesuffix(".yaml") for entry in PRESETS.iterdir() if entry.name.endswith(".yaml"))
+
+
 def load_preset(path: str | os.PathLike) -> dict:
-    """Reads a YAML or JSON preset; a bare name ("demo") means configs/<name>.yaml."""
+    """Reads a YAML or JSON file; a name that is not a file ("demo") means the shipped preset of that name."""
     path = Path(path)
-    if not path.exists() and (PRESET_DIR / f"{path}.yaml").exists():
-        path = PRESET_DIR / f"{path}.yaml"
-    if not path.exists():
-        raise FileNotFoundError(
-            f"config file {str(path)!r} not found (presets: {sorted(p.stem for p in PRESET_DIR.glob('*.yaml'))})"
-        )
-    with open(path) as handle:
-        values = json.load(handle) if path.suffix == ".json" else yaml.safe_load(handle)
+    if path.exists():
+        text = path.read_text()
+    elif str(path) in preset_names():
+        text = (PRESETS / f"{path}.yaml").read_text()
+    else:
+        raise FileNotFoundError(f"config file {str(path)!r} not found (presets: {preset_names()})")
+    values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     unknown = set(values or {}) - {f.name for f in dataclasses.fields(TrainConfig)}
     if unknown:
         raise ValueError(f"{path}: unknown option(s) {sorted(unknown)}")
@@ -172,8 +177,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     )
     parser.add_argument(
         "--config",
-        help="preset name in configs/ or a YAML/JSON file (default: demo; none with --eval_only, which then "
-        "scores with the preprocessing stored in the model)",
+        help=f"a shipped preset ({', '.join(preset_names())}) or a YAML/JSON file (default: demo; none with "
+        "--eval_only, which then scores with the preprocessing stored in the model)",
     )
     for option in dataclasses.fields(TrainConfig):
         flag = {"nargs": "?", "const": True} if option.type is bool else {}

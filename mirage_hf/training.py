@@ -453,3 +453,8 @@ def main(argv=None) -> dict:
         return evaluate_only(cfg) if cfg.eval_only else train(cfg)
     except ClipUnavailable as error:  # a set-up problem, not a bug: one line instead of a chained traceback
         raise SystemExit(f"train.py: {error}") from None
+
+
+def script() -> None:
+    """`mirage-train` and `train.py`: `main` on the command line (a console script would exit with its results)."""
+    main()

@@ -80,24 +80,48 @@ def _open_target(source: Any) -> tuple[Any, str | None]:
     return path, name
 
 
+class _TruncatedError(Exception):
+    """A decoder asked for bytes past the end of the file (not an OSError: PIL's handlers must not catch it)."""
+
+
+class _EndCheckingReader:
+    """Wraps a binary file so that, once `checking` is set, a read past its end raises `_TruncatedError` where
+    PIL's process-wide ``ImageFile.LOAD_TRUNCATED_IMAGES`` is set (by any thread or library): PIL would then pad a
+    truncated image instead of failing. The flag is only read, so the check is local to one call."""
+
+    def __init__(self, raw):
+        self._raw, self.checking = raw, False
+
+    def read(self, size: int | None = -1) -> bytes:
+        data = self._raw.read(size)
+        if self.checking and not data and size is not None and size > 0 and ImageFile.LOAD_TRUNCATED_IMAGES:
+            raise _TruncatedError
+        return data
+
+    def __getattr__(self, name):  # seek, tell, ... of the wrapped file
+        return getattr(self._raw, name)
+
+
 def open_image(source: Any, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     """Decode a path, bytes, a ``{"path", "bytes"}`` dict (a `datasets` undecoded image) or a PIL image into
     an upright RGB image (first frame of animations).
 
     Raises ImageLoadError naming the file and the reason: not found, directory, empty, not an image,
     truncated, corrupt, or more than `max_pixels` pixels (checked from the header, so a decompression bomb is
-    rejected before it is decoded). Truncated files raise even where ``ImageFile.LOAD_TRUNCATED_IMAGES`` was
-    set globally.
+    rejected before it is decoded). Truncated files raise even where ``ImageFile.LOAD_TRUNCATED_IMAGES`` is set:
+    the check is local to this call (the flag is never written), so concurrent calls cannot disturb each other.
     """
     if isinstance(source, Image.Image):
         return to_rgb(_upright(source))
     target, name = _open_target(source)
-    allow_truncated = ImageFile.LOAD_TRUNCATED_IMAGES
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
-        with warnings.catch_warnings():
+        with (
+            open(target, "rb") if isinstance(target, str) else target as raw,
+            warnings.catch_warnings(),
+        ):
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the explicit check below decides
-            with Image.open(target) as img:
+            reader = _EndCheckingReader(raw)
+            with Image.open(reader) as img:
                 width, height = img.size
                 if width * height > max_pixels:
                     raise ImageLoadError(
@@ -105,10 +129,13 @@ def open_image(source: Any, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
                         f"too large: {width}x{height} pixels exceeds the limit of {max_pixels} "
                         "(possible decompression bomb)",
                     )
+                reader.checking = True
                 img.load()
                 return to_rgb(_upright(img))
     except ImageLoadError:
         raise
+    except _TruncatedError as err:
+        raise ImageLoadError(name, "truncated file (the data ends before the image does)") from err
     except Image.DecompressionBombError as err:
         raise ImageLoadError(name, f"too large (possible decompression bomb): {err}") from err
     except UnidentifiedImageError as err:
@@ -116,8 +143,6 @@ def open_image(source: Any, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     except Exception as err:  # PIL plugins raise many exception types on corrupt data
         kind = "truncated file" if "truncated" in str(err).lower() or isinstance(err, EOFError) else "corrupt image"
         raise ImageLoadError(name, f"{kind} ({type(err).__name__}: {err})") from err
-    finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = allow_truncated
 
 
 # --------------------------------------------------------------------------- degradations

@@ -1,6 +1,7 @@
 """Tiny CLIP checkpoints built in the tests: no Hub access, a few milliseconds per forward."""
 
 import gzip
+import logging
 import os
 from pathlib import Path
 
@@ -33,18 +34,30 @@ def fresh_accelerator_state():
     GradientState._reset_state()
 
 
-def load_space_app():
-    """space/app.py as a module (it is a Space file, not part of the package)."""
-    import importlib.util
-    import sys
-    from pathlib import Path
+class LoadReports(logging.Handler):
+    """Collects the load reports transformers logs (the tables of MISSING / UNEXPECTED weights)."""
 
-    path = Path(__file__).resolve().parent.parent / "space" / "app.py"
-    spec = importlib.util.spec_from_file_location("mirage_space_app", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # gradio resolves the handlers' module by name
-    spec.loader.exec_module(module)
-    return module
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.reports = []
+
+    def emit(self, record):
+        if "LOAD REPORT" in record.getMessage():
+            self.reports.append(record.getMessage())
+
+
+@pytest.fixture(autouse=True)
+def load_reports(request):
+    """No `from_clip` or `from_pretrained` in any test may log a MISSING table, except in a test marked
+    `missing_weights_expected` (a checkpoint that really lacks weights). Yields the reports to assert on."""
+    handler = LoadReports()
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    yield handler.reports
+    logger.removeHandler(handler)
+    missing = [report for report in handler.reports if "MISSING" in report]
+    if missing and request.node.get_closest_marker("missing_weights_expected") is None:
+        pytest.fail(f"a load report calls weights missing:\n{missing[0]}")
 
 
 @pytest.fixture(scope="session")

@@ -171,6 +171,7 @@ def test_the_label_set_cannot_be_changed_by_assignment():
 # -------------------------------------------------------------------------- initialisation, saving
 
 
+@pytest.mark.missing_weights_expected  # the point of the test: the checkpoint lacks clip.logit_scale
 def test_a_checkpoint_without_logit_scale_gets_clip_s_initial_value(detector_dir, tmp_path, pixel_values):
     import shutil
 

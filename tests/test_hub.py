@@ -89,7 +89,11 @@ def test_staged_folders_hold_the_model_files_and_the_space(staged, model_dir):
     space = SpaceCard.load(staged / "space" / "README.md").data
     assert space.sdk == "gradio" and space.app_file == "app.py" and space.models == [REPO] and space.title
     assert (staged / "space" / "app.py").is_file() and (staged / "space" / "mirage_hf" / "inference.py").is_file()
+    assert {p.name for p in (staged / "space" / "examples").iterdir()} == {"synthetic-real.png", "synthetic-fake.png"}
     assert not list((staged / "space").rglob("__pycache__"))
+    # the package copy beside app.py carries code only, not a second Space template or the training presets
+    assert not (staged / "space" / "mirage_hf" / "space").exists()
+    assert not (staged / "space" / "mirage_hf" / "configs").exists()
 
 
 def test_licence_must_follow_the_training_data(model_dir, tmp_path):

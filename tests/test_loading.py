@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -67,6 +68,35 @@ def test_from_clip_rejects_a_checkpoint_that_is_not_clip(tmp_path):
     )
     with pytest.raises(ValueError, match="is not a CLIP checkpoint.*model_type='bert'"):
         MiraGeForImageClassification.from_clip(tmp_path)
+
+
+def test_from_clip_and_loading_a_saved_model_print_no_load_report(clip_dir, tmp_path, load_reports, capfd):
+    """The weights MiraGe adds to a CLIP are new by design: no table may call them MISSING, in any mode."""
+    for mode in ("linear_probe", "coop", "mirage"):
+        model = MiraGeForImageClassification.from_clip(clip_dir, mode=mode, prompt_depth=2)
+        model.save_pretrained(tmp_path / mode)
+        MiraGeForImageClassification.from_pretrained(tmp_path / mode)
+        MiraGeModel.from_pretrained(tmp_path / mode)
+        AutoModelForImageClassification.from_pretrained(tmp_path / mode)
+    assert load_reports == []
+    printed = "".join(capfd.readouterr())
+    assert "LOAD REPORT" not in printed and "MISSING" not in printed and "UNEXPECTED" not in printed
+
+
+@pytest.mark.missing_weights_expected
+def test_from_clip_on_a_checkpoint_lacking_clip_weights_is_a_clear_error(tmp_path, load_reports):
+    from safetensors.torch import load_file, save_file
+
+    from mirage_hf.tiny import save_tiny_clip
+
+    folder = Path(save_tiny_clip(tmp_path, image_size=30))
+    weights = load_file(folder / "model.safetensors")
+    del weights["visual_projection.weight"]
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="lacks CLIP weights: clip.visual_projection.weight"):
+        MiraGeForImageClassification.from_clip(folder, prompt_depth=2)
+    (report,) = load_reports  # transformers' own table names the CLIP weight, and only it
+    assert "visual_projection.weight" in report and "prompt_learner" not in report
 
 
 def test_ctx_init_shorter_than_n_ctx_is_a_clear_error(clip_dir):

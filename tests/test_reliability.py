@@ -30,7 +30,6 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY_TRAIN_ARGS as TINY
-from conftest import load_space_app
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -463,7 +462,9 @@ def test_code_shipped_in_a_model_folder_runs_only_with_trust_remote_code(detecto
 
 @pytest.fixture(scope="module")
 def space():
-    return load_space_app()
+    from mirage_hf.space import app
+
+    return app
 
 
 @pytest.fixture(scope="module")
@@ -545,10 +546,10 @@ def test_oversized_uploads_are_refused_with_a_readable_message(space, server, up
 
 
 @pytest.mark.slow
-def test_files_outside_the_allowed_paths_are_not_served(server, uploads):
+def test_files_outside_the_allowed_paths_are_not_served(space, server, uploads):
     refused = [
         "/etc/passwd", "../../../../etc/passwd", "%2Fetc%2Fpasswd", uploads["good"],  # exists, never uploaded
-        str(ROOT / "space" / "app.py"), str(ROOT / "tests" / "conftest.py"),
+        space.__file__, str(ROOT / "tests" / "conftest.py"),
     ]  # fmt: skip
     for path in refused:
         with pytest.raises(urllib.error.HTTPError) as error:

@@ -18,19 +18,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import load_space_app
 from gradio_client import Client, handle_file
 from huggingface_hub import SpaceCard
 from PIL import Image
 
 from mirage_hf.inference import Detector
+from mirage_hf.space import app as space
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
 HAS_EXPLAIN = importlib.util.find_spec("mirage_hf.explain") is not None
-
-
-space = load_space_app()
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +95,8 @@ def test_batch_gives_a_table_and_a_csv(detector, images):
 
 
 def test_space_pins_the_gradio_it_declares():
-    sdk_version = SpaceCard.load(ROOT / "space" / "README.md").data.sdk_version
-    assert f"gradio=={sdk_version}" in (ROOT / "space" / "requirements.txt").read_text().split()
+    sdk_version = SpaceCard.load(space.HERE / "README.md").data.sdk_version
+    assert f"gradio=={sdk_version}" in (space.HERE / "requirements.txt").read_text().split()
 
 
 def test_the_detector_is_built_once_under_concurrent_requests(detector):

@@ -102,6 +102,37 @@ def test_open_image_truncated_raises_even_if_pil_is_told_to_pad(tmp_path, monkey
     assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # restored afterwards
 
 
+@pytest.mark.parametrize("preset_flag", [False, True])
+def test_concurrent_calls_mixing_truncated_and_whole_files_each_get_their_own_answer(
+    tmp_path, monkeypatch, preset_flag
+):
+    """The Space decodes requests on several threads at once: each truncated file fails and each whole one decodes
+    to its own pixels, whatever PIL's process-wide flag says, and the flag is never changed."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", preset_flag)
+    jobs = []
+    for index, (fmt, suffix) in enumerate([("JPEG", ".jpg"), ("PNG", ".png")] * 2):
+        whole = save(noise_image((192, 160), seed=index), tmp_path / f"whole{index}{suffix}", format=fmt)
+        cut = tmp_path / f"cut{index}{suffix}"
+        cut.write_bytes(whole.read_bytes()[: whole.stat().st_size * 2 // 3])
+        with Image.open(whole) as reference:
+            jobs += [(str(whole), np.asarray(reference.convert("RGB"))), (str(cut), None)]
+
+    def answer(job):
+        path, pixels = job
+        try:
+            image = open_image(path)
+        except ImageLoadError as error:
+            return pixels is None and error.reason.startswith("truncated file")
+        return pixels is not None and np.array_equal(np.asarray(image), pixels)
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        answers = list(pool.map(answer, jobs * 40))
+    assert all(answers), f"{answers.count(False)} of {len(answers)} calls got another call's answer"
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is preset_flag
+
+
 @pytest.mark.parametrize("side", [100_000, 10_000])  # beyond PIL's hard limit / between its warning and error
 def test_open_image_rejects_decompression_bomb_before_decoding(tmp_path, side):
     bomb = tmp_path / "bomb.png"
