@@ -1,18 +1,22 @@
-"""Post-hoc calibration of the two-logit (real, fake) detector: a temperature and a decision threshold.
+"""Fitting the model's calibration on held-out training data: a temperature T and a decision threshold t.
 
-Convention (the model applies exactly this; keep the two in sync):
+The rule itself (``p_fake = sigmoid((logit_fake - logit_real) / T)``, fake iff ``p_fake >= t``, both folded into
+the output logits) lives in one place, ``modeling_mirage.calibrate_logits``; this module only chooses T and t.
 
-* logit difference ``z = logit_fake - logit_real``;
-* temperature ``T > 0``: calibrated ``p_fake = sigmoid(z / T)``;
-* threshold ``t`` in (0, 1): predict fake iff calibrated ``p_fake >= t``.
+How T is chosen (:func:`fit_temperature`): the cross-entropy of ``sigmoid(z / T)`` is minimised against Platt's
+(1999) prior-corrected targets, ``(N_fake + 1) / (N_fake + 2)`` for fakes and ``1 / (N_real + 2)`` for reals,
+instead of 1 and 0. These are the posterior means of a label under a uniform prior (Laplace's rule of
+succession): ``N`` held-out images cannot show that the model is surer than that. Plain NLL has no minimum on
+perfectly separated data (it keeps falling as T -> 0, and ``sigmoid(z / T)`` becomes exactly 0 or 1); with the
+targets the fit stays finite and the calibrated scores keep the uncertainty the data cannot remove. On large,
+overlapping data the targets are ~0 / 1 and the fit is ordinary temperature scaling.
 
-:func:`apply_calibration` folds both into the logits (``logits / T``, fake logit shifted by ``-log(t / (1 - t))``)
-so a plain argmax / softmax >= 0.5 reproduces the rule. Metrics (ECE in particular) must be computed on the
-temperature-scaled ``p_fake`` together with ``threshold=t``, not on the shifted logits, whose probabilities are
-moved on purpose.
+How t is chosen (:func:`fit_threshold`): on the calibrated p(fake) of the same held-out images, by balanced
+accuracy (the default 0.5 is kept unless the held-out data shows a strict gain) or for a target FPR. Never on
+the test split (the "oracle threshold" cheat).
 
-The temperature is fitted first (by NLL, which the threshold does not change), then the threshold on the
-calibrated probabilities of held-out validation data - never on the test set (the "oracle threshold" cheat).
+When the held-out data cannot support a fit - fewer than ``MIN_PER_CLASS`` images of a class, or a temperature at
+a bound of the search (no ranking signal) - :func:`calibrate` warns and keeps T = 1, t = 0.5.
 """
 
 from __future__ import annotations
@@ -22,71 +26,66 @@ import warnings
 
 import numpy as np
 import torch
+from scipy.optimize import minimize_scalar
 
 from .metrics import to_numpy
 from .modeling_mirage import calibrate_logits
 
 TEMPERATURE_BOUNDS = (1e-2, 1e2)
+MIN_PER_CLASS = 20
 METHODS = ("balanced_accuracy", "target_fpr")
-_GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
+RULE = (
+    "temperature: cross-entropy of sigmoid(z / T) against Platt's targets (N_fake + 1) / (N_fake + 2) and "
+    "1 / (N_real + 2), fitted on held-out training images; threshold: {method} on their calibrated p(fake)"
+)
+FALLBACK = "defaults T = 1, t = 0.5: {why}"
 
 
-def _check_labels(labels, n: int) -> np.ndarray:
+def _labels(labels, n: int) -> np.ndarray:
     labels = to_numpy(labels).reshape(-1)
     if labels.size != n:
         raise ValueError(f"{labels.size} labels for {n} samples")
     if not np.isin(labels, (0, 1)).all():
         raise ValueError("labels must be 0 (real) or 1 (fake)")
-    if np.unique(labels).size < 2:
-        raise ValueError("calibration needs both real (0) and fake (1) samples; one class is missing")
     return labels.astype(np.int64)
 
 
-def logit_difference(logits_or_logit_diff) -> np.ndarray:
-    """``logit_fake - logit_real`` as float64 from (N, 2) logits, or an (N,) difference passed through."""
-    x = to_numpy(logits_or_logit_diff).astype(np.float64)
-    if x.ndim == 2 and x.shape[1] == 2:
-        return x[:, 1] - x[:, 0]
-    if x.ndim == 1:
-        return x
-    raise ValueError(f"expected (N, 2) logits or an (N,) logit difference, got shape {x.shape}")
+def _both_classes(labels) -> None:
+    if np.unique(labels).size < 2:
+        raise ValueError("calibration needs both real (0) and fake (1) samples; one class is missing")
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return np.exp(-np.logaddexp(0.0, -x))  # no overflow warning, full precision near 0 and 1
+def _logit_diff(logit_diff) -> np.ndarray:
+    z = to_numpy(logit_diff).astype(np.float64)
+    if z.ndim != 1:
+        raise ValueError(f"expected an (N,) logit difference (logit_fake - logit_real), got shape {z.shape}")
+    return z
 
 
-def calibrated_p_fake(logits_or_logit_diff, temperature: float = 1.0) -> np.ndarray:
-    """``sigmoid((logit_fake - logit_real) / T)`` in float64."""
-    return _sigmoid(logit_difference(logits_or_logit_diff) / temperature)
+def model_p_fake(logit_diff, temperature: float) -> np.ndarray:
+    """The p(fake) the model outputs for these logit differences at `temperature` (its own rule, in float32)."""
+    z = torch.as_tensor(np.asarray(logit_diff), dtype=torch.float32)
+    return calibrate_logits(torch.stack([torch.zeros_like(z), z], -1), temperature, 0.5)["p_fake"].numpy()
 
 
-def fit_temperature(logits_or_logit_diff, labels, bounds: tuple[float, float] = TEMPERATURE_BOUNDS) -> float:
-    """Temperature minimising the mean NLL of ``sigmoid(z / T)``, by golden-section search on log T in ``bounds``.
+def fit_temperature(logit_diff, labels, bounds: tuple[float, float] = TEMPERATURE_BOUNDS) -> float:
+    """T minimising the cross-entropy of ``sigmoid(z / T)`` against Platt's targets, searched on log T in `bounds`.
 
-    The NLL is convex in 1/T, hence unimodal in log T, so golden section finds the optimum (or a bound, e.g.
-    when scores anti-correlate with labels) without scipy.
+    The loss is convex in 1/T, hence unimodal in log T, so bounded Brent search finds its minimum (or a bound,
+    when the scores carry no signal).
     """
-    z = logit_difference(logits_or_logit_diff)
-    sign = 2.0 * _check_labels(labels, z.size) - 1.0  # +1 fake, -1 real
-    margin = sign * z
+    z = _logit_diff(logit_diff)
+    labels = _labels(labels, z.size)
+    _both_classes(labels)
+    n_fake, n_real = int(labels.sum()), int((labels == 0).sum())
+    target = np.where(labels == 1, (n_fake + 1) / (n_fake + 2), 1 / (n_real + 2))
 
-    def nll(log_t: float) -> float:
-        return float(np.logaddexp(0.0, -margin / math.exp(log_t)).mean())
+    def cross_entropy(log_t: float) -> float:
+        x = z / math.exp(log_t)
+        return float((target * np.logaddexp(0.0, -x) + (1 - target) * np.logaddexp(0.0, x)).mean())
 
-    lo, hi = math.log(bounds[0]), math.log(bounds[1])
-    a, b = hi - _GOLDEN * (hi - lo), lo + _GOLDEN * (hi - lo)
-    fa, fb = nll(a), nll(b)
-    while hi - lo > 1e-7:
-        if fa <= fb:
-            hi, b, fb = b, a, fa
-            a = hi - _GOLDEN * (hi - lo)
-            fa = nll(a)
-        else:
-            lo, a, fa = a, b, fb
-            b = lo + _GOLDEN * (hi - lo)
-            fb = nll(b)
-    return math.exp((lo + hi) / 2.0)
+    log_bounds = (math.log(bounds[0]), math.log(bounds[1]))
+    return math.exp(minimize_scalar(cross_entropy, bounds=log_bounds, method="bounded", options={"xatol": 1e-8}).x)
 
 
 def _rates(p_fake: np.ndarray, labels: np.ndarray, thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -100,20 +99,21 @@ def _rates(p_fake: np.ndarray, labels: np.ndarray, thresholds: np.ndarray) -> tu
 
 
 def fit_threshold(p_fake, labels, method: str = "balanced_accuracy", target_fpr: float = 0.05) -> float:
-    """Decision threshold ``t`` in (0, 1) (fake iff ``p_fake >= t``) fitted on validation data.
+    """Decision threshold ``t`` in (0, 1) (fake iff ``p_fake >= t``) fitted on held-out data.
 
-    Candidates are the midpoints between consecutive distinct values of ``{0, p_fake..., 1}``, so every
-    achievable split is tried and no candidate sits on a sample.
+    Candidates are 0.5 and the midpoints between consecutive distinct values of ``{0, p_fake..., 1}``, so every
+    achievable split is tried.
 
-    * ``"balanced_accuracy"``: maximise (TPR + TNR) / 2; ties go to the candidate closest to 0.5 (the least
-      move from the default), then to the smaller one.
+    * ``"balanced_accuracy"``: maximise (TPR + TNR) / 2; ties go to the candidate closest to 0.5 (so 0.5 itself
+      stays unless another threshold is strictly better), then to the smaller one.
     * ``"target_fpr"``: the smallest candidate whose FPR on reals is <= ``target_fpr`` (hence the highest TPR
       under that FPR). If none reaches it (reals at exactly p_fake = 1), warn and return the lowest-FPR one.
     """
     p_fake = to_numpy(p_fake).astype(np.float64).reshape(-1)
-    labels = _check_labels(labels, p_fake.size)
+    labels = _labels(labels, p_fake.size)
+    _both_classes(labels)
     values = np.unique(np.concatenate([[0.0, 1.0], p_fake]))
-    candidates = (values[:-1] + values[1:]) / 2.0
+    candidates = np.union1d((values[:-1] + values[1:]) / 2.0, [0.5])
     tpr, fpr = _rates(p_fake, labels, candidates)
     if method == "balanced_accuracy":
         balanced = (tpr + 1.0 - fpr) / 2.0
@@ -132,40 +132,65 @@ def fit_threshold(p_fake, labels, method: str = "balanced_accuracy", target_fpr:
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 
 
-def calibrate(logits, labels, method: str = "balanced_accuracy", target_fpr: float = 0.05) -> dict:
-    """Fit T on validation logits, then t on the calibrated p_fake; report the operating point on that data.
+def calibrate(
+    logit_diff, labels, method: str = "balanced_accuracy", target_fpr: float = 0.05, min_per_class: int = MIN_PER_CLASS
+) -> dict:
+    """T, then t on the model's calibrated p(fake), from held-out logit differences and labels (see module doc).
 
-    Returns ``{"temperature", "threshold", "method", "target_fpr" (None unless method="target_fpr"),
-    "fpr", "tpr", "balanced_accuracy"}`` - plain floats, ready for JSON and the model config.
+    Returns plain floats and strings, ready for JSON, the model config and the model card: ``temperature``,
+    ``threshold``, ``rule`` (how both were chosen, in words), ``fitted`` (False for the T = 1, t = 0.5 fallback),
+    ``method``, ``target_fpr`` (None unless method="target_fpr"), ``n_real``, ``n_fake``, ``separated`` (whether a
+    threshold splits the held-out classes perfectly), ``fpr``, ``tpr``, ``balanced_accuracy`` (of the exported
+    rule on the held-out data) and ``warnings``.
     """
-    temperature = fit_temperature(logits, labels)
-    p_fake = calibrated_p_fake(logits, temperature)
-    threshold = fit_threshold(p_fake, labels, method=method, target_fpr=target_fpr)
-    tpr, fpr = _rates(p_fake, to_numpy(labels).reshape(-1), np.array([threshold]))
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    z = _logit_diff(logit_diff)
+    labels = _labels(labels, z.size)
+    n_real, n_fake = int((labels == 0).sum()), int(labels.sum())
+    notes = []
+
+    def warn(message: str):
+        notes.append(message)
+        warnings.warn(message, stacklevel=3)
+
+    separated = bool(n_real and n_fake and z[labels == 0].max() < z[labels == 1].min())
+    temperature, threshold, why_not = 1.0, 0.5, None
+    if min(n_real, n_fake) < min_per_class:
+        why_not = f"{n_real} real and {n_fake} fake held-out images, fewer than {min_per_class} per class"
+    else:
+        temperature = fit_temperature(z, labels)
+        if not TEMPERATURE_BOUNDS[0] * 1.01 < temperature < TEMPERATURE_BOUNDS[1] / 1.01:
+            why_not = f"the fit ran to the bound T = {temperature:.3g} (the held-out scores carry no usable signal)"
+            temperature = 1.0
+    if why_not:
+        rule = FALLBACK.format(why=why_not)
+        warn(f"calibration: the held-out data cannot support a fit; keeping {rule}")
+    else:
+        rule = RULE.format(method="target FPR" if method == "target_fpr" else "balanced accuracy")
+        if separated:
+            warn(
+                f"calibration: the {n_real + n_fake} held-out images are perfectly separated, so their likelihood "
+                f"alone cannot determine T; T = {temperature:.3g} comes from Platt's prior targets (more held-out "
+                "images, or harder ones, make it a measurement)"
+            )
+        threshold = fit_threshold(model_p_fake(z, temperature), labels, method=method, target_fpr=target_fpr)
+    if n_real and n_fake:
+        tpr, fpr = (float(r[0]) for r in _rates(model_p_fake(z, temperature), labels, np.array([threshold])))
+    else:
+        tpr = fpr = math.nan
     return {
         "temperature": temperature,
         "threshold": threshold,
+        "rule": rule,
+        "fitted": why_not is None,
         "method": method,
         "target_fpr": target_fpr if method == "target_fpr" else None,
-        "fpr": float(fpr[0]),
-        "tpr": float(tpr[0]),
-        "balanced_accuracy": float((tpr[0] + 1.0 - fpr[0]) / 2.0),
+        "n_real": n_real,
+        "n_fake": n_fake,
+        "separated": separated,
+        "fpr": fpr,
+        "tpr": tpr,
+        "balanced_accuracy": (tpr + 1.0 - fpr) / 2.0,
+        "warnings": notes,
     }
-
-
-def apply_calibration(logits, temperature: float, threshold: float):
-    """(..., 2) logits -> ``logits / T`` with the fake logit shifted by ``-log(t / (1 - t))``.
-
-    softmax of the result gives p >= 0.5 for fake exactly when ``sigmoid((logit_fake - logit_real) / T) >= t``
-    (mathematically; at a tie within float rounding either side may win). Works on numpy arrays and torch
-    tensors (differentiable, same device / dtype); the input is not modified.
-    """
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if not 0.0 < threshold < 1.0:
-        raise ValueError(f"threshold must be in (0, 1), got {threshold}")
-    if logits.shape[-1] != 2:
-        raise ValueError(f"expected (..., 2) logits (real, fake), got shape {tuple(logits.shape)}")
-    if isinstance(logits, np.ndarray):
-        return calibrate_logits(torch.from_numpy(logits), temperature, threshold).numpy()
-    return calibrate_logits(logits, temperature, threshold)

@@ -63,7 +63,8 @@ class MiraGeConfig(PreTrainedConfig):
         memory_bank_size (`int`, *optional*, defaults to 1024):
             Number of past image features kept (FIFO) as extra contrastive candidates; 0 disables the bank.
         calibration_temperature (`float`, *optional*, defaults to 1.0):
-            Temperature dividing the logits, fitted on validation data.
+            Temperature dividing the logits: `p_fake = sigmoid((logit_fake - logit_real) / T)`. Fitted on
+            held-out training data by `mirage_hf.calibration.calibrate` (its docstring gives the rule).
         decision_threshold (`float`, *optional*, defaults to 0.5):
             Calibrated p(fake) from which an image is called fake. The output logits are shifted so that
             `softmax(logits)[..., 1] >= 0.5` exactly when this threshold is reached, so `pipeline()` and every

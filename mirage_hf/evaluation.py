@@ -13,7 +13,6 @@ from datasets.distributed import split_dataset_by_node
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .calibration import calibrated_p_fake
 from .export import mirage_core
 from .metrics import per_subset_metrics
 from .transforms import ROBUSTNESS_SWEEP, BadImageReport, DetectionCollator, degrade
@@ -42,9 +41,10 @@ def _shard(dataset, accelerator):
 
 
 def predict(model, dataset, preprocess, accelerator, batch_size=64, num_workers=0, desc="eval"):
-    """Logit differences (fake - real, uncalibrated), labels and subsets of every readable image.
+    """The model's output for every readable image: its label, logit difference and calibrated p(fake).
 
-    Returns (labels, logit_diff, subsets, BadImageReport), gathered from all processes.
+    Returns (labels, logit_diff, p_fake, subsets, BadImageReport), gathered from all processes; `logit_diff` and
+    `p_fake` are the model's `MiraGeOutput` fields (uncalibrated ranking score, calibrated probability).
     """
     core = mirage_core(model)
     was_training = core.training
@@ -53,39 +53,37 @@ def predict(model, dataset, preprocess, accelerator, batch_size=64, num_workers=
         _shard(dataset, accelerator), batch_size=batch_size, num_workers=num_workers,
         collate_fn=DetectionCollator(preprocess),
     )  # fmt: skip
-    labels, diffs, subsets, failures = [], [], [], BadImageReport()
+    labels, diffs, p_fakes, subsets, failures = [], [], [], [], BadImageReport()
     progress = tqdm(loader, desc=desc, disable=not accelerator.is_local_main_process, leave=False)
     with torch.inference_mode(), accelerator.autocast():
         for batch in progress:
             failures.add(batch["failed"])
             if not batch["labels"].numel():
                 continue
-            logits, _, _ = core.detect(batch["pixel_values"].to(accelerator.device))
-            diffs.append((logits[:, 1] - logits[:, 0]).float().cpu().numpy())
+            output = core(pixel_values=batch["pixel_values"].to(accelerator.device))
+            diffs.append(output.logit_diff.cpu().numpy())
+            p_fakes.append(output.p_fake.cpu().numpy())
             labels.append(batch["labels"].numpy())
             subsets.extend(batch["subsets"])
     core.train(was_training)
-    shards = gather_object([(labels, diffs, subsets, failures.count, failures.examples)])
+    shards = gather_object([(labels, diffs, p_fakes, subsets, failures.count, failures.examples)])
     report = BadImageReport()
-    all_labels, all_diffs, all_subsets = [], [], []
-    for shard_labels, shard_diffs, shard_subsets, count, examples in shards:
+    all_labels, all_diffs, all_p_fakes, all_subsets = [], [], [], []
+    for shard_labels, shard_diffs, shard_p_fakes, shard_subsets, count, examples in shards:
         all_labels += shard_labels
         all_diffs += shard_diffs
+        all_p_fakes += shard_p_fakes
         all_subsets += shard_subsets
         report.add(examples)
         report.count += count - len(examples)
     concat = lambda arrays, dtype: np.concatenate(arrays) if arrays else np.zeros(0, dtype)  # noqa: E731
-    return concat(all_labels, np.int64), concat(all_diffs, np.float32), all_subsets, report
-
-
-def score(labels, logit_diff, subsets, temperature: float, threshold: float) -> dict:
-    """Per-subset metrics with the model's calibrated probabilities and decision threshold."""
-    return per_subset_metrics(labels, calibrated_p_fake(logit_diff, temperature), subsets, threshold=threshold)
+    diffs, p_fakes = concat(all_diffs, np.float32), concat(all_p_fakes, np.float32)
+    return concat(all_labels, np.int64), diffs, p_fakes, all_subsets, report
 
 
 def evaluate(model, dataset, preprocess, accelerator, robustness=False, batch_size=64, num_workers=0):
     """{"clean": per-subset metrics[, "jpeg95": ..., ...]} plus the bad-image report of the clean pass."""
-    config = mirage_core(model).config
+    threshold = mirage_core(model).config.decision_threshold
     conditions = [("clean", preprocess)]
     if robustness:
         conditions += [
@@ -95,11 +93,12 @@ def evaluate(model, dataset, preprocess, accelerator, robustness=False, batch_si
         ]
     results, clean_report = {}, None
     for name, condition in conditions:
-        labels, diffs, subsets, report = predict(
+        labels, diffs, p_fake, subsets, report = predict(
             model, dataset, condition, accelerator, batch_size, num_workers, desc=f"eval {name}"
         )
         if not labels.size:
             raise ValueError(f"no readable image in the evaluation data ({report.summary()})")
-        results[name] = score(labels, diffs, subsets, config.calibration_temperature, config.decision_threshold)
+        # ranking metrics on the logit difference (no temperature changes them), the rest on calibrated p(fake)
+        results[name] = per_subset_metrics(labels, p_fake, subsets, threshold=threshold, scores=diffs)
         clean_report = clean_report or report
     return results, clean_report

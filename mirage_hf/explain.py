@@ -28,9 +28,11 @@ REAL_RGB = np.array([30.0, 80.0, 230.0])
 
 
 def _log_odds(model, pixel_values: torch.Tensor) -> torch.Tensor:
-    """(B,) calibrated log-odds of "fake" relative to the threshold: positive exactly when the verdict is fake."""
-    logits, _, _ = model.detect(pixel_values)
-    logits = model.calibrated(logits.float())
+    """(B,) calibrated log-odds of "fake" relative to the threshold: positive exactly when the verdict is fake.
+
+    Read from the model's own calibrated output logits (float32), so the map explains the verdict users get.
+    """
+    logits = model(pixel_values=pixel_values).logits
     return logits[:, 1] - logits[:, 0]
 
 

@@ -132,13 +132,23 @@ Detector.from_pretrained("{repo_id}", unsure_margin=0.1)(images)  # [Verdict(lab
 """
 
 
-def _calibration_section(config: dict) -> str:
+def _calibration_section(config: dict, results: dict | None) -> str:
+    calibration = (results or {}).get("calibration")
+    if calibration is None:
+        how = "How they were chosen is not recorded with this model."
+    else:
+        how = (
+            f"They were chosen on {calibration['n_real']} real and {calibration['n_fake']} fake held-out training "
+            f"images, never trained on and never from the test split. Rule: {calibration['rule']}."
+        )
+        how += "".join(f"\n\n> {note}" for note in calibration.get("warnings", []))
     return f"""## Decision threshold and calibration
 
-A temperature and a decision threshold on p(fake) were fitted on held-out training data, never trained on:
-T = {config["calibration_temperature"]:.4g}, t = {config["decision_threshold"]:.4g}. Both are folded into the output
-logits, so the pipeline's `fake` score is calibrated and `score(fake) >= 0.5` is the model's decision; `mirage_hf`
-reports p(fake) = sigmoid((logit_fake - logit_real) / T) and compares it with t instead.
+Temperature T = {config["calibration_temperature"]:.4g}, decision threshold t = {config["decision_threshold"]:.4g} on
+p(fake) = sigmoid((logit_fake - logit_real) / T). {how}
+
+Both are folded into the output logits, so the pipeline's `fake` score is calibrated and `score(fake) >= 0.5` is
+the model's decision; the model output also carries `p_fake` itself and the raw `logit_diff`.
 """
 
 
@@ -150,13 +160,15 @@ def _evaluation_section(results: dict | None) -> str:
 
 Data: `{_dataset_label(results["eval_dataset"])}`, split `{results.get("eval_split")}`, preprocessing \
 `{results.get("preprocess")}`, {results.get("bad_images", 0)} unreadable images skipped. Metrics in percent, fake
-is the positive class; `mean` averages the generators, `all` pools their images.
+is the positive class; `mean` averages the generators, `all` pools their images. AP, AUC and TPR@5% rank images by
+the uncalibrated logit difference, so the temperature does not change them; accuracies and ECE use the calibrated
+p(fake) at the threshold.
 
 ```
 {format_table(results["clean"], title=title)}
 ```
 """
-    conditions = {name: value for name, value in results.items() if isinstance(value, dict)}
+    conditions = {name: value for name, value in results.items() if isinstance(value, dict) and name != "calibration"}
     if len(conditions) > 1:
         text += f"""
 Robustness (the same images JPEG-compressed, blurred or downscaled):
@@ -240,7 +252,7 @@ in its text and image encoders. Base CLIP: {base}. Mode `{config.get("mode")}`, 
 tokens, depth {config.get("prompt_depth")}. Labels: `real`, `fake`. Trained with mirage-hf {__version__}.
 {space}
 {_usage_section(repo_id)}
-{_calibration_section(config)}
+{_calibration_section(config, results)}
 {_evaluation_section(results)}
 {INTENDED_USE}
 {LIMITATIONS}

@@ -1,8 +1,8 @@
 """Scoring images with a trained detector: the one code path behind the CLI, the Space and evaluation users.
 
-`Detector` loads a MiraGe model folder or Hub id with its image processor and returns, per image, the
-calibrated probability of "fake" (`sigmoid((logit_fake - logit_real) / T)`) and the verdict at the model's
-calibrated threshold, with an optional "unsure" band around it.
+`Detector` loads a MiraGe model folder or Hub id with its image processor and returns, per image, the model's
+calibrated probability of "fake" (`MiraGeOutput.p_fake`) and the verdict at the model's calibrated threshold,
+with an optional "unsure" band around it.
 """
 
 from dataclasses import dataclass
@@ -11,7 +11,6 @@ import numpy as np
 import torch
 from transformers.models.auto.image_processing_auto import AutoImageProcessor  # top-level: torchvision-only in 5.17
 
-from .calibration import calibrated_p_fake
 from .modeling_mirage import MiraGeForImageClassification
 from .transforms import Preprocessor
 
@@ -73,11 +72,10 @@ class Detector:
         return next(self.model.parameters()).device
 
     def p_fake(self, images) -> np.ndarray:
-        """Calibrated p(fake) for a list of RGB PIL images (one batch)."""
+        """The model's calibrated p(fake) (`MiraGeOutput.p_fake`, float32) for a list of RGB PIL images (one batch)."""
         pixel_values = self.preprocess(list(images)).to(self.device, self.model.dtype)
         with torch.inference_mode():
-            logits, _, _ = self.model.detect(pixel_values)
-        return calibrated_p_fake(logits.float().cpu(), self.model.config.calibration_temperature)
+            return self.model(pixel_values=pixel_values).p_fake.cpu().numpy()
 
     def verdict(self, p_fake: float, threshold: float | None = None) -> Verdict:
         """The label at `threshold` (default: the model's calibrated one), "unsure" within the margin."""

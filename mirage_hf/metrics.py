@@ -2,9 +2,12 @@
 
 Conventions used everywhere in this module:
 
-* ``labels``: 0 = real, 1 = fake; ``p_fake``: probability of fake in [0, 1].
-* A sample is predicted fake iff ``p_fake >= threshold`` (the same rule as :mod:`mirage_hf.calibration`).
-* Fake is the positive class for AP, ROC AUC and TPR@FPR.
+* ``labels``: 0 = real, 1 = fake; ``p_fake``: the model's calibrated probability of fake in [0, 1].
+* A sample is predicted fake iff ``p_fake >= threshold`` (the model's rule, ``modeling_mirage.calibrate_logits``).
+* ``scores``: the ranking score for AP, ROC AUC and TPR@FPR (fake = positive). Pass the logit difference
+  ``logit_fake - logit_real`` (``MiraGeOutput.logit_diff``): it cannot saturate and no temperature changes its
+  order, whereas a confident temperature turns p(fake) into exact 0s and 1s that tie and pull AP and AUC to chance.
+  Without ``scores``, ``p_fake`` ranks.
 * Per-generator subsets are reported one by one and as their unweighted mean (the AIGI ACC/AP convention),
   because a pooled number hides a generator the detector misses.
 
@@ -58,37 +61,53 @@ def to_numpy(x) -> np.ndarray:
     return np.asarray(x)
 
 
-def _check_inputs(labels, p_fake) -> tuple[np.ndarray, np.ndarray]:
+def _check_scores(scores, n: int) -> np.ndarray:
+    scores = to_numpy(scores).astype(np.float64).reshape(-1)
+    if scores.size != n:
+        raise ValueError(f"scores and labels differ in length: {scores.size} vs {n}")
+    if not np.isfinite(scores).all():
+        raise ValueError("scores must be finite")
+    return scores
+
+
+def _check_labels(labels) -> np.ndarray:
     labels = to_numpy(labels).reshape(-1)
+    if not np.isin(labels, (0, 1)).all():
+        raise ValueError("labels must be 0 (real) or 1 (fake)")
+    return labels.astype(np.int64)
+
+
+def _check_inputs(labels, p_fake) -> tuple[np.ndarray, np.ndarray]:
+    labels = _check_labels(labels)
     p_fake = to_numpy(p_fake).astype(np.float64).reshape(-1)
     if labels.shape != p_fake.shape:
         raise ValueError(f"labels and p_fake differ in length: {labels.size} vs {p_fake.size}")
-    if not np.isin(labels, (0, 1)).all():
-        raise ValueError("labels must be 0 (real) or 1 (fake)")
     if not (np.isfinite(p_fake).all() and (p_fake >= 0).all() and (p_fake <= 1).all()):
         raise ValueError("p_fake must be probabilities in [0, 1]")
-    return labels.astype(np.int64), p_fake
+    return labels, p_fake
 
 
 def _mean_or_nan(values: np.ndarray) -> float:
     return float(values.mean()) if values.size else float("nan")
 
 
-def tpr_at_fpr(labels, p_fake, target_fpr: float = TARGET_FPR) -> float:
+def tpr_at_fpr(labels, scores, target_fpr: float = TARGET_FPR) -> float:
     """Highest TPR over the ROC operating points whose FPR is <= ``target_fpr`` (conservative, no interpolation).
 
-    Every point is achievable by an actual threshold, so the number is what a deployed detector gets; it equals
-    the TPR at ``calibration.fit_threshold(method="target_fpr")`` fitted on the same data. ``drop_intermediate``
-    is off because dropping collinear ROC points can remove the best admissible one. nan with one class only.
+    Every point is achievable by an actual threshold, so the number is what a deployed detector gets; on p(fake)
+    it equals the TPR at ``calibration.fit_threshold(method="target_fpr")`` fitted on the same data.
+    ``drop_intermediate`` is off because dropping collinear ROC points can remove the best admissible one. nan with
+    one class only.
     """
-    labels, p_fake = _check_inputs(labels, p_fake)
+    labels = _check_labels(labels)
+    scores = _check_scores(scores, labels.size)
     if np.unique(labels).size < 2:
         return float("nan")
     from sklearn.metrics import (
         roc_curve,  # lazy: scikit-learn adds ~2 s to every mirage-detect start
     )
 
-    fpr, tpr, _ = roc_curve(labels, p_fake, drop_intermediate=False)
+    fpr, tpr, _ = roc_curve(labels, scores, drop_intermediate=False)
     return float(tpr[fpr <= target_fpr].max())  # roc_curve starts at (0, 0), so the selection is never empty
 
 
@@ -111,12 +130,13 @@ def expected_calibration_error(labels, p_fake, n_bins: int = ECE_BINS) -> float:
     return float(np.abs(gap).sum() / labels.size)
 
 
-def detection_metrics(labels, p_fake, threshold: float = 0.5) -> dict:
+def detection_metrics(labels, p_fake, threshold: float = 0.5, scores=None) -> dict:
     """All per-set metrics of design.md section 4 for one set of images.
 
     Keys: ``accuracy``, ``real_accuracy`` (TNR), ``fake_accuracy`` (TPR) at ``threshold`` (fake iff
-    p_fake >= threshold); ``average_precision`` and ``roc_auc`` with fake as positive; ``tpr_at_5_fpr``
-    (see :func:`tpr_at_fpr`); ``ece`` (see :func:`expected_calibration_error`); ``n``, ``n_real``, ``n_fake``.
+    p_fake >= threshold) and ``ece`` (see :func:`expected_calibration_error`), from ``p_fake``;
+    ``average_precision`` and ``roc_auc`` with fake as positive and ``tpr_at_5_fpr`` (see :func:`tpr_at_fpr`),
+    from ``scores`` (default ``p_fake``; see the module docstring); ``n``, ``n_real``, ``n_fake``.
 
     A set with a single class (e.g. a generator folder without reals) has no ranking metrics: AP, AUC and
     TPR@5%FPR are ``nan`` (no sklearn call, so no warnings), and the accuracy of the absent class is ``nan`` too.
@@ -127,6 +147,7 @@ def detection_metrics(labels, p_fake, threshold: float = 0.5) -> dict:
     )
 
     labels, p_fake = _check_inputs(labels, p_fake)
+    scores = p_fake if scores is None else _check_scores(scores, labels.size)
     predicted = (p_fake >= threshold).astype(np.int64)
     correct = predicted == labels
     is_fake = labels == 1
@@ -136,9 +157,9 @@ def detection_metrics(labels, p_fake, threshold: float = 0.5) -> dict:
         "accuracy": _mean_or_nan(correct),
         "real_accuracy": _mean_or_nan(correct[~is_fake]),
         "fake_accuracy": _mean_or_nan(correct[is_fake]),
-        "average_precision": float(average_precision_score(labels, p_fake)) if both_classes else nan,
-        "roc_auc": float(roc_auc_score(labels, p_fake)) if both_classes else nan,
-        "tpr_at_5_fpr": tpr_at_fpr(labels, p_fake, TARGET_FPR),
+        "average_precision": float(average_precision_score(labels, scores)) if both_classes else nan,
+        "roc_auc": float(roc_auc_score(labels, scores)) if both_classes else nan,
+        "tpr_at_5_fpr": tpr_at_fpr(labels, scores, TARGET_FPR),
         "ece": expected_calibration_error(labels, p_fake),
         "n": int(labels.size),
         "n_real": int((~is_fake).sum()),
@@ -160,12 +181,13 @@ def mean_over_subsets(per_subset: Mapping[str, dict]) -> dict:
     return out
 
 
-def per_subset_metrics(labels, p_fake, subsets: Sequence[str], threshold: float = 0.5) -> dict[str, dict]:
+def per_subset_metrics(labels, p_fake, subsets: Sequence[str], threshold: float = 0.5, scores=None) -> dict[str, dict]:
     """:func:`detection_metrics` per subset (first-appearance order), then ``"mean"`` and ``"all"`` (pooled).
 
     ``"mean"`` is what papers report as the per-generator average; ``"all"`` is the pooled set.
     """
     labels, p_fake = _check_inputs(labels, p_fake)
+    scores = p_fake if scores is None else _check_scores(scores, labels.size)
     subsets = np.asarray([str(s) for s in subsets], dtype=str)
     if subsets.shape != labels.shape:
         raise ValueError(f"subsets has {subsets.size} entries for {labels.size} samples")
@@ -174,9 +196,13 @@ def per_subset_metrics(labels, p_fake, subsets: Sequence[str], threshold: float 
     clash = set(names) & set(RESERVED_SUBSETS)
     if clash:
         raise ValueError(f"subset names {sorted(clash)} are reserved for the aggregate rows")
-    results = {name: detection_metrics(labels[subsets == name], p_fake[subsets == name], threshold) for name in names}
+    results = {
+        name: detection_metrics(labels[rows], p_fake[rows], threshold, scores[rows])
+        for name in names
+        for rows in [subsets == name]
+    }
     results["mean"] = mean_over_subsets(results)
-    results["all"] = detection_metrics(labels, p_fake, threshold)
+    results["all"] = detection_metrics(labels, p_fake, threshold, scores)
     return results
 
 

@@ -43,6 +43,12 @@ class MiraGeOutput(ModelOutput):
         Calibrated logits for (real, fake): `softmax(logits)[:, 1] >= 0.5` is the model's fake decision.
     image_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`):
         L2-normalised image features.
+    logit_diff (`torch.FloatTensor` of shape `(batch_size,)`):
+        Uncalibrated `logit_fake - logit_real` in float32: the ranking score (AP, ROC AUC), which no temperature
+        changes and which does not saturate.
+    p_fake (`torch.FloatTensor` of shape `(batch_size,)`):
+        Calibrated probability of fake, `sigmoid(logit_diff / calibration_temperature)`; the model calls an image
+        fake when it reaches `decision_threshold`.
     loss_ce, loss_align, loss_sep, loss_supcon (`torch.FloatTensor` of shape `()`, *optional*):
         The unweighted loss terms that are switched on, for logging.
     hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned with `output_hidden_states=True`):
@@ -61,6 +67,8 @@ class MiraGeOutput(ModelOutput):
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
     image_embeds: torch.FloatTensor | None = None
+    logit_diff: torch.FloatTensor | None = None
+    p_fake: torch.FloatTensor | None = None
     loss_ce: torch.FloatTensor | None = None
     loss_align: torch.FloatTensor | None = None
     loss_sep: torch.FloatTensor | None = None
@@ -79,15 +87,19 @@ def _replace_tokens(hidden: torch.Tensor, prompts: torch.Tensor, start: int) -> 
     return torch.cat([hidden[:, :start], prompts, hidden[:, start + prompts.shape[1] :]], dim=1)
 
 
-def calibrate_logits(logits: torch.Tensor, temperature: float, threshold: float) -> torch.Tensor:
-    """Applies the stored calibration: logits / T, with the fake logit shifted by -logit(threshold).
+def calibrate_logits(logits: torch.Tensor, temperature: float, threshold: float) -> dict[str, torch.Tensor]:
+    """The calibration rule, in its one home: what the model outputs for (real, fake) logits `(..., 2)`.
 
-    After this, `softmax(logits)[:, 1] >= 0.5` exactly when the calibrated p(fake) reaches `threshold`.
+    * `logit_diff = logit_fake - logit_real` (float32), the uncalibrated ranking score;
+    * `p_fake = sigmoid(logit_diff / temperature)`, the calibrated probability of fake;
+    * `logits`: `logits / temperature` (float32) with the fake logit shifted by `-logit(threshold)`, so that
+      `softmax(logits)[..., 1] >= 0.5` exactly when `p_fake` reaches `threshold` (what `pipeline()` reports).
     """
-    if temperature == 1.0 and threshold == 0.5:
-        return logits
-    shift = torch.tensor([0.0, math.log(threshold / (1.0 - threshold))], device=logits.device, dtype=logits.dtype)
-    return logits / temperature - shift
+    logits = logits.float()  # bf16 would move the decision at the threshold
+    logit_diff = logits[..., 1] - logits[..., 0]
+    shift = torch.tensor([0.0, math.log(threshold / (1.0 - threshold))], device=logits.device)
+    calibrated = logits if temperature == 1.0 and threshold == 0.5 else logits / temperature - shift
+    return {"logits": calibrated, "logit_diff": logit_diff, "p_fake": torch.sigmoid(logit_diff / temperature)}
 
 
 class MiraGePromptLearner(nn.Module):
@@ -460,7 +472,8 @@ class MiraGeModel(MiraGePreTrainedModel):
             logits = self.clip.logit_scale.exp() * image_embeds @ text_embeds.to(image_embeds.dtype).T
         return logits, image_embeds, text_embeds, vision
 
-    def calibrated(self, logits: torch.Tensor) -> torch.Tensor:
+    def calibrated(self, logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        """`calibrate_logits` with this model's stored temperature and threshold: the calibrated output fields."""
         return calibrate_logits(logits, self.config.calibration_temperature, self.config.decision_threshold)
 
     def forward(
@@ -488,7 +501,7 @@ class MiraGeModel(MiraGePreTrainedModel):
         terms = {} if labels is None else self.loss_fn(logits, image_embeds, text_embeds, labels.to(logits.device))
         output = MiraGeOutput(
             loss=terms.get("loss"),
-            logits=self.calibrated(logits),
+            **self.calibrated(logits),
             image_embeds=image_embeds,
             **{f"loss_{name}": value for name, value in terms.items() if name != "loss"},
             hidden_states=vision.hidden_states,

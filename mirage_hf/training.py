@@ -9,6 +9,7 @@ import logging
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
@@ -295,6 +296,12 @@ def train(cfg: TrainConfig) -> dict:
             clean["mean"]["average_precision"],
         )
         score = clean["mean"]["accuracy"]
+        if calibration_set is not None:  # choose the checkpoint on held-out training images, not the test split
+            labels, diffs, _, _, _ = predict(
+                model, calibration_set, eval_preprocess, accelerator, cfg.eval_batch_size, desc="validate"
+            )
+            score = -float(np.logaddexp(0.0, -(2.0 * labels - 1.0) * diffs).mean())  # held-out cross-entropy
+            logger.info("step %d: held-out cross-entropy %.3g", progress["global_step"], -score)
         if progress["best_score"] is None or score > progress["best_score"]:
             progress["best_score"] = score
             if accelerator.is_main_process:
@@ -358,32 +365,38 @@ def train(cfg: TrainConfig) -> dict:
     if progress["best_score"] is None:  # resumed from a checkpoint taken after the last step
         evaluate_and_export()
 
-    # The exported best model gets calibrated on held-out data, then evaluated once more as it will be used.
+    # The exported best model gets calibrated on held-out training data (never on the test split), then evaluated
+    # once more as it will be used.
     best = MiraGeForImageClassification.from_pretrained(output_dir / "model")
     best.to(accelerator.device)
+    calibration = None
     if calibration_set is not None:
-        labels, diffs, _, report = predict(
+        labels, diffs, _, _, report = predict(
             best, calibration_set, eval_preprocess, accelerator, cfg.eval_batch_size, desc="calibrate"
         )
         if report.count:
             logger.warning("calibration data: %s", report.summary())
-        fitted = calibrate(diffs, labels, method=cfg.calibrate, target_fpr=cfg.target_fpr)
-        best.config.calibration_temperature = fitted["temperature"]
-        best.config.decision_threshold = min(max(fitted["threshold"], 1e-6), 1 - 1e-6)
+        calibration = calibrate(diffs, labels, method=cfg.calibrate, target_fpr=cfg.target_fpr)
+        best.config.calibration_temperature = calibration["temperature"]
+        best.config.decision_threshold = calibration["threshold"]
         logger.info(
-            "calibration (%s on %d held-out images): temperature %.3f, threshold %.3f",
-            cfg.calibrate,
-            len(labels),
-            best.config.calibration_temperature,
-            best.config.decision_threshold,
+            "calibration on %d real + %d fake held-out images: temperature %.3f, threshold %.3f (%s)",
+            calibration["n_real"],
+            calibration["n_fake"],
+            calibration["temperature"],
+            calibration["threshold"],
+            calibration["rule"],
         )
-    results = finish_evaluation(cfg, best, eval_set, eval_preprocess, accelerator, image_processor)
+    results = finish_evaluation(cfg, best, eval_set, eval_preprocess, accelerator, image_processor, calibration)
     accelerator.end_training()
     return results
 
 
-def finish_evaluation(cfg, model, eval_set, preprocess, accelerator, image_processor) -> dict:
-    """Evaluates (optionally under the robustness sweep), prints the tables, writes eval_results.json."""
+def finish_evaluation(cfg, model, eval_set, preprocess, accelerator, image_processor, calibration=None) -> dict:
+    """Evaluates (optionally under the robustness sweep), prints the tables, writes eval_results.json.
+
+    `calibration` is the record of how this run chose T and t (`calibration.calibrate`); None when it fitted none.
+    """
     results, report = evaluate(
         model,
         eval_set,
@@ -402,6 +415,7 @@ def finish_evaluation(cfg, model, eval_set, preprocess, accelerator, image_proce
             "preprocess": preprocess.mode,
             "threshold": config.decision_threshold,
             "temperature": config.calibration_temperature,
+            "calibration": calibration,
             "bad_images": report.count,
             **results,
         }
