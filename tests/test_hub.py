@@ -46,6 +46,12 @@ EVAL_RESULTS = {
     "preprocess": "center_crop",
     "threshold": 0.3,
     "temperature": 0.5,
+    "calibration": {
+        "rule": "temperature: cross-entropy against Platt's targets; threshold: balanced accuracy",
+        "n_real": 120,
+        "n_fake": 110,
+        "warnings": ["calibration: the 230 held-out images are perfectly separated"],
+    },
     "bad_images": 1,
     "clean": {name: metrics(acc) for name, acc in SUBSETS.items()},
     "jpeg75": {name: metrics(acc - 0.1) for name, acc in SUBSETS.items()},
@@ -82,6 +88,11 @@ def test_model_card_carries_the_numbers_the_licence_and_the_usage(staged):
     assert "non-commercial use only" in text and "CC BY-NC-SA 4.0" in text and "/data/GenImage" not in text
     assert f'pipeline("image-classification", model="{REPO}", trust_remote_code=True)' in text
     assert "import mirage_hf" in text and "t = 0.3" in text and "jpeg75" in text and "Limitations" in text
+    # how T and t were chosen, and that the ranking metrics do not depend on them
+    assert "120 real and 110 fake held-out training images" in text and "Platt's targets" in text
+    assert "> calibration: the 230 held-out images are perfectly separated" in text
+    assert "rank images by\nthe uncalibrated logit difference" in text
+    assert "calibration " not in text.split("Robustness")[-1]  # the record is not a robustness condition
 
 
 def test_staged_folders_hold_the_model_files_and_the_space(staged, model_dir):

@@ -66,6 +66,23 @@ def test_threshold_moves_accuracies_but_not_ranking_or_ece():
     assert detection_metrics([1], [0.5], threshold=0.5)["fake_accuracy"] == 1.0
 
 
+def test_ranking_metrics_come_from_scores_the_rest_from_p_fake():
+    """Scores in the hand example's order, p(fake) saturated to 0 / 1 as a confident temperature makes it."""
+    scores = [-30.0, 2.0, 25.0, -1.0, 40.0, 50.0]
+    saturated = [0.0, 1.0, 1.0, 0.0, 1.0, 1.0]
+    m, hand = detection_metrics(LABELS, saturated, scores=scores), detection_metrics(LABELS, P_FAKE)
+    for key in ("roc_auc", "average_precision", "tpr_at_5_fpr"):
+        assert m[key] == pytest.approx(hand[key], abs=1e-12), key
+    assert m["accuracy"] == pytest.approx(3 / 6) and m["real_accuracy"] == pytest.approx(1 / 3)  # at p >= 0.5
+    assert detection_metrics(LABELS, saturated)["roc_auc"] == pytest.approx(0.5)  # ranked by the ties instead
+    res = per_subset_metrics(LABELS, saturated, ["x"] * 6, scores=scores)
+    assert res["x"]["roc_auc"] == res["all"]["roc_auc"] == pytest.approx(7 / 9)
+    with pytest.raises(ValueError, match="finite"):
+        detection_metrics(LABELS, P_FAKE, scores=[float("inf")] * 6)
+    with pytest.raises(ValueError, match="differ in length"):
+        detection_metrics(LABELS, P_FAKE, scores=[0.0])
+
+
 def test_tpr_at_fpr_is_conservative():
     reals = [0.01 * i for i in range(19)] + [0.95]  # 20 reals: one real allowed above threshold at 5% FPR
     fakes = [0.1, 0.3, 0.5, 0.9, 0.97]

@@ -202,6 +202,21 @@ def test_calibration_moves_the_decision(make_model, pixel_values):
     assert torch.equal(decided_fake, p_raw >= 0.8)
 
 
+@pytest.mark.parametrize("mode", ["mirage", "linear_probe"])
+def test_output_carries_the_raw_logit_difference_and_the_calibrated_p_fake(make_model, pixel_values, mode):
+    """The one calibrated probability every consumer reads, next to the ranking score that no temperature moves."""
+    model = make_model(mode).eval()
+    model.config.calibration_temperature, model.config.decision_threshold = 0.4, 0.7
+    with torch.no_grad():
+        logits, _, _ = model.detect(pixel_values)
+        out = model(pixel_values)
+    z = logits[:, 1] - logits[:, 0]
+    assert out.logit_diff.shape == out.p_fake.shape == (4,) and out.p_fake.dtype == torch.float32
+    torch.testing.assert_close(out.logit_diff, z)
+    torch.testing.assert_close(out.p_fake, torch.sigmoid(z / 0.4))
+    assert torch.equal(out.logits.softmax(-1)[:, 1] >= 0.5, out.p_fake >= 0.7)
+
+
 # ------------------------------------------------------------------------------------------------- loss
 
 

@@ -58,6 +58,31 @@ def test_training_exports_a_pipeline_model_and_per_generator_results(tmp_path, c
     assert (tmp_path / "model" / "eval_results.json").exists()
 
 
+def test_the_test_split_never_influences_temperature_threshold_or_weights(tmp_path):
+    """The oracle-threshold check: identical training data, evaluated three times on its test split, and the same
+    again on that split with every label swapped. Anything chosen on the test split would flip; the exported
+    checkpoint, temperature and threshold must be identical, because they come from held-out training images."""
+    import shutil
+
+    from mirage_hf.synthetic import make_synthetic_genimage
+
+    root = make_synthetic_genimage(
+        tmp_path / "data", generators=["upsampler"], n_train_per_class=120, n_val_per_class=8, image_size=16
+    )
+    swapped = tmp_path / "swapped"
+    shutil.copytree(root / "upsampler" / "val" / "ai", swapped / "real")
+    shutil.copytree(root / "upsampler" / "val" / "nature", swapped / "fake")
+    args = ["--dataset", f"genimage:{root}", "--max_steps", "6", "--eval_every", "2", "--calibration_holdout", "0.2"]
+    honest = run(tmp_path / "a", *args)
+    swapped = run(tmp_path / "b", *args, "--eval_dataset", str(swapped), "--eval_split", "train")
+    assert honest["clean"]["all"]["accuracy"] == pytest.approx(1 - swapped["clean"]["all"]["accuracy"])
+    assert honest["calibration"]["fitted"] and honest["calibration"]["n_real"] == honest["calibration"]["n_fake"] == 24
+    assert honest["calibration"] == swapped["calibration"]
+    assert (honest["temperature"], honest["threshold"]) == (swapped["temperature"], swapped["threshold"])
+    a, b = trainable_state(tmp_path / "a"), trainable_state(tmp_path / "b")
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
 def test_interrupted_training_resumes_to_the_same_parameters(tmp_path, monkeypatch, caplog):
     import mirage_hf.training as training
 
