@@ -175,7 +175,7 @@ def saturating_detector(make_model, clip_dir):
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (30, 30, 3), dtype=np.uint8)) for _ in range(96)]
     with torch.no_grad():
-        features = model.encode_image(preprocess(images), [])
+        features = model.encode_image(preprocess(images), []).pooler_output
         direction = torch.randn(features.shape[1], generator=torch.Generator().manual_seed(1))
         z = features @ direction
         model.classifier.weight.zero_()
