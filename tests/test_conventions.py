@@ -111,9 +111,11 @@ def test_return_dict_false_gives_the_output_as_a_tuple(make_model, pixel_values,
         model.config.return_dict = False
         from_config = model(pixel_values)
     assert isinstance(as_tuple, tuple) and isinstance(from_config, tuple)
-    assert len(as_tuple) == len(expected.to_tuple()) == 3  # logits, image_embeds, hidden_states
+    assert len(as_tuple) == len(expected.to_tuple()) == 5  # logits, image_embeds, logit_diff, p_fake, hidden_states
     torch.testing.assert_close(as_tuple[0], expected.logits)
-    torch.testing.assert_close(as_tuple[2], expected.hidden_states)
+    torch.testing.assert_close(as_tuple[2], expected.logit_diff)
+    torch.testing.assert_close(as_tuple[3], expected.p_fake)
+    torch.testing.assert_close(as_tuple[4], expected.hidden_states)
     torch.testing.assert_close(from_config[0], expected.logits)
     assert isinstance(model(pixel_values, return_dict=True).logits, torch.Tensor)
 
