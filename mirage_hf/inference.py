@@ -74,7 +74,11 @@ class Detector:
 
     def p_fake(self, images) -> np.ndarray:
         """Calibrated p(fake) for a list of RGB PIL images (one batch)."""
-        pixel_values = self.preprocess(list(images)).to(self.device, self.model.dtype)
+        return self.p_fake_from_pixels(self.preprocess(list(images)))
+
+    def p_fake_from_pixels(self, pixel_values: torch.Tensor) -> np.ndarray:
+        """Calibrated p(fake) for a batch already preprocessed by `self.preprocess` (as DataLoader workers do)."""
+        pixel_values = pixel_values.to(self.device, self.model.dtype)
         with torch.inference_mode():
             logits, _, _ = self.model.detect(pixel_values)
         return calibrated_p_fake(logits.float().cpu(), self.model.config.calibration_temperature)

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import mirage_hf.cli
-from mirage_hf.cli import FIELDS, main
+import mirage_hf.scan
+from mirage_hf.cli import main
 from mirage_hf.inference import Detector
+from mirage_hf.scan import FIELDS
 
 GOOD = [
     "nested/deeper/ok_rgb.png",
@@ -141,10 +142,10 @@ def test_small_batches_give_the_same_rows_and_decode_lazily(capsys, folder, mode
     before each scoring call), never all up front, which is what lets a folder of 100k images run."""
     one_batch = jsonl(run(capsys, folder, "--model", model_dir, "--format", "jsonl", "--batch_size", "64")[1])
     events = []
-    open_image, p_fake = mirage_hf.cli.open_image, Detector.p_fake
-    monkeypatch.setattr(mirage_hf.cli, "open_image", lambda path: events.append("o") or open_image(path))
-    monkeypatch.setattr(Detector, "p_fake", lambda self, images: events.append("|") or p_fake(self, images))
-    code, out, _ = run(capsys, folder, "--model", model_dir, "--format", "jsonl", "--batch_size", "3")
+    open_image, p_fake = mirage_hf.scan.open_image, Detector.p_fake_from_pixels
+    monkeypatch.setattr(mirage_hf.scan, "open_image", lambda path: events.append("o") or open_image(path))
+    monkeypatch.setattr(Detector, "p_fake_from_pixels", lambda self, pixels: events.append("|") or p_fake(self, pixels))
+    code, out, _ = run(capsys, folder, "--model", model_dir, "--format", "jsonl", "--batch_size", "3", "--num_workers", "0")
     assert code == 2
     for small, big in zip(jsonl(out), one_batch, strict=True):
         assert small == pytest.approx(big, abs=2e-4)  # batched kernels may round the 4th decimal differently
