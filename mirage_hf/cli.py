@@ -269,7 +269,7 @@ def _scan_shard(args, detector: Detector, paths: PathList, state) -> Counter | N
     wait_for_parts(output, world)
     parts = [part_path(output, index, world) for index in range(world)]
     counts = Counter()
-    rows = itertools.chain(read_rows(output, args.format) if resume_output else (), merged_rows(parts))
+    rows = merged_rows(parts, read_rows(output, args.format) if resume_output else ())
     width = max(map(len, paths)) if args.format == "table" else 0
     write_output(lambda handle: write_rows(count_labels(rows, counts), args.format, handle, width), output)
     for part in parts:

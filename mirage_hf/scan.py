@@ -374,11 +374,16 @@ def wait_for_parts(output: str, world: int, poll_seconds: float = 0.5) -> None:
         time.sleep(poll_seconds)
 
 
-def merged_rows(parts: list[str]) -> Iterator[Row]:
-    """The parts' rows interleaved one by one, which restores input order for parts of the round-robin shards."""
-    readers = [read_rows(part, "jsonl") for part in parts]
-    for group in itertools.zip_longest(*readers):
-        yield from (row for row in group if row is not None)
+def merged_rows(parts: list[str], earlier: Iterable[Row] = ()) -> Iterator[Row]:
+    """The `earlier` rows (a resumed output), then the parts' rows interleaved one by one, which restores input
+    order for the round-robin shards. Part rows already among the earlier ones are dropped: a merge killed after
+    its rename but before the parts were deleted is redone without duplicates."""
+    seen = set()
+    for row in earlier:
+        seen.add(row.path)
+        yield row
+    for group in itertools.zip_longest(*(read_rows(part, "jsonl") for part in parts)):
+        yield from (row for row in group if row is not None and row.path not in seen)
 
 
 def count_labels(rows: Iterable[Row], counts: Counter) -> Iterator[Row]:

@@ -349,6 +349,11 @@ def test_accelerate_launch_shards_the_scan_and_merges_one_output_and_resumes_per
     assert [row["p_fake"] for row in resumed if row["path"] in paths[1:5:2]] == ["0.9999", "0.9999"]  # kept
     assert sorted(os.listdir(tmp_path)) == ["resumed.csv", "sharded.csv", "single.csv"]  # parts merged, removed
 
+    # A merge killed after renaming the output into place, before deleting the parts: the rerun merges again.
+    part.write_text("".join(json.dumps(row) + "\n" for row in done))
+    launch_two_processes(*args, "--output", output, "--resume")
+    assert list(csv.DictReader(output.open())) == resumed
+
 
 MEMORY_PROBE = """
 import os, sys, tracemalloc
