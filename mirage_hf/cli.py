@@ -157,7 +157,7 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace, world
     """Usage errors that argparse cannot see, reported before any model is loaded."""
     if not args.inputs and args.files_from is None:
         parser.error("give INPUT files, folders or patterns, or --files_from LIST")
-    if args.files_from not in (None, "-") and not os.path.isfile(args.files_from):
+    if args.files_from not in (None, "-") and (not os.path.exists(args.files_from) or os.path.isdir(args.files_from)):
         parser.error(f"--files_from: no file {args.files_from!r}")
     if args.output is not None:
         if not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):

@@ -295,7 +295,7 @@ def repair_tail(path: str) -> bool:
 
 def read_rows(path: str, fmt: str) -> Iterator[Row]:
     """The rows of a csv or jsonl scan output, read line by line; a line that is not a row raises ScanOutputError."""
-    with open(path, encoding="utf-8", newline="") as handle:
+    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as handle:
         if fmt == "csv":
             reader = csv.reader(handle)
             header = next(reader, None)
@@ -329,7 +329,11 @@ class RowWriter:
 
     def __init__(self, fmt: str, output: str | None, append: bool = False):
         self.fmt = fmt
-        self.handle = sys.stdout if output is None else open(output, "a" if append else "w", encoding="utf-8")
+        self.handle = (
+            sys.stdout
+            if output is None
+            else open(output, "a" if append else "w", encoding="utf-8", errors="surrogateescape")
+        )
         if output is None or self.handle.tell() == 0:
             self.handle.write(_header(fmt))
 
