@@ -168,6 +168,8 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace, world
         parser.error("--resume continues an --output written with --format csv or jsonl")
     if world > 1 and args.output is None:
         parser.error("a scan under accelerate launch needs --output: each process writes a part next to it")
+    if world > 1 and args.files_from == "-":
+        parser.error("--files_from -: under accelerate launch every process reads the list; pass it as a file")
     if world > 1 and args.explain is not None:
         parser.error("--explain runs in one process, not under accelerate launch")
     if args.explain is not None and os.path.exists(args.explain) and not os.path.isdir(args.explain):
