@@ -1,51 +1,59 @@
 """`mirage-detect`: score image files, folders and glob patterns with a MiraGe detector.
 
     mirage-detect photos/ "shots/**/*.jpg" one.png --model my-detector --format csv --output scores.csv
+    find /archive -name '*.jpg' | mirage-detect --files_from - --format jsonl --output scores.jsonl --resume
+    accelerate launch --num_processes 8 -m mirage_hf.cli /archive --format jsonl --output scores.jsonl
 
-Images are decoded batch by batch, so memory holds one batch whatever the number of files. A file that cannot be
-read becomes an "error" row with its reason (also printed to stderr) and the run goes on.
+DataLoader workers decode while the model scores; csv and jsonl rows are written and flushed batch by batch, so
+`--resume` continues a killed scan where it stopped. Under `accelerate launch` each process scores every N-th
+file into a part next to `--output` and the main process merges the parts (see mirage_hf/scan.py). A file that
+cannot be read becomes an "error" row with its reason (also printed to stderr) and the run goes on.
 
-Exit codes: 0 every file was scored; 2 some files could not be read, or no image was found; 1 usage error or
-no loadable model.
+Exit codes: 0 every file was scored; 2 some files could not be read, or no image was found; 1 usage error,
+no loadable model or an output that cannot be resumed.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import glob
-import json
+import itertools
 import os
 import shutil
 import sys
 import tempfile
+import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
-from pathlib import Path
-from typing import NamedTuple, TextIO
 
 import torch
 from tqdm import tqdm
 from transformers.utils import logging as hf_logging
 
-from .atomic import atomic_write
-from .explain import explain_images
 from .inference import Detector
-from .transforms import PREPROCESS_MODES, ImageLoadError, open_image
+from .scan import (
+    FORMATS,
+    IMAGE_EXTENSIONS,
+    ROW_FORMATS,
+    PathList,
+    RowWriter,
+    ScanOutputError,
+    count_labels,
+    default_num_workers,
+    find_images,
+    foreign_parts,
+    merged_rows,
+    part_path,
+    read_rows,
+    resumed_rows,
+    score_batches,
+    wait_for_parts,
+    write_output,
+    write_rows,
+)
+from .transforms import PREPROCESS_MODES
 
 PROG = "mirage-detect"
 DEFAULT_MODEL = os.path.join("outputs", "demo", "model")  # where `python train.py` exports the demo detector
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-FORMATS = ("table", "csv", "json", "jsonl")
-FIELDS = ("path", "label", "p_fake", "error")
-
-
-class Row(NamedTuple):
-    path: str
-    label: str  # real / fake / unsure, or "error"
-    p_fake: float | None
-    error: str | None
 
 
 class _Parser(argparse.ArgumentParser):
@@ -59,6 +67,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
 
 
@@ -77,16 +92,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "inputs",
-        nargs="+",
+        nargs="*",
         metavar="INPUT",
         help="image files (any extension), folders (searched recursively for "
         f"{', '.join(sorted(e[1:] for e in IMAGE_EXTENSIONS))}) or glob patterns such as 'shots/**/*.jpg'",
+    )
+    parser.add_argument(
+        "--files_from",
+        metavar="LIST",
+        help="also score the files listed in LIST, one path per line, taken literally ('-': read stdin)",
     )
     parser.add_argument(
         "--model",
         help=f"detector folder or Hub id (default: {DEFAULT_MODEL}, the folder `python train.py` exports)",
     )
     parser.add_argument("--batch_size", type=_positive_int, default=32, help="images per forward pass (default 32)")
+    parser.add_argument(
+        "--num_workers",
+        type=_non_negative_int,
+        help="DataLoader processes decoding images while the model scores; 0 decodes in the main process "
+        f"(default: the usable CPUs less one, at most 8; here {default_num_workers()})",
+    )
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="model dtype (default float32)")
     parser.add_argument(
@@ -105,7 +131,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="label 'unsure' when p(fake) is within this distance of the calibrated threshold (default 0.05)",
     )
     parser.add_argument("--format", choices=FORMATS, default="table", help="output format (default table)")
-    parser.add_argument("--output", help="write the results to this file (atomically) instead of stdout")
+    parser.add_argument(
+        "--output",
+        help="write the results to this file instead of stdout: csv and jsonl row by row as batches are scored, "
+        "table and json atomically at the end",
+    )
+    existing = parser.add_mutually_exclusive_group()
+    existing.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted scan: skip every path already in --output (csv or jsonl) and append the rest",
+    )
+    existing.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     parser.add_argument(
         "--explain",
         metavar="DIR",
@@ -116,127 +153,81 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def find_images(inputs: Iterable[str]) -> list[str]:
-    """The files to score, in input order, each once.
-
-    A folder contributes its image files (by extension, recursively, sorted); a pattern with no literal file of
-    that name is expanded as a glob (`**` recursive); anything else is taken as a file and attempted, so a
-    missing or non-image file becomes an error row rather than vanishing.
-    """
-    found, seen = [], set()
-
-    def add(path: str):
-        key = os.path.normcase(os.path.abspath(path))
-        if key not in seen:
-            seen.add(key)
-            found.append(path)
-
-    for item in inputs:
-        is_pattern = not os.path.lexists(item) and any(char in item for char in "*?[")
-        for match in (sorted(glob.glob(item, recursive=True)) or [item]) if is_pattern else [item]:
-            if os.path.isdir(match):
-                for root, dirs, files in os.walk(match):
-                    dirs.sort()
-                    for name in sorted(files):
-                        if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
-                            add(os.path.join(root, name))
-            else:
-                add(match)
-    return found
-
-
-def _explain_namer(directory: str):
-    """Overlay file names after the input's stem; a repeated stem gets -1, -2, ... (case-insensitively)."""
-    used, last_number = set(), {}
-
-    def name(path: str) -> str:
-        stem = Path(path).stem or "image"
-        candidate, number = f"{stem}.png", last_number.get(stem.lower(), 0)
-        while candidate.lower() in used:
-            number += 1
-            candidate = f"{stem}-{number}.png"
-        used.add(candidate.lower())
-        last_number[stem.lower()] = number
-        return os.path.join(directory, candidate)
-
-    return name
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace, world: int) -> None:
+    """Usage errors that argparse cannot see, reported before any model is loaded."""
+    if not args.inputs and args.files_from is None:
+        parser.error("give INPUT files, folders or patterns, or --files_from LIST")
+    if args.files_from not in (None, "-") and (not os.path.exists(args.files_from) or os.path.isdir(args.files_from)):
+        parser.error(f"--files_from: no file {args.files_from!r}")
+    if args.output is not None:
+        if not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
+            parser.error(f"--output: the folder of {args.output!r} does not exist")
+        if os.path.exists(args.output) and not (args.resume or args.overwrite):
+            parser.error(f"--output: {args.output!r} exists; pass --resume to continue it or --overwrite to replace it")
+    if args.resume and (args.output is None or args.format not in ROW_FORMATS):
+        parser.error("--resume continues an --output written with --format csv or jsonl")
+    if world > 1 and args.output is None:
+        parser.error("a scan under accelerate launch needs --output: each process writes a part next to it")
+    if world > 1 and args.files_from == "-":
+        parser.error("--files_from -: under accelerate launch every process reads the list; pass it as a file")
+    if world > 1 and args.explain is not None:
+        parser.error("--explain runs in one process, not under accelerate launch")
+    if args.explain is not None and os.path.exists(args.explain) and not os.path.isdir(args.explain):
+        parser.error(f"--explain: {args.explain!r} exists and is not a folder")
+    if args.device is not None:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError as err:
+            parser.error(f"--device: {err}")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            parser.error("--device: CUDA is not available on this machine")
 
 
-def score_files(
-    detector: Detector,
-    paths: list[str],
-    batch_size: int,
-    explain_dir: str | None = None,
-    progress: bool = True,
-) -> Iterator[Row]:
-    """Yields one Row per path, in order, decoding and scoring one batch at a time.
-
-    Unreadable files give "error" rows and a line on stderr. With `explain_dir`, each scored image's overlay is
-    written there as `<input stem>.png` (`-1`, `-2`, ... for repeated stems).
-    """
-    overlay_path = _explain_namer(explain_dir) if explain_dir else None
-    with tqdm(total=len(paths), unit="img", file=sys.stderr, disable=not progress) as bar:
-        for start in range(0, len(paths), batch_size):
-            batch = paths[start : start + batch_size]
-            rows, decoded = {}, []
-            for path in batch:
-                try:
-                    decoded.append((path, open_image(path)))
-                except ImageLoadError as err:
-                    rows[path] = Row(path, "error", None, err.reason)
-                    tqdm.write(f"{PROG}: cannot read {path}: {err.reason}", file=sys.stderr)
-            if decoded:
-                images = [image for _, image in decoded]
-                for (path, _), p_fake in zip(decoded, detector.p_fake(images)):
-                    verdict = detector.verdict(p_fake)
-                    rows[path] = Row(path, verdict.label, verdict.p_fake, None)
-                if overlay_path:
-                    for (path, _), (_, drawn) in zip(decoded, explain_images(detector, images)):
-                        drawn.save(overlay_path(path))
-            yield from (rows[path] for path in batch)
-            bar.update(len(batch))
+def _progress_bar(args, total: int, done: int, desc: str | None = None, quiet: bool | None = None) -> tqdm:
+    """Images per second and ETA on stderr; none for --quiet or a single batch."""
+    show = not (args.quiet if quiet is None else quiet) and total - done > args.batch_size
+    return tqdm(total=total, initial=done, unit="img", desc=desc, file=sys.stderr, disable=not show, smoothing=0.1)
 
 
-def _record(row: Row) -> dict:
-    return {**row._asdict(), "p_fake": None if row.p_fake is None else round(row.p_fake, 4)}
+def _num_workers(args, todo: int, processes_per_machine: int = 1) -> int:
+    """--num_workers, or the default; none for a single batch, where starting workers costs more than it saves."""
+    if args.num_workers is not None:
+        return args.num_workers
+    return default_num_workers(processes_per_machine) if todo > args.batch_size else 0
 
 
-def _cells(row: Row) -> list[str]:
-    return [row.path, row.label, "" if row.p_fake is None else f"{row.p_fake:.4f}", row.error or ""]
+def _scan(args, detector: Detector, paths: PathList) -> Counter:
+    """One process: rows streamed to --output or stdout (csv, jsonl), or written whole at the end (table, json)."""
+    counts = Counter()
+    if args.format not in ROW_FORMATS:
+        with _progress_bar(args, len(paths), 0) as bar:
+            batches = score_batches(
+                detector, paths, args.batch_size, _num_workers(args, len(paths)), args.explain, progress=bar
+            )
+            rows = count_labels(itertools.chain.from_iterable(batches), counts)
+            width = max(map(len, paths))
+            _write_whole(lambda handle: write_rows(rows, args.format, handle, width), args.output)
+        return counts
+    done = {row.path for row in count_labels(resumed_rows(args.output, args.format), counts)} if args.resume else ()
+    todo = PathList(path for path in paths if path not in done) if done else paths
+    writer = RowWriter(args.format, args.output, append=args.resume)
+    try:
+        with _progress_bar(args, len(paths), len(paths) - len(todo)) as bar:
+            batches = score_batches(
+                detector, todo, args.batch_size, _num_workers(args, len(todo)), args.explain, progress=bar
+            )
+            for rows in batches:
+                writer.write(list(count_labels(rows, counts)))
+    finally:
+        writer.close()
+    return counts
 
 
-def write_rows(rows: Iterable[Row], fmt: str, handle: TextIO, path_width: int = 0) -> None:
-    """Streams `rows` to `handle` as table, csv (with header), json (a list of objects) or jsonl.
-
-    The table's path column is `path_width` wide (known before scoring, so the table needs no second pass).
-    """
-    if fmt == "csv":
-        writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow(FIELDS)
-        writer.writerows(_cells(row) for row in rows)
-    elif fmt == "jsonl":
-        handle.writelines(json.dumps(_record(row)) + "\n" for row in rows)
-    elif fmt == "json":
-        handle.write("[")
-        handle.writelines(("," if index else "") + "\n  " + json.dumps(_record(row)) for index, row in enumerate(rows))
-        handle.write("\n]\n")
-    else:
-        widths = (max(path_width, len("path")), len("unsure"), len("p_fake"))
-
-        def line(path, label, p_fake, error):
-            return f"{path:<{widths[0]}}  {label:<{widths[1]}}  {p_fake:>{widths[2]}}  {error}".rstrip() + "\n"
-
-        handle.write(line(*FIELDS))
-        handle.write(line(*("-" * width for width in widths), "-----"))
-        handle.writelines(line(*_cells(row)) for row in rows)
-
-
-def _write_output(write, output: str | None) -> None:
-    """Runs `write(handle)` into `output` atomically (temp file, then rename), or into a temporary file copied to
-    stdout at the end, so that the rows never interleave with the progress bar."""
+def _write_whole(write, output: str | None) -> None:
+    """Table and json: atomically into `output`, or through a temporary file copied to stdout at the end, so that
+    the rows never interleave with the progress bar."""
     if output is not None:
-        with atomic_write(output) as staging, open(staging, "w", encoding="utf-8", newline="") as handle:
-            write(handle)
+        write_output(write, output)
         return
     with tempfile.TemporaryFile("w+", encoding="utf-8", newline="") as handle:
         write(handle)
@@ -245,21 +236,56 @@ def _write_output(write, output: str | None) -> None:
     sys.stdout.flush()
 
 
+def _scan_shard(args, detector: Detector, paths: PathList, state) -> Counter | None:
+    """One process of `accelerate launch`: files rank, rank + N, ... into its part; the main process then merges
+    every part (after the rows of a resumed --output) into --output. Returns the counts on the main process."""
+    rank, world, output = state.process_index, state.num_processes, args.output
+    part = part_path(output, rank, world)
+    if os.path.exists(part + ".done"):
+        os.remove(part + ".done")
+    resume_output = args.resume and os.path.exists(output)
+    if state.is_main_process and resume_output:
+        list(resumed_rows(output, args.format))  # repairs a cut last line once, before any process reads it
+    state.wait_for_everyone()  # no process may see a marker or a cut line left by an earlier run
+    done = set()
+    if args.resume:
+        if resume_output:
+            done.update(row.path for row in read_rows(output, args.format))
+        done.update(row.path for row in resumed_rows(part, "jsonl"))
+    mine = (path for index, path in enumerate(paths) if index % world == rank)
+    todo = PathList(path for path in mine if path not in done)
+    shard_size = len(range(rank, len(paths), world))
+    del done
+    writer = RowWriter("jsonl", part, append=args.resume)
+    workers = _num_workers(args, len(todo), int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    try:
+        quiet = args.quiet or not state.is_main_process  # one bar on the terminal: the main process's shard
+        with _progress_bar(args, shard_size, shard_size - len(todo), f"shard {rank + 1}/{world}", quiet) as bar:
+            for rows in score_batches(detector, todo, args.batch_size, workers, progress=bar):
+                writer.write(rows)
+    finally:
+        writer.close()
+    open(part + ".done", "w").close()
+    if not state.is_main_process:
+        return None
+    wait_for_parts(output, world)
+    parts = [part_path(output, index, world) for index in range(world)]
+    counts = Counter()
+    rows = merged_rows(parts, read_rows(output, args.format) if resume_output else ())
+    width = max(map(len, paths)) if args.format == "table" else 0
+    write_output(lambda handle: write_rows(count_labels(rows, counts), args.format, handle, width), output)
+    for part in parts:
+        os.remove(part)
+        os.remove(part + ".done")
+    return counts
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # set by accelerate launch (and torchrun) for every process
     try:
         args = parser.parse_args(argv)
-        if args.output is not None and not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
-            parser.error(f"--output: the folder of {args.output!r} does not exist")
-        if args.explain is not None and os.path.exists(args.explain) and not os.path.isdir(args.explain):
-            parser.error(f"--explain: {args.explain!r} exists and is not a folder")
-        if args.device is not None:
-            try:
-                device = torch.device(args.device)
-            except RuntimeError as err:
-                parser.error(f"--device: {err}")
-            if device.type == "cuda" and not torch.cuda.is_available():
-                parser.error("--device: CUDA is not available on this machine")
+        _check_args(parser, args, world)
     except SystemExit as exit_:  # --help (0) or a usage error (1), as a return code
         return exit_.code
 
@@ -272,16 +298,26 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
 
-    paths = find_images(args.inputs)
+    started = time.perf_counter()
+    paths = find_images(args.inputs, args.files_from)
     if not paths:
-        print(f"{PROG}: no image files found in {' '.join(args.inputs)}", file=sys.stderr)
+        print(f"{PROG}: no image files found in {' '.join(args.inputs) or args.files_from}", file=sys.stderr)
         return 2
+    state = None
+    if world > 1:
+        from accelerate import PartialState
+
+        state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())  # gloo between CPUs
+        if args.resume and (stale := foreign_parts(args.output, world)):
+            print(f"{PROG}: parts of a run with another number of processes exist ({stale[0]}, ...); resume "
+                  "with that number of processes", file=sys.stderr)  # fmt: skip
+            return 1
 
     hf_logging.disable_progress_bar()  # the weight-loading bar is noise in a command-line tool
     try:
         detector = Detector.from_pretrained(
             model,
-            device=args.device,
+            device=args.device or (state.device if state is not None else None),
             dtype=DTYPES[args.dtype],
             preprocess=args.preprocess,
             unsure_margin=args.unsure_margin,
@@ -294,22 +330,23 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.explain:
         os.makedirs(args.explain, exist_ok=True)
-    counts = Counter()
-
-    def counted(rows):
-        for row in rows:
-            counts[row.label] += 1
-            yield row
-
-    progress = not args.quiet and len(paths) > args.batch_size  # no bar for a single batch
-    rows = counted(score_files(detector, paths, args.batch_size, explain_dir=args.explain, progress=progress))
-    _write_output(lambda handle: write_rows(rows, args.format, handle, max(map(len, paths))), args.output)
-
+    try:
+        counts = _scan(args, detector, paths) if state is None else _scan_shard(args, detector, paths, state)
+    except ScanOutputError as err:
+        print(f"{PROG}: cannot resume: {err}", file=sys.stderr)
+        return 1
+    if counts is None:  # a process of a sharded scan other than the main one: the main process reports
+        return 0
     failed = counts.pop("error", 0)
     if not args.quiet:
         labels = ", ".join(f"{counts[label]} {label}" for label in ("fake", "real", "unsure"))
-        print(f"{PROG}: {sum(counts.values())} scored ({labels}), {failed} unreadable", file=sys.stderr)
-    return 2 if failed else 0
+        elapsed = time.perf_counter() - started
+        print(
+            f"{PROG}: {sum(counts.values())} scored ({labels}), {failed} unreadable; {elapsed:.1f} s", file=sys.stderr
+        )
+    # Under a launcher a non-zero exit is reported as a crashed process, so a completed sharded scan exits 0 and
+    # unreadable files are told by the summary line and the error rows.
+    return 2 if failed and state is None else 0
 
 
 if __name__ == "__main__":

@@ -73,7 +73,11 @@ class Detector:
 
     def p_fake(self, images) -> np.ndarray:
         """The model's calibrated p(fake) (`MiraGeOutput.p_fake`, float32) for a list of RGB PIL images (one batch)."""
-        pixel_values = self.preprocess(list(images)).to(self.device, self.model.dtype)
+        return self.p_fake_from_pixels(self.preprocess(list(images)))
+
+    def p_fake_from_pixels(self, pixel_values: torch.Tensor) -> np.ndarray:
+        """Calibrated p(fake) for a batch already preprocessed by `self.preprocess` (as DataLoader workers do)."""
+        pixel_values = pixel_values.to(self.device, self.model.dtype)
         with torch.inference_mode():
             return self.model(pixel_values=pixel_values).p_fake.cpu().numpy()
 
