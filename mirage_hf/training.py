@@ -45,12 +45,6 @@ from .transforms import (
 
 logger = logging.getLogger("mirage_hf")
 
-MODEL_OPTIONS = (
-    "mode", "n_ctx", "prompt_depth", "ctx_init", "ce_weight", "align_weight", "sep_weight", "supcon_weight",
-    "sep_margin", "anchor_margin", "supcon_temperature", "memory_bank_size",
-)  # fmt: skip
-
-
 # ------------------------------------------------------------------------------------------- building
 
 
@@ -78,7 +72,7 @@ def resolve_clip(cfg: TrainConfig) -> str:
 
 
 def build_model(cfg: TrainConfig, clip_path: str):
-    options = {k: getattr(cfg, k) for k in MODEL_OPTIONS}
+    options = cfg.model_options()
     if cfg.eval_preprocess:  # recorded in the model: it is scored (and calibrated) with it from now on
         options["preprocess"] = cfg.eval_preprocess
     model = MiraGeForImageClassification.from_clip(clip_path, **options)
