@@ -31,11 +31,10 @@ from transformers.utils import logging as hf_logging
 from .atomic import atomic_write
 from .explain import explain_images
 from .inference import Detector
-from .transforms import PREPROCESS_MODES, ImageLoadError, open_image
+from .transforms import IMAGE_EXTENSIONS, PREPROCESS_MODES, ImageLoadError, open_image
 
 PROG = "mirage-detect"
 DEFAULT_MODEL = os.path.join("outputs", "demo", "model")  # where `python train.py` exports the demo detector
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FORMATS = ("table", "csv", "json", "jsonl")
 FIELDS = ("path", "label", "p_fake", "error")

@@ -27,7 +27,8 @@ from datasets import (
     Value,
     load_dataset,
 )
-from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
+
+from .transforms import IMAGE_EXTENSIONS
 
 LABEL_NAMES = ("real", "fake")
 REAL, FAKE = 0, 1
@@ -36,7 +37,6 @@ LABEL_ALIASES = {"real": REAL, "nature": REAL, "0_real": REAL, "fake": FAKE, "ai
 FEATURES = Features(
     {"image": Image(decode=False), "label": ClassLabel(names=list(LABEL_NAMES)), "subset": Value("string")}
 )
-IMAGE_EXTENSIONS = frozenset(ImageFolder.EXTENSIONS)
 SPLIT_DIR_NAMES = ("train", "val", "validation", "test", "eval")
 LOCAL_FILE_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "json"}
 _IMAGE_VALUE_DTYPES = ("string", "large_string", "binary", "large_binary")  # paths or encoded bytes

@@ -69,6 +69,17 @@ def test_image_folder_keeps_undecodable_files_and_skips_non_images(tmp_path):
     assert labels_by_name(load_image_folder(tmp_path)) == {"ok.png": 0, "corrupt.jpg": 1}
 
 
+def test_training_folders_and_mirage_detect_take_the_same_files(tmp_path):
+    from mirage_hf.cli import find_images
+
+    for name in ("real/a.png", "real/b.webp", "fake/c.JPG", "fake/d.tiff"):
+        write_png(tmp_path / name)  # the extension, not the content, decides what a scan takes
+    for name in ("fake/clip.mpg", "fake/layers.psd", "fake/notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    assert sorted(labels_by_name(load_image_folder(tmp_path))) == ["a.png", "b.webp", "c.JPG", "d.tiff"]
+    assert sorted(Path(p).name for p in find_images([str(tmp_path)])) == ["a.png", "b.webp", "c.JPG", "d.tiff"]
+
+
 def test_image_folder_split_subfolder(tmp_path):
     for split in ("train", "test"):
         write_png(tmp_path / split / "0_real" / f"{split}_r.png")
