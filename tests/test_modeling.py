@@ -186,7 +186,7 @@ def test_batch_invariance_in_fp32(make_model, pixel_values):
 
 def test_wrong_image_size_is_a_clear_error(make_model):
     model = make_model("mirage")
-    with pytest.raises(ValueError, match=r"pixel_values must have shape \(batch, 3, 30, 30\).*got \(2, 3, 32, 32\)"):
+    with pytest.raises(ValueError, match=r"must have shape \(batch, 3, 30, 30\).*got images of shape \(3, 32, 32\)"):
         model(torch.randn(2, 3, 32, 32))
 
 
