@@ -101,12 +101,10 @@ def resolve_dataset(cfg: TrainConfig, source: str) -> str:
 
 def load_split(cfg: TrainConfig, source: str, split: str, subsets, max_samples):
     """One split in the standard image/label/subset schema, filtered and checked before any long work."""
-    kwargs = {}
-    if not source.startswith(("genimage:", "ufd:")) and not Path(source).is_dir():
-        kwargs = dict(image_column=cfg.image_column, label_column=cfg.label_column, subset_column=cfg.subset_column)
-        if cfg.streaming and not Path(source).is_file():
-            kwargs["streaming"] = True
-    ds = load_data(source, split=split, **kwargs)
+    ds = load_data(
+        source, split=split, image_column=cfg.image_column, label_column=cfg.label_column,
+        subset_column=cfg.subset_column, streaming=cfg.streaming,
+    )  # fmt: skip
     if subsets:
         wanted = set(subsets)
         ds = ds.filter(lambda subset: subset in wanted, input_columns="subset")

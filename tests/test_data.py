@@ -278,6 +278,8 @@ def test_load_data_dispatches_every_local_source(tmp_path):
     write_png(folder / "nature" / "n.png")
     write_png(folder / "ai" / "a.png")
     assert labels_by_name(load_data(str(folder), split="train")) == {"n.png": 0, "a.png": 1}
+    # train.py passes its table options for every source; folders have a fixed layout and ignore them
+    assert len(load_data(str(folder), image_column="img", label_column="y", streaming=True)) == 2
 
     parquet = write_parquet(tmp_path / "table.parquet", ["nature", "ai"])
     ds = load_data(str(parquet), image_column="img", label_column="y")
@@ -303,6 +305,8 @@ def test_load_data_hub_id_and_missing_local_path(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "load_dataset", fake_load_dataset)
     assert class_counts(load_data("org/detector-data", split="test")) == {"real": 1, "fake": 1}
     assert calls == [("org/detector-data", "test", False)]
+    load_data("org/detector-data", streaming=True)
+    assert calls.pop() == ("org/detector-data", "train", True)
     with pytest.raises(ValueError, match="does not exist"):
         load_data(str(tmp_path / "missing.parquet"))
     assert len(calls) == 1  # a missing local file is not sent to the Hub
