@@ -160,11 +160,6 @@ class MiraGeMemoryBank(nn.Module):
         self.labels.index_copy_(0, slots, labels)
         self.position.add_(labels.shape[0]).remainder_(size)
 
-    def filled(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The stored features and labels, without empty slots (order is irrelevant to the loss)."""
-        keep = self.labels >= 0
-        return self.features[keep], self.labels[keep]
-
 
 def _gather_from_all_processes(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenates `tensor` from every process (batches may differ in size); identity without DDP."""
