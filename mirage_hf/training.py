@@ -151,7 +151,11 @@ class SeededCollator:
 
 
 def train_loader(dataset, cfg: TrainConfig, collate, epoch: int) -> DataLoader:
-    """This epoch's batches in a fixed order derived from (seed, epoch), so a resume sees the same ones."""
+    """This epoch's batches in a fixed order derived from (seed, epoch), so a resume sees the same ones.
+
+    Not accelerate's seedable sampler: an order that is a pure function of (seed, epoch), rebuilt per epoch, needs no
+    sampler state carried into the skipped loader of a resumed epoch.
+    """
     if isinstance(dataset, IterableDataset):
         dataset = dataset.shuffle(seed=cfg.seed, buffer_size=10_000)
         dataset.set_epoch(epoch)
