@@ -170,6 +170,21 @@ def train_loader(dataset, cfg: TrainConfig, collate, epoch: int) -> DataLoader:
 # ------------------------------------------------------------------------------------------- training
 
 
+@dataclass
+class TrainState:
+    """Where a run stands: saved as each checkpoint's progress.json, so a resumed run continues mid-epoch."""
+
+    global_step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0  # micro-batches of `epoch` already trained on
+    best_score: float | None = None  # mean accuracy of the exported model
+
+
+def due(step: int, every: int, epoch_done: bool) -> bool:
+    """Whether a periodic action (evaluation, checkpoint) runs now: every N steps, or at epoch ends for N = 0."""
+    return step % every == 0 if every else epoch_done
+
+
 class LossWindow:
     """Sums of the loss terms over the optimiser steps since the last log, kept on the device.
 
@@ -196,7 +211,7 @@ class LossWindow:
 class TrainingLog:
     """What training reports as it runs: the progress bar, loss means every `log_every` steps, unreadable images."""
 
-    def __init__(self, accelerator, cfg: TrainConfig, total_steps: int, state: "TrainState"):
+    def __init__(self, accelerator, cfg: TrainConfig, total_steps: int, state: TrainState):
         self.accelerator, self.log_every = accelerator, cfg.log_every
         self.losses, self.bad_images = LossWindow(), BadImageReport()
         self.bar = tqdm(
@@ -216,7 +231,7 @@ class TrainingLog:
     def close(self):
         self.bar.close()
         if self.bad_images.count:
-            logger.warning("training: %s", self.bad_images.summary())
+            logger.warning("training: %s", self.bad_images.summary(), main_process_only=False)  # per process
 
 
 def configure_logging():
@@ -232,21 +247,6 @@ def configure_logging():
 def empty_batch_loss(model):
     """A zero loss touching every trainable parameter, so DDP stays in step when a batch was all bad files."""
     return sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
-
-
-@dataclass
-class TrainState:
-    """Where a run stands: saved as each checkpoint's progress.json, so a resumed run continues mid-epoch."""
-
-    global_step: int = 0
-    epoch: int = 0
-    batches_in_epoch: int = 0  # micro-batches of `epoch` already trained on
-    best_score: float | None = None  # mean accuracy of the exported model
-
-
-def due(step: int, every: int, epoch_done: bool) -> bool:
-    """Whether a periodic action (evaluation, checkpoint) runs now: every N steps, or at epoch ends for N = 0."""
-    return step % every == 0 if every else epoch_done
 
 
 def steps_per_epoch(cfg: TrainConfig, train_set, accelerator) -> int:
