@@ -31,7 +31,6 @@ from transformers.utils import logging as hf_logging
 from .inference import Detector
 from .scan import (
     FORMATS,
-    IMAGE_EXTENSIONS,
     ROW_FORMATS,
     PathList,
     RowWriter,
@@ -49,7 +48,7 @@ from .scan import (
     write_output,
     write_rows,
 )
-from .transforms import PREPROCESS_MODES
+from .transforms import IMAGE_EXTENSIONS, PREPROCESS_MODES
 
 PROG = "mirage-detect"
 DEFAULT_MODEL = os.path.join("outputs", "demo", "model")  # where `python train.py` exports the demo detector

@@ -27,7 +27,8 @@ from datasets import (
     Value,
     load_dataset,
 )
-from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
+
+from .transforms import IMAGE_EXTENSIONS
 
 LABEL_NAMES = ("real", "fake")
 REAL, FAKE = 0, 1
@@ -36,7 +37,6 @@ LABEL_ALIASES = {"real": REAL, "nature": REAL, "0_real": REAL, "fake": FAKE, "ai
 FEATURES = Features(
     {"image": Image(decode=False), "label": ClassLabel(names=list(LABEL_NAMES)), "subset": Value("string")}
 )
-IMAGE_EXTENSIONS = frozenset(ImageFolder.EXTENSIONS)
 SPLIT_DIR_NAMES = ("train", "val", "validation", "test", "eval")
 LOCAL_FILE_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "json"}
 _IMAGE_VALUE_DTYPES = ("string", "large_string", "binary", "large_binary")  # paths or encoded bytes
@@ -376,16 +376,25 @@ def load_hub(
     return standardize(ds, image_column, label_column, subset_column, label_map=label_map)
 
 
-def load_data(source: str | os.PathLike, split: str = "train", **kwargs) -> Dataset | IterableDataset:
-    """One entry point for every source the training script accepts.
+def load_data(
+    source: str | os.PathLike,
+    split: str = "train",
+    image_column: str = "image",
+    label_column: str = "label",
+    subset_column: str | None = None,
+    streaming: bool = False,
+    **kwargs,
+) -> Dataset | IterableDataset:
+    """One entry point for every source the training script accepts; the one place that tells them apart.
 
     - ``genimage:<root>`` -> `load_genimage` (GenImage names its test split ``val``);
     - ``ufd:<root>`` -> `load_ufd`, using ``<root>/<split>`` when that folder exists;
     - an existing folder -> `load_image_folder`, likewise using ``<root>/<split>`` when it exists;
     - a local ``.parquet``/``.csv``/``.jsonl`` file -> its rows (the whole file, whatever `split`); relative
       image paths resolve against the file's folder and `subset` defaults to the file name;
-    - anything else -> a Hub id for `load_hub`.
-    Extra keyword arguments go to the chosen loader.
+    - anything else -> a Hub id for `load_hub` (the only source that streams).
+    The column names apply to tables (files, Hub); folders have fixed layouts. Extra keyword arguments go to
+    the chosen loader.
     """
     source = os.path.expanduser(str(source))
     scheme, _, rest = source.partition(":")
@@ -396,14 +405,15 @@ def load_data(source: str | os.PathLike, split: str = "train", **kwargs) -> Data
     path = Path(source)
     if path.is_dir():
         return load_image_folder(path, split=split if (path / split).is_dir() else None, **kwargs)
+    columns = {"image_column": image_column, "label_column": label_column, "subset_column": subset_column}
     builder = LOCAL_FILE_BUILDERS.get(path.suffix.lower())
     if builder and path.is_file():
         ds = load_dataset(builder, data_files=str(path), split="train")
         kwargs.setdefault("default_subset", path.stem)
-        return standardize(ds, base_dir=str(path.resolve().parent), **kwargs)
+        return standardize(ds, base_dir=str(path.resolve().parent), **columns, **kwargs)
     if builder or source.startswith((".", "/")):
         raise ValueError(
             f"{source!r} does not exist; expected a folder, a {'/'.join(LOCAL_FILE_BUILDERS)} file "
             "or a Hub data set id."
         )
-    return load_hub(source, split=split, **kwargs)
+    return load_hub(source, split=split, streaming=streaming, **columns, **kwargs)

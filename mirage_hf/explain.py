@@ -1,19 +1,7 @@
 """Explanation maps: which image patches pull a MiraGe detector's decision towards "fake".
 
-Method: integrated gradients (Sundararajan et al., 2017) of the model's own calibrated fake-minus-real
-log-odds with respect to the input pixels, from a flat baseline image (all zeros after normalisation, i.e. the
-image processor's mean colour), summed over each ViT patch. Completeness holds: the map sums to
-`log-odds(image) - log-odds(baseline)` (up to the Riemann error of `steps`, tested), so a patch's value is its
-share of how far the image moves the verdict, in calibrated log-odds; positive pulls towards "fake".
-
-Why not the gradient-free reading of the patch tokens through the decision head (post_layernorm,
-visual_projection, cosine to the anchors): on 32 validation images of the demo detector (`python train.py`) that
-map was uncorrelated with patch occlusion (mean per-image r between -0.12 and 0.01) and its patch mean often had
-the opposite sign to the verdict, because the head and the prompts are trained for the CLS token only; CLIP's
-patch tokens are not aligned with the text space. Integrated gradients correlated with occlusion (r 0.18 to 0.40)
-and are tied to the verdict by completeness. The cost is `steps` forward and backward passes per batch (32 by
-default: on the demo model 32 steps kept the completeness error within 3%, 8 steps left 40-100%). Gradients flow
-only to the pixels; no weight changes, and `modeling_mirage.py` is used as is.
+Integrated gradients of the calibrated fake-minus-real log-odds, summed per ViT patch: a patch's value is its
+share of how far the image moves the verdict. Why this method: docs/explanation-maps.md.
 """
 
 from __future__ import annotations

@@ -9,28 +9,25 @@ import copy
 import json
 from pathlib import Path
 
+from accelerate.utils import extract_model_from_parallel
+
 from .atomic import atomic_write
 from .modeling_mirage import MiraGeModel
 
 
 def mirage_core(model) -> MiraGeModel:
-    """The MiraGe model inside DDP / torch.compile / PEFT wrappers (LoRA layers stay injected in it)."""
-    while not isinstance(model, MiraGeModel):
-        if hasattr(model, "get_base_model"):
-            model = model.get_base_model()
-        elif hasattr(model, "module"):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            raise TypeError(f"no MiraGe model inside {type(model).__name__}")
+    """The MiraGe model inside DDP / FSDP / torch.compile (accelerate unwraps those) and PEFT (LoRA stays injected)."""
+    model = extract_model_from_parallel(model, keep_torch_compile=False)
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    if not isinstance(model, MiraGeModel):
+        raise TypeError(f"no MiraGe model inside {type(model).__name__}")
     return model
 
 
 def mergeable_copy(model) -> MiraGeModel:
     """A plain MiraGe model to save: LoRA merged into CLIP on a copy, so training can go on."""
-    while hasattr(model, "module") and not hasattr(model, "merge_and_unload"):
-        model = model.module
+    model = extract_model_from_parallel(model, keep_torch_compile=False)
     if hasattr(model, "merge_and_unload"):
         return copy.deepcopy(model).merge_and_unload()
     return mirage_core(model)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
 import tempfile
 from fnmatch import fnmatch
@@ -19,6 +18,7 @@ from importlib.resources import files
 from pathlib import Path
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, SpaceCard
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from . import __version__
 from .metrics import format_comparison_table, format_table
@@ -44,12 +44,28 @@ CARD_METRICS = {
 }
 NON_COMMERCIAL_DATA = {"genimage": "GenImage"}  # data set keyword -> name; their licence is CC BY-NC-SA 4.0
 TAGS = ["mirage", "ai-generated-image-detection", "deepfake-detection", "clip", "prompt-learning", "mirage-hf"]
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _is_repo_id(name: str | None) -> bool:
+    """An `owner/name` id by the Hub's own rules (`validate_repo_id`)."""
+    if not isinstance(name, str) or name.count("/") != 1:
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
 
 
 def _is_hub_id(name: str | None) -> bool:
     """A Hub repo id rather than a local path (the card must not point at, or leak, a local folder)."""
-    return bool(name) and HUB_ID.match(name) is not None and not Path(name).exists()
+    return _is_repo_id(name) and not Path(name).exists()
+
+
+def _repo_id(text: str) -> str:
+    if not _is_repo_id(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a Hub repo id of the form owner/name")
+    return text
 
 
 def _non_commercial_source(eval_dataset: str) -> str | None:
@@ -371,8 +387,8 @@ def format_calls(calls: list[tuple[str, dict]]) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Publish a trained MiraGe detector (model repo and Gradio Space).")
     parser.add_argument("--model_dir", required=True, help="Exported model folder (e.g. outputs/demo/model).")
-    parser.add_argument("--repo_id", required=True, help="Model repo, user/name.")
-    parser.add_argument("--space_repo_id", help="Also publish a Gradio Space, user/name.")
+    parser.add_argument("--repo_id", required=True, type=_repo_id, help="Model repo, user/name.")
+    parser.add_argument("--space_repo_id", type=_repo_id, help="Also publish a Gradio Space, user/name.")
     parser.add_argument("--license", help="Licence of the weights; defaults to cc-by-nc-sa-4.0 for GenImage data.")
     parser.add_argument("--base_model", help="Hub id of the base CLIP; defaults to the config's clip_name_or_path.")
     parser.add_argument("--datasets", nargs="+", help="Hub ids of the training data sets, for the card.")

@@ -41,13 +41,7 @@ class Detector:
     ):
         """`preprocess` None uses the mode the model was calibrated with (`model.config.preprocess`)."""
         self.preprocess = Preprocessor(image_processor, preprocess or model.config.preprocess)
-        expected = model.config.clip_config.vision_config.image_size
-        if self.preprocess.image_size != expected:  # fail at load, not on the first image
-            raise ValueError(
-                f"the image processor crops to {self.preprocess.image_size} px but the model expects "
-                f"{expected} x {expected} px images; save the model's own image processor (crop size {expected}) "
-                "with it"
-            )
+        model.check_pixel_values(self.preprocess([]))  # an empty batch of this preprocessing: fail at load
         self.model = compile_image_path(model.eval()) if compile else model.eval()
         self.image_processor = image_processor
         if not 0.0 <= unsure_margin < 0.5:

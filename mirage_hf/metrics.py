@@ -1,4 +1,4 @@
-"""Detection metrics in the field's conventions (design.md section 4), in plain numpy / scikit-learn.
+"""Detection metrics in the field's conventions (AIGI detection papers), in plain numpy / scikit-learn.
 
 Conventions used everywhere in this module:
 
@@ -131,7 +131,7 @@ def expected_calibration_error(labels, p_fake, n_bins: int = ECE_BINS) -> float:
 
 
 def detection_metrics(labels, p_fake, threshold: float = 0.5, scores=None) -> dict:
-    """All per-set metrics of design.md section 4 for one set of images.
+    """Every per-set metric we report, for one set of images.
 
     Keys: ``accuracy``, ``real_accuracy`` (TNR), ``fake_accuracy`` (TPR) at ``threshold`` (fake iff
     p_fake >= threshold) and ``ece`` (see :func:`expected_calibration_error`), from ``p_fake``;
@@ -204,53 +204,6 @@ def per_subset_metrics(labels, p_fake, subsets: Sequence[str], threshold: float 
     results["mean"] = mean_over_subsets(results)
     results["all"] = detection_metrics(labels, p_fake, threshold, scores)
     return results
-
-
-class MetricAccumulator:
-    """Collects (labels, p_fake[, subsets]) batch by batch - one float and one label per image, never images.
-
-    Use it in an evaluation loop, then call :meth:`compute` (pooled) or :meth:`compute_per_subset`.
-    """
-
-    def __init__(self, threshold: float = 0.5):
-        self.threshold = threshold
-        self._labels: list[np.ndarray] = []
-        self._p_fake: list[np.ndarray] = []
-        self._subsets: list[str] = []
-        self._with_subsets: bool | None = None  # fixed by the first update
-
-    def update(self, labels, p_fake, subsets: Sequence[str] | None = None) -> None:
-        labels, p_fake = _check_inputs(labels, p_fake)
-        if subsets is not None:
-            subsets = [str(s) for s in subsets]
-            if len(subsets) != labels.size:
-                raise ValueError(f"subsets has {len(subsets)} entries for {labels.size} samples")
-        if self._with_subsets is None:
-            self._with_subsets = subsets is not None
-        if self._with_subsets != (subsets is not None):
-            raise ValueError("give subsets for every batch or for none")
-        self._labels.append(labels)
-        self._p_fake.append(p_fake)
-        self._subsets.extend(subsets or [])
-
-    def __len__(self) -> int:
-        return sum(batch.size for batch in self._labels)
-
-    def _arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        return (
-            np.concatenate(self._labels) if self._labels else np.zeros(0, np.int64),
-            np.concatenate(self._p_fake) if self._p_fake else np.zeros(0),
-        )
-
-    def compute(self, threshold: float | None = None) -> dict:
-        """Pooled :func:`detection_metrics` over everything seen (threshold defaults to the constructor's)."""
-        return detection_metrics(*self._arrays(), self.threshold if threshold is None else threshold)
-
-    def compute_per_subset(self, threshold: float | None = None) -> dict[str, dict]:
-        """:func:`per_subset_metrics` over everything seen; needs subsets in :meth:`update`."""
-        if self._with_subsets is False:
-            raise ValueError("no subsets were given to update()")
-        return per_subset_metrics(*self._arrays(), self._subsets, self.threshold if threshold is None else threshold)
 
 
 def to_jsonable(obj):

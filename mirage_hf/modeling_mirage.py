@@ -172,11 +172,6 @@ class MiraGeMemoryBank(nn.Module):
         self.labels.index_copy_(0, slots, labels)
         self.position.add_(labels.shape[0]).remainder_(size)
 
-    def filled(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The stored features and labels, without empty slots (order is irrelevant to the loss)."""
-        keep = self.labels >= 0
-        return self.features[keep], self.labels[keep]
-
 
 def _gather_from_all_processes(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenates `tensor` from every process (batches may differ in size); identity without DDP."""
@@ -446,11 +441,14 @@ class MiraGeModel(MiraGePreTrainedModel):
 
     # ---------------------------------------------------------------------------------------- inference
 
-    def _check_pixel_values(self, pixel_values: torch.Tensor | None):
+    def check_pixel_values(self, pixel_values: torch.Tensor | None):
+        """Fails, naming the fix, on images of the wrong size; an empty batch checks a preprocessing before use."""
         vision_config = self.config.clip_config.vision_config
         expected = (vision_config.num_channels, vision_config.image_size, vision_config.image_size)
         if pixel_values is None or pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
-            got = None if pixel_values is None else tuple(pixel_values.shape)
+            got = "None" if pixel_values is None else f"a tensor of shape {tuple(pixel_values.shape)}"
+            if pixel_values is not None and pixel_values.dim() == 4:
+                got = f"images of shape {tuple(pixel_values.shape[1:])}"
             raise ValueError(
                 f"pixel_values must have shape (batch, {', '.join(map(str, expected))}) for this model, got {got}. "
                 f"Preprocess images with the model's image processor (its crop size must be {expected[1]})."
@@ -462,7 +460,7 @@ class MiraGeModel(MiraGePreTrainedModel):
 
     def _detect(self, pixel_values, output_hidden_states: bool = False, output_attentions: bool = False):
         """`detect`, plus the vision tower's output (hidden states and attentions on request)."""
-        self._check_pixel_values(pixel_values)
+        self.check_pixel_values(pixel_values)
         text_embeds, vision_prompts = self.prompts_and_anchors()
         vision = self.encode_image(pixel_values, vision_prompts, output_hidden_states, output_attentions)
         image_embeds = F.normalize(vision.pooler_output, dim=-1)

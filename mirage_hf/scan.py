@@ -28,9 +28,8 @@ from tqdm import tqdm
 from .atomic import atomic_write
 from .explain import explain_images
 from .inference import Detector
-from .transforms import ImageLoadError, open_image
+from .transforms import IMAGE_EXTENSIONS, ImageLoadError, open_image
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 FIELDS = ("path", "label", "p_fake", "error")
 ROW_FORMATS = ("csv", "jsonl")  # written row by row as batches are scored, so a scan resumes from them
 FORMATS = ("table", "csv", "json", "jsonl")

@@ -1,23 +1,7 @@
 """A generated real-vs-fake data set for the offline demo and the tests (no download possible).
 
-"Real" images are procedural scenes (colour gradient, multi-scale smooth noise, a few soft shapes) with
-sensor-like noise. Each fake "generator" renders scenes from the same family and leaves its own trace, as
-real generators do:
-
-- ``upsampler``: rendered at half resolution and enlarged 2x by pixel repetition, plus a faint checkerboard
-  (GAN / transposed-convolution upsampling);
-- ``diffusion``: almost no sensor noise and blurred textures (over-smoothed diffusion outputs);
-- ``gridder``: faint seams on the edges of 8-pixel tiles, aligned to the image grid (spectral peaks);
-- ``banding``: no sensor noise, colours posterised to a few levels (quantisation bands).
-All fakes carry less sensor noise than real images, a weak shared trace, so cross-generator accuracy is
-partial rather than all-or-nothing.
-
-Traces are aligned to the image grid, as a generator's output grid is. Measured with a 4-layer, hidden-64,
-patch-4 ViT trained from scratch (not LoRA) on 200 images per class generated at 32 px (batch 32, AdamW 1e-3,
-flips on): in-distribution accuracy 0.99-1.0 after 600 steps for upsampler, gridder and banding, 0.96 after
-800 for diffusion; about 0.5 across generators, except from diffusion (~0.57 on upsampler). Random crops from
-larger images shift the traces' phase and make them much slower to learn, and resizing erases them: for a
-small model, generate at the model's input size.
+Procedural "real" scenes and four fake "generators" (upsampler, diffusion, gridder, banding), each leaving its
+own pixel-level trace; what they are and what a small model learns from them: docs/synthetic-data.md.
 """
 
 from __future__ import annotations

@@ -1,18 +1,30 @@
-"""Options of `train.py`: one dataclass, filled from a YAML/JSON preset and then from command-line overrides."""
+"""Options of `train.py`: typed dataclass fields, defaults from a YAML/JSON preset, then command-line overrides.
+
+`HfArgumentParser` builds the command line from the fields' types (as transformers' examples do), so
+`--mixed_precision no`, `--calibrate None` and `--train_subsets a b` mean what they say.
+"""
 
 import argparse
 import dataclasses
 import json
 import os
+import types
+import typing
 from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
+from typing import Literal
 
 import yaml
+from transformers import HfArgumentParser
+from transformers.hf_argparser import string_to_bool
 
-from .configuration_mirage import PREPROCESS_MODES
+from .calibration import METHODS
+from .configuration_mirage import PREPROCESS_MODES, MiraGeConfig
 
 PRESETS = files("mirage_hf") / "configs"  # package data: found by name from any directory, in a wheel too
+NONE_WORDS = ("None", "null")
+"""What `--<optional option>` takes for "no value" (Python's and YAML's spelling)."""
 
 
 def option(default, help: str, factory: bool = False):
@@ -22,25 +34,43 @@ def option(default, help: str, factory: bool = False):
     return field(default=default, metadata={"help": help})
 
 
+NOT_OPTIONS = (
+    "clip_config", "prompt_token_ids", "clip_name_or_path", "calibration_temperature", "decision_threshold",
+    "preprocess",
+)  # fmt: skip
+"""MiraGeConfig fields that `from_clip`, calibration or `--eval_preprocess` write; every other field is an option."""
+
+
+def _model_option(config_field: dataclasses.Field) -> tuple:
+    """(name, type, field) of a MiraGeConfig field, with its default; `float | int` parses as float."""
+    annotation = MiraGeConfig.__annotations__[config_field.name]
+    return (
+        config_field.name,
+        float if annotation == float | int else annotation,
+        field(
+            default=config_field.default,
+            default_factory=config_field.default_factory,
+            metadata={"help": f"MiraGeConfig.{config_field.name} (see its docstring)"},
+        ),
+    )
+
+
+ModelOptions = dataclasses.make_dataclass(
+    "ModelOptions",
+    [_model_option(f) for f in dataclasses.fields(MiraGeConfig)
+     if f.name in MiraGeConfig.__annotations__ and f.name not in NOT_OPTIONS],
+)  # fmt: skip
+ModelOptions.__doc__ = "The model options of `train.py`, passed to `from_clip`: declared once, in MiraGeConfig."
+
+
 @dataclass
-class TrainConfig:
-    # --- model -------------------------------------------------------------------------------------
+class TrainConfig(ModelOptions):
+    """Everything `train.py` does, as typed options; the model's own come from MiraGeConfig through ModelOptions."""
+
     clip_model: str = option(
         "tiny-random",
         'CLIP checkpoint (Hub id or folder); "tiny-random" builds a tiny random CLIP locally (demo, tests).',
     )
-    mode: str = "mirage"
-    n_ctx: int = 2
-    prompt_depth: int = 9
-    ctx_init: str | None = "a photo of a"
-    ce_weight: float = 1.0
-    align_weight: float = 1.0
-    sep_weight: float = 1.0
-    supcon_weight: float = 0.1
-    sep_margin: float = 0.0
-    anchor_margin: float = 0.5
-    supcon_temperature: float = 0.07
-    memory_bank_size: int = 1024
     lora_r: int = option(0, "LoRA rank on CLIP attention (0 = prompts only, the paper's setting).")
     lora_alpha: int = 16
     lora_towers: list[str] = field(default_factory=lambda: ["vision"])
@@ -78,7 +108,7 @@ class TrainConfig:
     resize_prob: float = 0.1
     blur_prob: float = 0.1
     jpeg_prob: float = 0.1
-    eval_preprocess: str | None = option(
+    eval_preprocess: Literal[PREPROCESS_MODES] | None = option(
         None,
         '"resize" (the CLIP processor\'s resize + centre crop) or "center_crop" (no resize: keeps artefacts). '
         "Training stores it in the model's config (default resize); --eval_only defaults to the model's.",
@@ -96,7 +126,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     warmup_ratio: float = 0.05
     max_grad_norm: float = 1.0
-    mixed_precision: str = option("no", '"no", "bf16" or "fp16" (Accelerate).')
+    mixed_precision: Literal["no", "bf16", "fp16"] = option("no", '"no", "bf16" or "fp16" (Accelerate).')
     gradient_checkpointing: bool = False
     num_workers: int = 2
     eval_every: int = option(
@@ -116,7 +146,7 @@ class TrainConfig:
     eval_only: bool = False
     model: str | None = option(None, "For --eval_only: a trained MiraGe folder or Hub id.")
     robustness: bool = option(False, "Also evaluate under JPEG 95/75/50/30, blur 1/2/3 and downscale 0.5/0.25.")
-    calibrate: str | None = option(
+    calibrate: Literal[METHODS] | None = option(
         "balanced_accuracy",
         'After training, choose the threshold on held-out data: "balanced_accuracy", "target_fpr" or None.',
     )
@@ -129,16 +159,17 @@ class TrainConfig:
     )
 
     def __post_init__(self):
-        for option in dataclasses.fields(self):  # YAML reads "1e-3" as a string
-            if option.type in (float, float | None) and isinstance(getattr(self, option.name), str | int):
-                setattr(self, option.name, float(getattr(self, option.name)))
-        choices = {
-            "mixed_precision": ("no", "bf16", "fp16"),
-            "eval_preprocess": (None, *PREPROCESS_MODES),
-            "calibrate": (None, "balanced_accuracy", "target_fpr"),
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
+        for name, annotation in typing.get_type_hints(TrainConfig).items():
+            kinds, value = _kinds(annotation), getattr(self, name)
+            if float in kinds and isinstance(value, str | int) and not isinstance(value, bool):
+                setattr(self, name, float(value))  # YAML reads "1e-3" as a string
+            elif any(typing.get_origin(kind) is list for kind in kinds):
+                if isinstance(value, str):
+                    setattr(self, name, [value])  # `train_subsets: sd14` in a preset is a one-element list
+                elif value == [None]:
+                    setattr(self, name, None)  # `--train_subsets None`
+            allowed = _choices(kinds)
+            if allowed and getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.eval_only and not self.model:
             raise ValueError("--eval_only needs --model <trained MiraGe folder or Hub id>")
@@ -146,6 +177,10 @@ class TrainConfig:
             raise ValueError(f"calibration_holdout must lie in [0, 1), got {self.calibration_holdout}")
         if self.log_every < 1:
             raise ValueError(f"log_every must be >= 1, got {self.log_every}")
+
+    def model_options(self) -> dict:
+        """The MiraGeConfig fields to pass to `from_clip`."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(ModelOptions)}
 
 
 def preset_names() -> list[str]:
@@ -169,28 +204,62 @@ def load_preset(path: str | os.PathLike) -> dict:
     return values or {}
 
 
-def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    """`--config <preset or file>` then `--<option> <value>` overrides (values parsed as YAML: 1e-3, true, [a, b])."""
-    parser = argparse.ArgumentParser(
-        description="Train or evaluate a MiraGe detector with Accelerate.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+def _kinds(annotation) -> tuple:
+    """The members of a union annotation (`str | None` -> (str, NoneType)), else the annotation alone."""
+    return (
+        typing.get_args(annotation)
+        if typing.get_origin(annotation) in (typing.Union, types.UnionType)
+        else (annotation,)
     )
+
+
+def _choices(kinds: tuple) -> tuple:
+    """The values a `Literal` option allows, None included when the option is optional; () for other types."""
+    literal = next((kind for kind in kinds if typing.get_origin(kind) is Literal), None)
+    return (*typing.get_args(literal), *((None,) if type(None) in kinds else ())) if literal else ()
+
+
+def _mapping(text: str) -> dict:
+    mapping = yaml.safe_load(text)
+    if not isinstance(mapping, dict):
+        raise argparse.ArgumentTypeError(f"expected a mapping such as '{{image_size: 32}}', got {text!r}")
+    return mapping
+
+
+class OptionParser(HfArgumentParser):
+    """`HfArgumentParser` plus two types it leaves out: "None" for optional options, YAML mappings for dicts."""
+
+    @staticmethod
+    def _parse_dataclass_field(parser, field):
+        kinds = _kinds(field.type)  # read before HfArgumentParser strips the None
+        HfArgumentParser._parse_dataclass_field(parser, field)
+        action = next(action for action in parser._actions if action.dest == field.name)
+        if dict in kinds:
+            action.type = _mapping
+        if type(None) in kinds:
+            convert = action.type
+            action.type = lambda text: None if text in NONE_WORDS else convert(text)
+            action.choices = [*action.choices, None] if action.choices else None
+
+
+def build_parser(preset: dict | None = None) -> OptionParser:
+    parser = OptionParser(TrainConfig, description="Train or evaluate a MiraGe detector with Accelerate.")
     parser.add_argument(
         "--config",
         help=f"a shipped preset ({', '.join(preset_names())}) or a YAML/JSON file (default: demo; none with "
         "--eval_only, which then scores with the preprocessing stored in the model)",
     )
-    for option in dataclasses.fields(TrainConfig):
-        flag = {"nargs": "?", "const": True} if option.type is bool else {}
-        parser.add_argument(
-            f"--{option.name}",
-            type=yaml.safe_load,
-            default=argparse.SUPPRESS,
-            help=option.metadata.get("help", ""),
-            **flag,
-        )
-    args = vars(parser.parse_args(argv))
-    preset = args.pop("config") or (None if args.get("eval_only") else "demo")
-    values = load_preset(preset) if preset else {}
-    values.update(args)
+    parser.set_defaults(**(preset or {}))
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    """`--config <preset or file>` sets the defaults; `--<option> <value>` overrides them."""
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--config")
+    first.add_argument("--eval_only", nargs="?", const="true", default="false", type=string_to_bool)
+    known = first.parse_known_args(argv)[0]
+    preset = known.config or (None if known.eval_only else "demo")
+    values = vars(build_parser(load_preset(preset) if preset else {}).parse_args(argv))
+    values.pop("config")
     return TrainConfig(**values)

@@ -4,14 +4,17 @@ Runs unchanged on one CPU, one GPU or many (`accelerate launch --multi_gpu train
 Accelerate, evaluation by `evaluation.predict`, and only rank 0 writes files.
 """
 
+import dataclasses
 import json
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 from datasets import IterableDataset
 from torch.utils.data import DataLoader, Subset
@@ -44,13 +47,7 @@ from .transforms import (
     TrainAugmentation,
 )
 
-logger = logging.getLogger("mirage_hf")
-
-MODEL_OPTIONS = (
-    "mode", "n_ctx", "prompt_depth", "ctx_init", "ce_weight", "align_weight", "sep_weight", "supcon_weight",
-    "sep_margin", "anchor_margin", "supcon_temperature", "memory_bank_size",
-)  # fmt: skip
-
+logger = get_logger("mirage_hf")
 
 # ------------------------------------------------------------------------------------------- building
 
@@ -79,7 +76,7 @@ def resolve_clip(cfg: TrainConfig) -> str:
 
 
 def build_model(cfg: TrainConfig, clip_path: str):
-    options = {k: getattr(cfg, k) for k in MODEL_OPTIONS}
+    options = cfg.model_options()
     if cfg.eval_preprocess:  # recorded in the model: it is scored (and calibrated) with it from now on
         options["preprocess"] = cfg.eval_preprocess
     model = MiraGeForImageClassification.from_clip(clip_path, **options)
@@ -108,12 +105,10 @@ def resolve_dataset(cfg: TrainConfig, source: str) -> str:
 
 def load_split(cfg: TrainConfig, source: str, split: str, subsets, max_samples):
     """One split in the standard image/label/subset schema, filtered and checked before any long work."""
-    kwargs = {}
-    if not source.startswith(("genimage:", "ufd:")) and not Path(source).is_dir():
-        kwargs = dict(image_column=cfg.image_column, label_column=cfg.label_column, subset_column=cfg.subset_column)
-        if cfg.streaming and not Path(source).is_file():
-            kwargs["streaming"] = True
-    ds = load_data(source, split=split, **kwargs)
+    ds = load_data(
+        source, split=split, image_column=cfg.image_column, label_column=cfg.label_column,
+        subset_column=cfg.subset_column, streaming=cfg.streaming,
+    )  # fmt: skip
     if subsets:
         wanted = set(subsets)
         ds = ds.filter(lambda subset: subset in wanted, input_columns="subset")
@@ -157,7 +152,11 @@ class SeededCollator:
 
 
 def train_loader(dataset, cfg: TrainConfig, collate, epoch: int) -> DataLoader:
-    """This epoch's batches in a fixed order derived from (seed, epoch), so a resume sees the same ones."""
+    """This epoch's batches in a fixed order derived from (seed, epoch), so a resume sees the same ones.
+
+    Not accelerate's seedable sampler: an order that is a pure function of (seed, epoch), rebuilt per epoch, needs no
+    sampler state carried into the skipped loader of a resumed epoch.
+    """
     if isinstance(dataset, IterableDataset):
         dataset = dataset.shuffle(seed=cfg.seed, buffer_size=10_000)
         dataset.set_epoch(epoch)
@@ -170,6 +169,21 @@ def train_loader(dataset, cfg: TrainConfig, collate, epoch: int) -> DataLoader:
 
 
 # ------------------------------------------------------------------------------------------- training
+
+
+@dataclass
+class TrainState:
+    """Where a run stands: saved as each checkpoint's progress.json, so a resumed run continues mid-epoch."""
+
+    global_step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0  # micro-batches of `epoch` already trained on
+    best_score: float | None = None  # mean accuracy of the exported model
+
+
+def due(step: int, every: int, epoch_done: bool) -> bool:
+    """Whether a periodic action (evaluation, checkpoint) runs now: every N steps, or at epoch ends for N = 0."""
+    return step % every == 0 if every else epoch_done
 
 
 class LossWindow:
@@ -195,13 +209,40 @@ class LossWindow:
         return terms
 
 
-def configure_logging(is_main_process: bool):
-    """Progress messages from rank 0 only; the libraries' INFO chatter (each saved file) stays hidden."""
-    logger.setLevel(logging.INFO if is_main_process else logging.WARNING)
-    if not logger.handlers:
+class TrainingLog:
+    """What training reports as it runs: the progress bar, loss means every `log_every` steps, unreadable images."""
+
+    def __init__(self, accelerator, cfg: TrainConfig, total_steps: int, state: TrainState):
+        self.accelerator, self.log_every = accelerator, cfg.log_every
+        self.losses, self.bad_images = LossWindow(), BadImageReport()
+        self.bar = tqdm(
+            total=total_steps, initial=state.global_step, desc="train", disable=not accelerator.is_local_main_process
+        )
+
+    def step(self, output, step: int, lr: float, last: bool):
+        """After an optimiser step: `output` is None for a batch of unreadable files only."""
+        self.bar.update(1)
+        if output is not None:
+            self.losses.add(output)
+        if self.losses.steps and (last or step % self.log_every == 0):
+            terms = self.losses.pop_means()
+            self.accelerator.log({f"train/{k}": v for k, v in terms.items()} | {"train/lr": lr}, step=step)
+            self.bar.set_postfix({k.removeprefix("loss_") or "loss": f"{v:.3f}" for k, v in terms.items()})
+
+    def close(self):
+        self.bar.close()
+        if self.bad_images.count:
+            logger.warning("training: %s", self.bad_images.summary(), main_process_only=False)  # per process
+
+
+def configure_logging():
+    """Progress messages (rank 0 only, through accelerate's logger); the libraries' INFO chatter stays hidden."""
+    base = logging.getLogger("mirage_hf")
+    base.setLevel(logging.INFO)
+    if not base.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
+        base.addHandler(handler)
 
 
 def empty_batch_loss(model):
@@ -209,18 +250,20 @@ def empty_batch_loss(model):
     return sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
 
 
-def train(cfg: TrainConfig) -> dict:
-    accelerator = Accelerator(
-        mixed_precision=cfg.mixed_precision,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        log_with=cfg.log_with or None,
-        project_dir=cfg.output_dir,
-    )
-    configure_logging(accelerator.is_main_process)
-    output_dir = Path(cfg.output_dir)
-    set_seed(cfg.seed)
+def steps_per_epoch(cfg: TrainConfig, train_set, accelerator) -> int:
+    if isinstance(train_set, IterableDataset):
+        if not cfg.max_steps:
+            raise ValueError("streaming training needs --max_steps (the length of a stream is unknown)")
+        return cfg.max_steps
+    batches = len(train_set) // (cfg.batch_size * accelerator.num_processes)
+    if batches == 0:
+        raise ValueError(f"{len(train_set)} training images are fewer than one batch of {cfg.batch_size}")
+    return math.ceil(batches / cfg.gradient_accumulation_steps)
 
-    with accelerator.main_process_first():
+
+def prepare_data(cfg: TrainConfig, accelerator):
+    """The CLIP to build on and the train, calibration (None without --calibrate) and test splits."""
+    with accelerator.main_process_first():  # downloads and generated files are made once
         clip_path = resolve_clip(cfg)
         train_source = resolve_dataset(cfg, cfg.dataset)
         eval_source = resolve_dataset(cfg, cfg.eval_dataset or cfg.dataset)
@@ -230,39 +273,41 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.calibrate and cfg.calibration_holdout and not isinstance(train_set, IterableDataset):
         split = train_set.train_test_split(test_size=cfg.calibration_holdout, seed=cfg.seed, stratify_by_column="label")
         train_set, calibration_set = split["train"], split["test"]
+    return clip_path, train_set, calibration_set, eval_set
 
+
+def train(cfg: TrainConfig) -> dict:
+    """Builds data and model, trains for `max_steps` or `num_epochs`, then calibrates, evaluates and exports."""
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        log_with=cfg.log_with or None,
+        project_dir=cfg.output_dir,
+    )
+    configure_logging()
+    set_seed(cfg.seed)
+    clip_path, train_set, calibration_set, eval_set = prepare_data(cfg, accelerator)
     model = build_model(cfg, clip_path)
     image_processor = AutoImageProcessor.from_pretrained(clip_path)
-    image_size = image_processor.crop_size["height"]
     augmentation = TrainAugmentation(
-        image_size, flip_prob=cfg.flip_prob, resize_prob=cfg.resize_prob, blur_prob=cfg.blur_prob,
-        jpeg_prob=cfg.jpeg_prob, seed=cfg.seed,
+        image_processor.crop_size["height"], flip_prob=cfg.flip_prob, resize_prob=cfg.resize_prob,
+        blur_prob=cfg.blur_prob, jpeg_prob=cfg.jpeg_prob, seed=cfg.seed,
     )  # fmt: skip
     preprocess_mode = mirage_core(model).config.preprocess
     train_collate = SeededCollator(augmentation, Preprocessor(image_processor, preprocess_mode, augmentation), cfg.seed)
-    eval_preprocess = Preprocessor(image_processor, preprocess_mode)
+    evaluation = Evaluation(
+        cfg, accelerator, eval_set, Preprocessor(image_processor, preprocess_mode), image_processor, calibration_set
+    )
+
+    if not any(p.requires_grad for p in model.parameters()):  # zero_shot: CLIP with hand-written prompts
+        logger.info("mode %s has no trainable parameters: evaluating as is", cfg.mode)
+        return evaluation.final(model.eval().to(accelerator.device), export=True)
 
     model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if not trainable:  # zero_shot: CLIP with hand-written prompts, nothing to fit
-        logger.info("mode %s has no trainable parameters: evaluating as is", cfg.mode)
-        if accelerator.is_main_process:
-            export_model(model, image_processor, output_dir / "model")
-        accelerator.wait_for_everyone()
-        return finish_evaluation(
-            cfg, model.eval().to(accelerator.device), eval_set, eval_preprocess, accelerator, image_processor
-        )
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    if isinstance(train_set, IterableDataset):
-        if not cfg.max_steps:
-            raise ValueError("streaming training needs --max_steps (the length of a stream is unknown)")
-        steps_per_epoch = cfg.max_steps
-    else:
-        batches = len(train_set) // (cfg.batch_size * accelerator.num_processes)
-        if batches == 0:
-            raise ValueError(f"{len(train_set)} training images are fewer than one batch of {cfg.batch_size}")
-        steps_per_epoch = math.ceil(batches / cfg.gradient_accumulation_steps)
-    total_steps = cfg.max_steps or steps_per_epoch * cfg.num_epochs
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate, weight_decay=cfg.weight_decay
+    )
+    total_steps = cfg.max_steps or steps_per_epoch(cfg, train_set, accelerator) * cfg.num_epochs
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     keep_frozen_base_out_of_checkpoints(accelerator, frozen_base_fingerprint(clip_path))
@@ -270,193 +315,200 @@ def train(cfg: TrainConfig) -> dict:
         "mirage", config=to_jsonable({k: v for k, v in vars(cfg).items() if not isinstance(v, (dict, list))})
     )
 
-    progress = {"global_step": 0, "epoch": 0, "batches_in_epoch": 0, "best_score": None}
+    state = TrainState()
     resumed = load_checkpoint(accelerator, resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint))
     if resumed:
-        progress = resumed
-        logger.info(
-            "resumed from step %d (epoch %d, batch %d)",
-            progress["global_step"],
-            progress["epoch"],
-            progress["batches_in_epoch"],
-        )
+        state = TrainState(**resumed)
+        logger.info("resumed from step %d (epoch %d, batch %d)", state.global_step, state.epoch, state.batches_in_epoch)
 
-    def evaluate_and_export():
-        results, _ = evaluate(
-            model, eval_set, eval_preprocess, accelerator, batch_size=cfg.eval_batch_size, num_workers=cfg.num_workers
-        )
-        clean = results["clean"]
-        accelerator.log(
-            {f"eval/{k}": v for k, v in clean["mean"].items() if isinstance(v, float)}, step=progress["global_step"]
-        )
-        logger.info(
-            "step %d: mean accuracy %.4f, mean AP %.4f",
-            progress["global_step"],
-            clean["mean"]["accuracy"],
-            clean["mean"]["average_precision"],
-        )
-        score = clean["mean"]["accuracy"]
-        if calibration_set is not None:  # choose the checkpoint on held-out training images, not the test split
-            labels, diffs, _, _, _ = predict(
-                model, calibration_set, eval_preprocess, accelerator, cfg.eval_batch_size, desc="validate"
-            )
-            score = -float(np.logaddexp(0.0, -(2.0 * labels - 1.0) * diffs).mean())  # held-out cross-entropy
-            logger.info("step %d: held-out cross-entropy %.3g", progress["global_step"], -score)
-        if progress["best_score"] is None or score > progress["best_score"]:
-            progress["best_score"] = score
-            if accelerator.is_main_process:
-                export_model(
-                    model,
-                    image_processor,
-                    output_dir / "model",
-                    eval_results=to_jsonable({"step": progress["global_step"], **results}),
-                )
-        accelerator.wait_for_everyone()
+    log = TrainingLog(accelerator, cfg, total_steps, state)
+    while state.global_step < total_steps:
+        loader = accelerator.prepare(train_loader(train_set, cfg, train_collate, state.epoch))
+        train_one_epoch(cfg, accelerator, model, optimizer, scheduler, loader, state, total_steps, evaluation, log)
+    log.close()
+    if state.best_score is None:  # resumed from a checkpoint taken after the last step
+        evaluation.evaluate_and_export(model, state)
 
-    bad_images, loss_window = BadImageReport(), LossWindow()
-    bar = tqdm(
-        total=total_steps, initial=progress["global_step"], desc="train", disable=not accelerator.is_local_main_process
-    )
-    while progress["global_step"] < total_steps:
-        loader = accelerator.prepare(train_loader(train_set, cfg, train_collate, progress["epoch"]))
-        skip = progress["batches_in_epoch"]
-        for batch in accelerator.skip_first_batches(loader, skip) if skip else loader:
-            bad_images.add(batch["failed"])
-            with accelerator.accumulate(model):
-                if batch["labels"].numel():
-                    output = model(pixel_values=batch["pixel_values"], labels=batch["labels"])
-                    loss = output.loss
-                else:
-                    output, loss = None, empty_batch_loss(model)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.max_grad_norm:
-                    accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            progress["batches_in_epoch"] += 1
-            if not accelerator.sync_gradients:
-                continue
-            progress["global_step"] += 1
-            bar.update(1)
-            if output is not None:
-                loss_window.add(output)
-            epoch_done = progress["batches_in_epoch"] >= len(loader)
-            finished = progress["global_step"] >= total_steps
-            if loss_window.steps and (finished or progress["global_step"] % cfg.log_every == 0):
-                terms = loss_window.pop_means()
-                accelerator.log(
-                    {f"train/{k}": v for k, v in terms.items()} | {"train/lr": scheduler.get_last_lr()[0]},
-                    step=progress["global_step"],
-                )
-                bar.set_postfix({k.removeprefix("loss_") or "loss": f"{v:.3f}" for k, v in terms.items()})
-            if epoch_done:
-                progress["epoch"], progress["batches_in_epoch"] = progress["epoch"] + 1, 0
-            step = progress["global_step"]
-            if finished or (step % cfg.eval_every == 0 if cfg.eval_every else epoch_done):
-                evaluate_and_export()
-            if finished or (step % cfg.save_every == 0 if cfg.save_every else epoch_done):
-                save_checkpoint(accelerator, cfg.output_dir, dict(progress), cfg.checkpoints_total_limit)
-            if finished or epoch_done:
-                break
-    bar.close()
-    if bad_images.count:
-        logger.warning("training: %s", bad_images.summary())
-    if progress["best_score"] is None:  # resumed from a checkpoint taken after the last step
-        evaluate_and_export()
-
-    # The exported best model gets calibrated on held-out training data (never on the test split), then evaluated
-    # once more as it will be used.
-    best = MiraGeForImageClassification.from_pretrained(output_dir / "model")
-    best.to(accelerator.device)
-    calibration = None
-    if calibration_set is not None:
-        labels, diffs, _, _, report = predict(
-            best, calibration_set, eval_preprocess, accelerator, cfg.eval_batch_size, desc="calibrate"
-        )
-        if report.count:
-            logger.warning("calibration data: %s", report.summary())
-        calibration = calibrate(diffs, labels, method=cfg.calibrate, target_fpr=cfg.target_fpr)
-        best.config.calibration_temperature = calibration["temperature"]
-        best.config.decision_threshold = calibration["threshold"]
-        logger.info(
-            "calibration on %d real + %d fake held-out images: temperature %.3f, threshold %.3f (%s)",
-            calibration["n_real"],
-            calibration["n_fake"],
-            calibration["temperature"],
-            calibration["threshold"],
-            calibration["rule"],
-        )
-    results = finish_evaluation(cfg, best, eval_set, eval_preprocess, accelerator, image_processor, calibration)
+    results = calibrate_and_export(cfg, accelerator, evaluation)
     accelerator.end_training()
     return results
 
 
-def finish_evaluation(cfg, model, eval_set, preprocess, accelerator, image_processor, calibration=None) -> dict:
-    """Evaluates (optionally under the robustness sweep), prints the tables, writes eval_results.json.
+def train_one_epoch(cfg, accelerator, model, optimizer, scheduler, loader, state, total_steps, evaluation, log):
+    """One pass over `loader` (from `state.batches_in_epoch` on after a resume), stopping early at `total_steps`.
 
-    `calibration` is the record of how this run chose T and t (`calibration.calibrate`); None when it fitted none.
+    Each optimiser step advances `state`; the model is evaluated (and exported when best) and a checkpoint saved
+    on their schedules, and always at the last step.
     """
-    results, report = evaluate(
-        model,
-        eval_set,
-        preprocess,
-        accelerator,
-        robustness=cfg.robustness,
-        batch_size=cfg.eval_batch_size,
-        num_workers=cfg.num_workers,
+    try:
+        epoch_length = len(loader)
+    except TypeError:  # a stream: its epoch ends when it runs out
+        epoch_length = None
+    if state.batches_in_epoch:
+        loader = accelerator.skip_first_batches(loader, state.batches_in_epoch)
+    for batch in loader:
+        log.bad_images.add(batch["failed"])
+        with accelerator.accumulate(model):
+            if batch["labels"].numel():
+                output = model(pixel_values=batch["pixel_values"], labels=batch["labels"])
+                loss = output.loss
+            else:
+                output, loss = None, empty_batch_loss(model)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and cfg.max_grad_norm:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+        state.batches_in_epoch += 1
+        if not accelerator.sync_gradients:
+            continue
+        state.global_step += 1
+        finished, epoch_done = state.global_step >= total_steps, state.batches_in_epoch == epoch_length
+        log.step(output, state.global_step, scheduler.get_last_lr()[0], last=finished)
+        if epoch_done:
+            state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+        if finished or due(state.global_step, cfg.eval_every, epoch_done):
+            evaluation.evaluate_and_export(model, state)
+        if finished or due(state.global_step, cfg.save_every, epoch_done):
+            save_checkpoint(accelerator, cfg.output_dir, dataclasses.asdict(state), cfg.checkpoints_total_limit)
+        if finished or epoch_done:
+            return
+    state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+
+
+def calibrate_and_export(cfg, accelerator, evaluation: "Evaluation") -> dict:
+    """Reloads the best exported model, fits its temperature and threshold on held-out data, evaluates it as it
+    will be used and exports it once more, calibrated, with those results."""
+    best = MiraGeForImageClassification.from_pretrained(evaluation.model_dir).to(accelerator.device)
+    calibration = None
+    if evaluation.calibration_set is not None:
+        calibration = calibrate_model(cfg, accelerator, best, evaluation.calibration_set, evaluation.preprocess)
+    return evaluation.final(best, export=True, calibration=calibration)
+
+
+def calibrate_model(cfg, accelerator, model, calibration_set, preprocess) -> dict:
+    """Fits the temperature and threshold of `model` on held-out training data (never the test set).
+
+    Returns the record of how they were chosen (`calibration.calibrate`), for eval_results.json and the card.
+    """
+    labels, diffs, _, _, report = predict(
+        model, calibration_set, preprocess, accelerator, cfg.eval_batch_size, desc="calibrate"
     )
-    config = mirage_core(model).config
-    summary = to_jsonable(
-        {
-            "model": cfg.model or str(Path(cfg.output_dir) / "model"),
-            "eval_dataset": cfg.eval_dataset or cfg.dataset,
-            "eval_split": cfg.eval_split,
-            "preprocess": preprocess.mode,
-            "threshold": config.decision_threshold,
-            "temperature": config.calibration_temperature,
-            "calibration": calibration,
-            "bad_images": report.count,
-            **results,
-        }
+    if report.count:
+        logger.warning("calibration data: %s", report.summary())
+    calibration = calibrate(diffs, labels, method=cfg.calibrate, target_fpr=cfg.target_fpr)
+    model.config.calibration_temperature = calibration["temperature"]
+    model.config.decision_threshold = calibration["threshold"]
+    logger.info(
+        "calibration on %d real + %d fake held-out images: temperature %.3f, threshold %.3f (%s)",
+        calibration["n_real"],
+        calibration["n_fake"],
+        calibration["temperature"],
+        calibration["threshold"],
+        calibration["rule"],
     )
-    if accelerator.is_main_process:
-        title = (
-            f"threshold {config.decision_threshold:.3f}, temperature {config.calibration_temperature:.3f}, "
-            f"preprocessing: {preprocess.mode}"
+    return calibration
+
+
+class Evaluation:
+    """The test set and where results go: periodic evaluation during training, and the final report."""
+
+    def __init__(self, cfg, accelerator, eval_set, preprocess, image_processor, calibration_set=None):
+        self.cfg, self.accelerator, self.eval_set = cfg, accelerator, eval_set
+        self.preprocess, self.image_processor = preprocess, image_processor
+        self.calibration_set = calibration_set  # held-out training images: they choose the checkpoint and T, t
+        self.model_dir = Path(cfg.output_dir) / "model"
+
+    def evaluate_and_export(self, model, state: TrainState):
+        """Evaluates the model in training; exports it to `model_dir` when it is the best yet.
+
+        "Best" is the lowest cross-entropy on the held-out training images when there are some (the test split is
+        only reported, never used to choose), else the mean test accuracy.
+        """
+        results, _ = evaluate(
+            model, self.eval_set, self.preprocess, self.accelerator, batch_size=self.cfg.eval_batch_size,
+            num_workers=self.cfg.num_workers,
+        )  # fmt: skip
+        mean = results["clean"]["mean"]
+        self.accelerator.log({f"eval/{k}": v for k, v in mean.items() if isinstance(v, float)}, step=state.global_step)
+        logger.info(
+            "step %d: mean accuracy %.4f, mean AP %.4f", state.global_step, mean["accuracy"], mean["average_precision"]
         )
-        print(format_table(results["clean"], title=title))
-        if cfg.robustness:
-            print(format_comparison_table(results, metric="accuracy", title="robustness: accuracy per condition"))
-            print(format_comparison_table(results, metric="average_precision", title="robustness: AP per condition"))
-        if report.count:
-            print(report.summary())
-        out = Path(cfg.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "eval_results.json").write_text(json.dumps(summary, indent=2) + "\n")
-        if not cfg.eval_only:
-            export_model(model, image_processor, out / "model", eval_results=summary)
-    accelerator.wait_for_everyone()
-    return summary
+        score = mean["accuracy"]
+        if self.calibration_set is not None:
+            labels, diffs, _, _, _ = predict(
+                model, self.calibration_set, self.preprocess, self.accelerator, self.cfg.eval_batch_size,
+                desc="validate",
+            )  # fmt: skip
+            score = -float(np.logaddexp(0.0, -(2.0 * labels - 1.0) * diffs).mean())  # held-out cross-entropy
+            logger.info("step %d: held-out cross-entropy %.3g", state.global_step, -score)
+        if state.best_score is None or score > state.best_score:
+            state.best_score = score
+            if self.accelerator.is_main_process:
+                eval_results = to_jsonable({"step": state.global_step, **results})
+                export_model(model, self.image_processor, self.model_dir, eval_results=eval_results)
+        self.accelerator.wait_for_everyone()
+
+    def final(self, model, export: bool = False, calibration: dict | None = None) -> dict:
+        """Evaluates (with the robustness sweep if asked), prints the tables and writes eval_results.json.
+
+        With `export`, the model is exported once, with these results, as `model_dir`. `calibration` is the record
+        of how this run chose T and t; None when it fitted none.
+        """
+        cfg, accelerator = self.cfg, self.accelerator
+        results, report = evaluate(
+            model, self.eval_set, self.preprocess, accelerator, robustness=cfg.robustness,
+            batch_size=cfg.eval_batch_size, num_workers=cfg.num_workers,
+        )  # fmt: skip
+        config = mirage_core(model).config
+        summary = to_jsonable(
+            {
+                "model": cfg.model or str(self.model_dir),
+                "eval_dataset": cfg.eval_dataset or cfg.dataset,
+                "eval_split": cfg.eval_split,
+                "preprocess": self.preprocess.mode,
+                "threshold": config.decision_threshold,
+                "temperature": config.calibration_temperature,
+                "calibration": calibration,
+                "bad_images": report.count,
+                **results,
+            }
+        )
+        if accelerator.is_main_process:
+            title = (
+                f"threshold {config.decision_threshold:.3f}, temperature {config.calibration_temperature:.3f}, "
+                f"preprocessing: {self.preprocess.mode}"
+            )
+            print(format_table(results["clean"], title=title))
+            if cfg.robustness:
+                print(format_comparison_table(results, metric="accuracy", title="robustness: accuracy per condition"))
+                print(
+                    format_comparison_table(results, metric="average_precision", title="robustness: AP per condition")
+                )
+            if report.count:
+                print(report.summary())
+            out = Path(cfg.output_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "eval_results.json").write_text(json.dumps(summary, indent=2) + "\n")
+            if export:
+                export_model(model, self.image_processor, self.model_dir, eval_results=summary)
+        accelerator.wait_for_everyone()
+        return summary
 
 
 def evaluate_only(cfg: TrainConfig) -> dict:
+    """Evaluates a trained model folder or Hub id (`--eval_only --model ...`); exports nothing."""
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
-    configure_logging(accelerator.is_main_process)
-    model = MiraGeForImageClassification.from_pretrained(cfg.model)
-    model.to(accelerator.device)
+    configure_logging()
+    model = MiraGeForImageClassification.from_pretrained(cfg.model).to(accelerator.device)
     if cfg.compile:
         compile_image_path(model)
     image_processor = AutoImageProcessor.from_pretrained(cfg.model)
-    eval_set = load_split(
-        cfg,
-        resolve_dataset(cfg, cfg.eval_dataset or cfg.dataset),
-        cfg.eval_split,
-        cfg.eval_subsets,
-        cfg.max_eval_samples,
-    )
+    source = resolve_dataset(cfg, cfg.eval_dataset or cfg.dataset)
+    eval_set = load_split(cfg, source, cfg.eval_split, cfg.eval_subsets, cfg.max_eval_samples)
     preprocess = Preprocessor(image_processor, cfg.eval_preprocess or model.config.preprocess)
-    return finish_evaluation(cfg, model, eval_set, preprocess, accelerator, image_processor)
+    return Evaluation(cfg, accelerator, eval_set, preprocess, image_processor).final(model)
 
 
 def main(argv=None) -> dict:

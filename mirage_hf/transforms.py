@@ -23,6 +23,11 @@ from .configuration_mirage import PREPROCESS_MODES
 
 # PIL's own bomb limit (~9459 x 9459). Checked against the header before any pixel is decoded.
 MAX_IMAGE_PIXELS = 89_478_485
+IMAGE_EXTENSIONS = frozenset(
+    {".avif", ".bmp", ".gif", ".jfif", ".jp2", ".jpe", ".jpeg", ".jpg", ".png", ".ppm", ".tif", ".tiff", ".webp"}
+)
+"""What a folder scan (training data, `mirage-detect`) takes as images: formats photos and generators are saved
+in that PIL decodes; not every format PIL can identify (videos, PSDs, stubs such as .grib)."""
 _INT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")  # 16-bit data (PNG, TIFF) in integer modes
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 

@@ -69,6 +69,17 @@ def test_image_folder_keeps_undecodable_files_and_skips_non_images(tmp_path):
     assert labels_by_name(load_image_folder(tmp_path)) == {"ok.png": 0, "corrupt.jpg": 1}
 
 
+def test_training_folders_and_mirage_detect_take_the_same_files(tmp_path):
+    from mirage_hf.cli import find_images
+
+    for name in ("real/a.png", "real/b.webp", "fake/c.JPG", "fake/d.tiff"):
+        write_png(tmp_path / name)  # the extension, not the content, decides what a scan takes
+    for name in ("fake/clip.mpg", "fake/layers.psd", "fake/notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    assert sorted(labels_by_name(load_image_folder(tmp_path))) == ["a.png", "b.webp", "c.JPG", "d.tiff"]
+    assert sorted(Path(p).name for p in find_images([str(tmp_path)])) == ["a.png", "b.webp", "c.JPG", "d.tiff"]
+
+
 def test_image_folder_split_subfolder(tmp_path):
     for split in ("train", "test"):
         write_png(tmp_path / split / "0_real" / f"{split}_r.png")
@@ -267,6 +278,8 @@ def test_load_data_dispatches_every_local_source(tmp_path):
     write_png(folder / "nature" / "n.png")
     write_png(folder / "ai" / "a.png")
     assert labels_by_name(load_data(str(folder), split="train")) == {"n.png": 0, "a.png": 1}
+    # train.py passes its table options for every source; folders have a fixed layout and ignore them
+    assert len(load_data(str(folder), image_column="img", label_column="y", streaming=True)) == 2
 
     parquet = write_parquet(tmp_path / "table.parquet", ["nature", "ai"])
     ds = load_data(str(parquet), image_column="img", label_column="y")
@@ -292,6 +305,8 @@ def test_load_data_hub_id_and_missing_local_path(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "load_dataset", fake_load_dataset)
     assert class_counts(load_data("org/detector-data", split="test")) == {"real": 1, "fake": 1}
     assert calls == [("org/detector-data", "test", False)]
+    load_data("org/detector-data", streaming=True)
+    assert calls.pop() == ("org/detector-data", "train", True)
     with pytest.raises(ValueError, match="does not exist"):
         load_data(str(tmp_path / "missing.parquet"))
     assert len(calls) == 1  # a missing local file is not sent to the Hub

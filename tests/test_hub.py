@@ -215,3 +215,11 @@ def test_cli_never_shows_or_writes_the_token(model_dir, tmp_path, hub_calls, cap
         assert len(hub_calls) == 4 and f"https://huggingface.co/spaces/{SPACE}" in out
     assert FAKE_TOKEN not in out + err
     assert not [p for p in staging.rglob("*") if p.is_file() and FAKE_TOKEN.encode() in p.read_bytes()]
+
+
+@pytest.mark.parametrize("bad", ["no-owner", "you/a--b", "you/name/extra"])
+def test_a_malformed_repo_id_is_a_usage_error_before_any_staging(model_dir, tmp_path, capsys, bad):
+    with pytest.raises(SystemExit):
+        main(["--model_dir", str(model_dir), "--repo_id", bad, "--staging_dir", str(tmp_path / "s"), "--dry_run"])
+    assert f"{bad!r} is not a Hub repo id" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()

@@ -14,6 +14,7 @@ from PIL import Image
 from transformers import AutoModel, AutoModelForImageClassification, CLIPModel, pipeline
 
 from mirage_hf import MiraGeForImageClassification, MiraGeModel
+from mirage_hf.export import mirage_core
 from mirage_hf.lora import add_lora
 
 
@@ -194,6 +195,8 @@ def test_lora_save_load_and_merge_give_identical_logits(make_model, clip_dir, pi
             if "lora_B" in name:
                 param.normal_(std=0.05)
     expected = logits(model, pixel_values)
+    core = model.get_base_model()
+    assert mirage_core(model) is core and mirage_core(torch.compile(model)) is core  # what evaluation scores
     model.save_pretrained(tmp_path / "lora")
     reloaded = PeftModel.from_pretrained(make_model("mirage"), tmp_path / "lora").eval()
     torch.testing.assert_close(logits(reloaded, pixel_values), expected)

@@ -7,11 +7,9 @@ import warnings
 
 import numpy as np
 import pytest
-import torch
 
 from mirage_hf.metrics import (
     METRIC_KEYS,
-    MetricAccumulator,
     detection_metrics,
     format_comparison_table,
     format_table,
@@ -135,27 +133,6 @@ def test_per_subset_and_unweighted_mean():
     assert (res["mean"]["n"], res["mean"]["n_real"], res["mean"]["n_fake"]) == (10, 5, 5)
     with pytest.raises(ValueError, match="reserved"):
         per_subset_metrics([0, 1], [0.2, 0.8], ["mean", "mean"])
-
-
-def test_accumulator_equals_one_shot():
-    rng = np.random.default_rng(0)
-    labels = rng.integers(0, 2, 300)
-    p_fake = np.clip(0.3 * labels + rng.uniform(0, 0.7, 300), 0, 1)
-    subsets = rng.choice(["adm", "glide", "vqdm"], 300)
-    acc = MetricAccumulator(threshold=0.4)
-    for lo in range(0, 300, 64):
-        # torch tensors, as an evaluation loop would pass them
-        batch = slice(lo, lo + 64)
-        acc.update(torch.from_numpy(labels[batch]), torch.from_numpy(p_fake[batch]), subsets[batch])
-    assert len(acc) == 300
-    one_shot = per_subset_metrics(labels, p_fake, subsets, threshold=0.4)
-    streamed = acc.compute_per_subset()
-    assert streamed.keys() == one_shot.keys()
-    for name in one_shot:
-        assert_same(streamed[name], one_shot[name])
-    assert_same(acc.compute(), detection_metrics(labels, p_fake, 0.4))
-    with pytest.raises(ValueError, match="every batch or for none"):
-        acc.update([0], [0.5])
 
 
 def test_to_jsonable_writes_nan_as_null():

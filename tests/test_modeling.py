@@ -186,7 +186,7 @@ def test_batch_invariance_in_fp32(make_model, pixel_values):
 
 def test_wrong_image_size_is_a_clear_error(make_model):
     model = make_model("mirage")
-    with pytest.raises(ValueError, match=r"pixel_values must have shape \(batch, 3, 30, 30\).*got \(2, 3, 32, 32\)"):
+    with pytest.raises(ValueError, match=r"must have shape \(batch, 3, 30, 30\).*got images of shape \(3, 32, 32\)"):
         model(torch.randn(2, 3, 32, 32))
 
 
@@ -266,16 +266,22 @@ def test_zero_weight_switches_a_term_off_and_other_modes_use_ce_only():
     assert terms["loss"].item() == pytest.approx(F.cross_entropy(LOGITS, LABELS).item())
 
 
+def stored(bank):
+    """The bank's filled slots (empty ones have label -1; the loss masks them instead)."""
+    keep = bank.labels >= 0
+    return bank.features[keep], bank.labels[keep]
+
+
 def test_memory_bank_is_a_fifo():
     bank = MiraGeMemoryBank(size=4, dim=1)
     bank.enqueue(torch.tensor([[1.0], [2.0], [3.0]]), torch.tensor([0, 1, 0]))
-    features, labels = bank.filled()
+    features, labels = stored(bank)
     assert features.flatten().tolist() == [1.0, 2.0, 3.0] and labels.tolist() == [0, 1, 0]
     bank.enqueue(torch.tensor([[4.0], [5.0]]), torch.tensor([1, 1]))
-    features, labels = bank.filled()
+    features, labels = stored(bank)
     assert sorted(features.flatten().tolist()) == [2.0, 3.0, 4.0, 5.0]
     bank.enqueue(torch.arange(10.0, 16.0).view(-1, 1), torch.zeros(6, dtype=torch.long))
-    assert sorted(bank.filled()[0].flatten().tolist()) == [12.0, 13.0, 14.0, 15.0]
+    assert sorted(stored(bank)[0].flatten().tolist()) == [12.0, 13.0, 14.0, 15.0]
 
 
 def test_a_batch_never_meets_itself_in_the_bank_and_is_enqueued_after():
@@ -284,7 +290,7 @@ def test_a_batch_never_meets_itself_in_the_bank_and_is_enqueued_after():
     without_bank = loss_module(supcon_temperature=1.0, memory_bank_size=0)
     first = with_bank(LOGITS, IMAGE, ANCHORS, LABELS)["supcon"]
     assert first.item() == pytest.approx(without_bank(LOGITS, IMAGE, ANCHORS, LABELS)["supcon"].item())
-    features, labels = with_bank.memory_bank.filled()
+    features, labels = stored(with_bank.memory_bank)
     assert torch.equal(features, IMAGE) and torch.equal(labels, LABELS)
     second = with_bank(LOGITS, IMAGE, ANCHORS, LABELS)["supcon"]
     assert second.item() != pytest.approx(first.item())
@@ -294,7 +300,7 @@ def test_evaluation_does_not_touch_the_bank():
     loss = loss_module(memory_bank_size=8).eval()
     loss.memory_bank = MiraGeMemoryBank(size=8, dim=2)
     loss(LOGITS, IMAGE, ANCHORS, LABELS)
-    assert loss.memory_bank.filled()[0].shape[0] == 0
+    assert stored(loss.memory_bank)[0].shape[0] == 0
 
 
 def test_memory_bank_is_checkpointed_but_not_exported(make_model, tmp_path):

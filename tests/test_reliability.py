@@ -353,14 +353,16 @@ def test_an_image_size_mismatch_is_a_clear_error(mismatched_dir, capsys, tmp_pat
 
     from mirage_hf.cli import main as detect_main
 
-    with pytest.raises(ValueError, match=r"crops to 24 px but the model expects 30 x 30 px"):
+    with pytest.raises(
+        ValueError, match=r"\(batch, 3, 30, 30\).*got images of shape \(3, 24, 24\).*crop size must be 30"
+    ):
         Detector.from_pretrained(mismatched_dir, device="cpu")
     with pytest.raises(ValueError, match=r"crop size must be 30"):
         pipeline("image-classification", model=str(mismatched_dir))(Image.new("RGB", (40, 40)))
     write_images(tmp_path, 1)
     assert detect_main([str(tmp_path / "0.png"), "--model", str(mismatched_dir), "-q"]) == 1
     err = capsys.readouterr().err
-    assert "cannot load the model" in err and "expects 30 x 30 px" in err and "Traceback" not in err
+    assert "cannot load the model" in err and "crop size must be 30" in err and "Traceback" not in err
 
 
 # ============================================================================ 4. safe loading

@@ -13,7 +13,6 @@ from conftest import TINY_TRAIN_ARGS as TINY
 from transformers import pipeline
 
 from mirage_hf import MiraGeForImageClassification
-from mirage_hf.train_config import TrainConfig, parse_args
 from mirage_hf.training import main
 
 pytestmark = pytest.mark.slow
@@ -28,20 +27,8 @@ def trainable_state(output_dir):
     return {k: v for k, v in model.state_dict().items() if k.startswith("prompt_learner.")}
 
 
-def test_presets_and_overrides_parse():
-    cfg = parse_args(
-        ["--config", "genimage_sd14", "--learning_rate", "1e-3", "--train_subsets", "[a, b]", "--robustness"]
-    )
-    assert cfg.clip_model == "openai/clip-vit-large-patch14" and cfg.learning_rate == 1e-3
-    assert cfg.train_subsets == ["a", "b"] and cfg.robustness is True
-    with pytest.raises(ValueError, match="mixed_precision"):
-        TrainConfig(mixed_precision="fp64")
-    with pytest.raises(ValueError, match="--eval_only needs --model"):
-        TrainConfig(eval_only=True)
-
-
 def test_training_exports_a_pipeline_model_and_per_generator_results(tmp_path, capsys):
-    results = run(tmp_path, "--max_steps", "4", "--train_subsets", "[upsampler]")
+    results = run(tmp_path, "--max_steps", "4", "--train_subsets", "upsampler")
     assert set(results["clean"]) == {"upsampler", "diffusion", "mean", "all"}
     assert results["clean"]["upsampler"]["n"] == 16
     written = json.loads((tmp_path / "eval_results.json").read_text())
@@ -55,6 +42,7 @@ def test_training_exports_a_pipeline_model_and_per_generator_results(tmp_path, c
     assert {row["label"] for row in scores} == {"real", "fake"}
     config = json.loads((tmp_path / "model" / "config.json").read_text())
     assert config["decision_threshold"] == pytest.approx(results["threshold"])
+    assert config["prompt_depth"] == 2 and config["memory_bank_size"] == 32  # model options reach from_clip
     assert (tmp_path / "model" / "eval_results.json").exists()
 
 
