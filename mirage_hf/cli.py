@@ -30,7 +30,7 @@ from transformers.utils import logging as hf_logging
 
 from .atomic import atomic_write
 from .explain import explain_images
-from .inference import Detector
+from .inference import BACKENDS, Detector
 from .transforms import PREPROCESS_MODES, ImageLoadError, open_image
 
 PROG = "mirage-detect"
@@ -87,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"detector folder or Hub id (default: {DEFAULT_MODEL}, the folder `python train.py` exports)",
     )
     parser.add_argument("--batch_size", type=_positive_int, default=32, help="images per forward pass (default 32)")
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="torch",
+        help="torch (default), or ONNX Runtime on the graphs `mirage-export-onnx` writes: onnx (fp32) or "
+        "onnx-int8 (quantized, fastest on CPU)",
+    )
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="model dtype (default float32)")
     parser.add_argument(
@@ -253,6 +260,12 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--output: the folder of {args.output!r} does not exist")
         if args.explain is not None and os.path.exists(args.explain) and not os.path.isdir(args.explain):
             parser.error(f"--explain: {args.explain!r} exists and is not a folder")
+        if args.backend != "torch":
+            for flag, given in (("--explain", args.explain), ("--compile", args.compile)):
+                if given:
+                    parser.error(f"{flag} needs the PyTorch model (gradients, torch.compile): use --backend torch")
+            if args.dtype != "float32":
+                parser.error(f"--dtype: the {args.backend} backend runs the exported graph's own precision")
         if args.device is not None:
             try:
                 device = torch.device(args.device)
@@ -283,11 +296,12 @@ def main(argv: list[str] | None = None) -> int:
             model,
             device=args.device,
             dtype=DTYPES[args.dtype],
+            backend=args.backend,
             preprocess=args.preprocess,
             unsure_margin=args.unsure_margin,
             compile=args.compile,
         )
-    except (OSError, ValueError, RuntimeError) as err:
+    except (ImportError, OSError, ValueError, RuntimeError) as err:
         where = "" if os.path.isdir(model) else " (no such local folder, so it was tried as a Hub id)"
         print(f"{PROG}: cannot load the model {model!r}{where}: {err}", file=sys.stderr)
         return 1

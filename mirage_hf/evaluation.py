@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from .calibration import calibrated_p_fake
 from .export import mirage_core
+from .inference import OnnxModel
 from .metrics import per_subset_metrics
 from .transforms import ROBUSTNESS_SWEEP, BadImageReport, DetectionCollator, degrade
 
@@ -41,12 +42,19 @@ def _shard(dataset, accelerator):
     return dataset.shard(num_shards=accelerator.num_processes, index=accelerator.process_index, contiguous=True)
 
 
+def scoring_model(model):
+    """What scores the images: an exported ONNX graph (`OnnxModel`) as it is, else the MiraGe model inside any
+    training wrapper."""
+    return model if isinstance(model, OnnxModel) else mirage_core(model)
+
+
 def predict(model, dataset, preprocess, accelerator, batch_size=64, num_workers=0, desc="eval"):
     """Logit differences (fake - real, uncalibrated), labels and subsets of every readable image.
 
-    Returns (labels, logit_diff, subsets, BadImageReport), gathered from all processes.
+    Returns (labels, logit_diff, subsets, BadImageReport), gathered from all processes. `model` may also be an
+    `OnnxModel`, which evaluates an exported graph on the same data.
     """
-    core = mirage_core(model)
+    core = scoring_model(model)
     was_training = core.training
     core.eval()
     loader = DataLoader(
@@ -60,8 +68,11 @@ def predict(model, dataset, preprocess, accelerator, batch_size=64, num_workers=
             failures.add(batch["failed"])
             if not batch["labels"].numel():
                 continue
-            logits, _, _ = core.detect(batch["pixel_values"].to(accelerator.device))
-            diffs.append((logits[:, 1] - logits[:, 0]).float().cpu().numpy())
+            if isinstance(core, OnnxModel):
+                diffs.append(core(batch["pixel_values"])["logit_diff"])
+            else:
+                logits, _, _ = core.detect(batch["pixel_values"].to(accelerator.device))
+                diffs.append((logits[:, 1] - logits[:, 0]).float().cpu().numpy())
             labels.append(batch["labels"].numpy())
             subsets.extend(batch["subsets"])
     core.train(was_training)
@@ -85,7 +96,7 @@ def score(labels, logit_diff, subsets, temperature: float, threshold: float) -> 
 
 def evaluate(model, dataset, preprocess, accelerator, robustness=False, batch_size=64, num_workers=0):
     """{"clean": per-subset metrics[, "jpeg95": ..., ...]} plus the bad-image report of the clean pass."""
-    config = mirage_core(model).config
+    config = scoring_model(model).config
     conditions = [("clean", preprocess)]
     if robustness:
         conditions += [

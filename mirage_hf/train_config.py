@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 
 from .configuration_mirage import PREPROCESS_MODES
+from .onnx_export import BACKENDS
 
 PRESETS = files("mirage_hf") / "configs"  # package data: found by name from any directory, in a wheel too
 
@@ -127,6 +128,11 @@ class TrainConfig:
     compile: bool = option(
         False, "Evaluate with the image encoder under torch.compile (opt-in; pays off on large sets)."
     )
+    backend: str = option(
+        "torch",
+        'For --eval_only: "torch", or ONNX Runtime on the graphs mirage-export-onnx wrote: "onnx" (fp32) or '
+        '"onnx-int8" (quantized), to measure what the export costs in accuracy.',
+    )
 
     def __post_init__(self):
         for option in dataclasses.fields(self):  # YAML reads "1e-3" as a string
@@ -136,10 +142,15 @@ class TrainConfig:
             "mixed_precision": ("no", "bf16", "fp16"),
             "eval_preprocess": (None, *PREPROCESS_MODES),
             "calibrate": (None, "balanced_accuracy", "target_fpr"),
+            "backend": BACKENDS,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.backend != "torch" and not self.eval_only:
+            raise ValueError(f"--backend {self.backend} scores an exported model: use it with --eval_only --model DIR")
+        if self.backend != "torch" and self.compile:
+            raise ValueError("--compile applies to the torch backend")
         if self.eval_only and not self.model:
             raise ValueError("--eval_only needs --model <trained MiraGe folder or Hub id>")
         if not 0.0 <= self.calibration_holdout < 1.0:

@@ -27,12 +27,13 @@ from .checkpoints import (
     save_checkpoint,
 )
 from .data import check_binary_labels, load_data
-from .evaluation import evaluate, predict
+from .evaluation import evaluate, predict, scoring_model
 from .export import export_model, mirage_core
-from .inference import compile_image_path
+from .inference import OnnxModel, compile_image_path
 from .lora import add_lora
 from .metrics import format_comparison_table, format_table, to_jsonable
 from .modeling_mirage import MiraGeForImageClassification
+from .onnx_export import EVAL_RESULTS_FILE, ONNX_DIR
 from .synthetic import make_synthetic_genimage
 from .tiny import save_tiny_clip
 from .train_config import TrainConfig
@@ -393,10 +394,11 @@ def finish_evaluation(cfg, model, eval_set, preprocess, accelerator, image_proce
         batch_size=cfg.eval_batch_size,
         num_workers=cfg.num_workers,
     )
-    config = mirage_core(model).config
+    config = scoring_model(model).config
     summary = to_jsonable(
         {
             "model": cfg.model or str(Path(cfg.output_dir) / "model"),
+            "backend": cfg.backend,
             "eval_dataset": cfg.eval_dataset or cfg.dataset,
             "eval_split": cfg.eval_split,
             "preprocess": preprocess.mode,
@@ -409,7 +411,7 @@ def finish_evaluation(cfg, model, eval_set, preprocess, accelerator, image_proce
     if accelerator.is_main_process:
         title = (
             f"threshold {config.decision_threshold:.3f}, temperature {config.calibration_temperature:.3f}, "
-            f"preprocessing: {preprocess.mode}"
+            f"preprocessing: {preprocess.mode}, backend: {cfg.backend}"
         )
         print(format_table(results["clean"], title=title))
         if cfg.robustness:
@@ -420,6 +422,9 @@ def finish_evaluation(cfg, model, eval_set, preprocess, accelerator, image_proce
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "eval_results.json").write_text(json.dumps(summary, indent=2) + "\n")
+        onnx_dir = Path(cfg.model or "", ONNX_DIR)
+        if cfg.backend != "torch" and onnx_dir.is_dir():  # next to the graph it measures, for the model card
+            (onnx_dir / EVAL_RESULTS_FILE.format(backend=cfg.backend)).write_text(json.dumps(summary, indent=2) + "\n")
         if not cfg.eval_only:
             export_model(model, image_processor, out / "model", eval_results=summary)
     accelerator.wait_for_everyone()
@@ -429,10 +434,13 @@ def finish_evaluation(cfg, model, eval_set, preprocess, accelerator, image_proce
 def evaluate_only(cfg: TrainConfig) -> dict:
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
     configure_logging(accelerator.is_main_process)
-    model = MiraGeForImageClassification.from_pretrained(cfg.model)
-    model.to(accelerator.device)
-    if cfg.compile:
-        compile_image_path(model)
+    if cfg.backend == "torch":
+        model = MiraGeForImageClassification.from_pretrained(cfg.model)
+        model.to(accelerator.device)
+        if cfg.compile:
+            compile_image_path(model)
+    else:  # the exported graph, on the same data and preprocessing
+        model = OnnxModel.from_pretrained(cfg.model, cfg.backend)
     image_processor = AutoImageProcessor.from_pretrained(cfg.model)
     eval_set = load_split(
         cfg,
