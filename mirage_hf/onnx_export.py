@@ -16,8 +16,6 @@ import importlib
 import json
 import logging
 import math
-import os
-import shutil
 import sys
 import warnings
 from contextlib import contextmanager
@@ -27,6 +25,7 @@ import torch
 from torch import nn
 
 from . import __version__
+from .atomic import atomic_write
 
 ONNX_DIR = "onnx"
 ONNX_FILES = {"onnx": "model.onnx", "onnx-int8": "model_quantized.onnx"}  # backend -> file in ONNX_DIR
@@ -123,42 +122,23 @@ def _max_p_fake_difference(model, path, pixel_values) -> float:
     return float(abs(p_fake - reference).max())
 
 
-def export_onnx(model_dir, opset: int = OPSET, quantize: bool = True) -> Path:
-    """Exports the detector folder `model_dir` to `model_dir/onnx/` and returns that folder.
-
-    Each graph is run once in ONNX Runtime against PyTorch on random pixels; the differences go into
-    export_info.json, and an fp32 graph that differs by more than FP32_TOLERANCE is refused.
-    """
-    ort = require_onnx("ONNX export")
-    import onnx
-    import onnxscript
-
-    from .modeling_mirage import MiraGeForImageClassification
-
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{model_dir} is not a detector folder (no config.json); export it with train.py")
-    model = MiraGeForImageClassification.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True).eval()
+def _write_graphs(model, folder: Path, probe, opset: int, quantize: bool) -> dict:
+    """Writes the graphs into `folder` and returns what export_info.json records about them."""
+    ort, onnx, onnxscript = (importlib.import_module(name) for name in ("onnxruntime", "onnx", "onnxscript"))
     vision = model.config.clip_config.vision_config
-    probe = torch.randn(3, vision.num_channels, vision.image_size, vision.image_size, generator=torch.Generator())
-
-    staging, target = model_dir / f".tmp-{ONNX_DIR}", model_dir / ONNX_DIR
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    export_graph(model, staging / ONNX_FILES["onnx"], opset)
-    differences = {"onnx": _max_p_fake_difference(model, staging / ONNX_FILES["onnx"], probe)}
+    export_graph(model, folder / ONNX_FILES["onnx"], opset)
+    differences = {"onnx": _max_p_fake_difference(model, folder / ONNX_FILES["onnx"], probe)}
     if differences["onnx"] > FP32_TOLERANCE:
-        shutil.rmtree(staging)
         raise RuntimeError(
             f"the exported fp32 graph differs from PyTorch by {differences['onnx']:.2e} in p(fake) "
             f"(> {FP32_TOLERANCE}); not written"
         )
     quantization = None
     if quantize:
-        quantization = quantize_graph(staging / ONNX_FILES["onnx"], staging / ONNX_FILES["onnx-int8"])
-        differences["onnx-int8"] = _max_p_fake_difference(model, staging / ONNX_FILES["onnx-int8"], probe)
-    info = {
-        "files": {backend: name for backend, name in ONNX_FILES.items() if (staging / name).exists()},
+        quantization = quantize_graph(folder / ONNX_FILES["onnx"], folder / ONNX_FILES["onnx-int8"])
+        differences["onnx-int8"] = _max_p_fake_difference(model, folder / ONNX_FILES["onnx-int8"], probe)
+    return {
+        "files": {backend: name for backend, name in ONNX_FILES.items() if (folder / name).exists()},
         "opset": opset,
         "exporter": "torch.onnx.export(dynamo=True)",
         "versions": {
@@ -179,14 +159,29 @@ def export_onnx(model_dir, opset: int = OPSET, quantize: bool = True) -> Path:
         "quantization": quantization,
         "max_abs_p_fake_difference_from_pytorch_on_random_pixels": differences,
     }
-    (staging / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
-    previous = model_dir / f".old-{ONNX_DIR}"
-    shutil.rmtree(previous, ignore_errors=True)
-    if target.exists():
-        os.replace(target, previous)
-    os.replace(staging, target)
-    shutil.rmtree(previous, ignore_errors=True)
-    return target
+
+
+def export_onnx(model_dir, opset: int = OPSET, quantize: bool = True) -> Path:
+    """Exports the detector folder `model_dir` to `model_dir/onnx/` and returns that folder.
+
+    Each graph is run once in ONNX Runtime against PyTorch on random pixels; the differences go into
+    export_info.json, and an fp32 graph that differs by more than FP32_TOLERANCE is refused.
+    """
+    require_onnx("ONNX export")
+    from .modeling_mirage import MiraGeForImageClassification
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir} is not a detector folder (no config.json); export it with train.py")
+    model = MiraGeForImageClassification.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True).eval()
+    vision = model.config.clip_config.vision_config
+    probe = torch.randn(3, vision.num_channels, vision.image_size, vision.image_size, generator=torch.Generator())
+
+    with atomic_write(model_dir / ONNX_DIR) as staging:
+        staging.mkdir()
+        info = _write_graphs(model, staging, probe, opset, quantize)
+        (staging / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    return model_dir / ONNX_DIR
 
 
 def check_calibration(info: dict, config) -> None:
