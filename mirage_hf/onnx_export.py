@@ -51,7 +51,8 @@ def require_onnx(purpose: str, modules=("onnx", "onnxruntime", "onnxscript")):
 
 
 class CalibratedEvalPath(nn.Module):
-    """The model's own eval forward, its text anchors and vision prompts computed once and frozen as constants."""
+    """The model's own eval path as the graph's three outputs; traced inside `frozen_anchors`, so that its text
+    anchors and vision prompts enter the graph as constants."""
 
     def __init__(self, model):
         super().__init__()
