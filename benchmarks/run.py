@@ -7,8 +7,8 @@
 
 Every number is a ratio against a baseline measured in the same process on the same batch; the table is
 printed and written as JSON (--output). Weights are random: speed does not depend on their values.
-The data-pipeline and evaluation-memory rows need `datasets`; where it is not installed (as on the lent GPU
-machines) they are skipped and the report says why.
+The data-pipeline and evaluation-memory rows need `datasets`, the ONNX Runtime rows the `[onnx]` extra; where
+they are not installed (as on the lent GPU machines) those rows are skipped and the report says why.
 """
 
 import argparse
@@ -28,7 +28,8 @@ import torch
 from transformers import CLIPConfig
 
 from mirage_hf import MiraGeConfig, MiraGeForImageClassification
-from mirage_hf.inference import compile_image_path
+from mirage_hf.inference import Detector, OnnxModel, compile_image_path
+from mirage_hf.onnx_export import ONNX_FILES, export_graph, quantize_graph, require_onnx, session
 
 
 @dataclass(frozen=True)
@@ -250,22 +251,78 @@ def sync_checks(profile, device):
     return checks
 
 
-def latency_rows(args, profile):
-    """Single-image latency of the Space's predict path (Detector on CPU, a 640x480 input)."""
+def export_graphs(profile, folder) -> dict:
+    """The ONNX graphs of the benchmark's MiraGe model (built on the CPU, as `mirage-export-onnx` loads it), by
+    backend, and the seconds each took to write."""
+    model = build(profile, "sdpa", torch.device("cpu"), mode="maple").eval()
+    paths, seconds = {backend: os.path.join(folder, name) for backend, name in ONNX_FILES.items()}, {}
+    start = time.perf_counter()
+    export_graph(model, paths["onnx"])
+    seconds["onnx"] = time.perf_counter() - start
+    start = time.perf_counter()
+    quantize_graph(paths["onnx"], paths["onnx-int8"])
+    seconds["onnx-int8"] = time.perf_counter() - start
+    return {"paths": paths, "seconds": seconds, "config": model.config}
+
+
+def onnx_rows(args, profile, device, graphs):
+    """ONNX Runtime against the torch backend (PyTorch fp32 eager: SDPA, cached anchors) and the bare CLIP tower,
+    at batch 1 (the Space) and the profile's batch, alternating rounds on the same pixels. On CUDA: the fp32 graph
+    on ONNX Runtime's CUDA provider next to PyTorch bf16 (dynamic int8 is a CPU technique)."""
+    rows = {f"export time, {backend} (s)": value for backend, value in graphs["seconds"].items()}
+    sdpa = build(profile, "sdpa", device, mode="maple").eval()
+    cuda = device.type == "cuda"
+    backends = {"onnx": ["CUDAExecutionProvider"]} if cuda else {b: ["CPUExecutionProvider"] for b in ONNX_FILES}
+    cast, precision = (torch.bfloat16, "bf16") if cuda else (None, "fp32")
+    variants = {}
+    for batch in dict.fromkeys((1, args.batch)):
+        pixels, _ = random_batch(profile, batch, device)
+        host = pixels.cpu().numpy()
+
+        def bare(pixels=pixels):
+            with torch.inference_mode(), autocast(device, cast):
+                sdpa.clip.get_image_features(pixel_values=pixels)
+
+        def eager(pixels=pixels):
+            with torch.inference_mode(), autocast(device, cast):
+                sdpa.detect(pixels)
+
+        variants[(f"bare CLIP tower, {precision}, SDPA, batch {batch}", batch)] = bare
+        variants[(f"PyTorch {precision} eager (torch backend), batch {batch}", batch)] = eager
+        for backend, providers in backends.items():
+            graph = session(graphs["paths"][backend], providers)
+            provider = "CUDA provider" if cuda else "CPU"
+            name = f"ONNX Runtime {'int8' if backend == 'onnx-int8' else 'fp32'}, {provider}, batch {batch}"
+            variants[(name, batch)] = lambda graph=graph, host=host: graph.run(["p_fake"], {"pixel_values": host})
+    for _ in range(args.rounds):
+        for (name, batch), run in variants.items():
+            rows[name] = max(rows.get(name, 0.0), throughput(run, batch, device, args.seconds))
+    return rows
+
+
+def latency_rows(args, profile, graphs=None):
+    """Single-image latency of the Space's predict path (Detector on CPU, a 640x480 input), for each backend."""
     from PIL import Image
 
-    from mirage_hf.inference import Detector
     from mirage_hf.tiny import tiny_image_processor
 
     image = Image.new("RGB", (640, 480), "gray")
-    model = build(profile, "sdpa", torch.device("cpu"), mode="maple").eval()
-    detector = Detector(model, tiny_image_processor(profile.image_size))
-    detector([image])
-    start, calls = time.perf_counter(), 0
-    while calls < 3 or time.perf_counter() - start < args.seconds:
-        detector([image])
-        calls += 1
-    return {f"single-image latency, {profile.name} on CPU (ms)": 1000 * (time.perf_counter() - start) / calls}
+    processor = tiny_image_processor(profile.image_size)
+    detectors = {"torch": Detector(build(profile, "sdpa", torch.device("cpu"), mode="maple").eval(), processor)}
+    for backend, path in (graphs or {}).get("paths", {}).items():
+        model = OnnxModel(path, graphs["config"], backend, ["CPUExecutionProvider"])
+        detectors[backend] = Detector(model, processor)
+    rows = {}
+    for _ in range(1 if graphs is None else args.rounds):
+        for backend, detector in detectors.items():
+            detector([image])
+            start, calls = time.perf_counter(), 0
+            while calls < 3 or time.perf_counter() - start < args.seconds:
+                detector([image])
+                calls += 1
+            name = f"single-image latency, {profile.name} on CPU, backend {backend} (ms)"
+            rows[name] = min(rows.get(name, math.inf), 1000 * (time.perf_counter() - start) / calls)
+    return rows
 
 
 def data_rows(args, profile):
@@ -338,7 +395,39 @@ def datasets_missing():
     return None
 
 
-def ratios_of(rows, args):
+def onnx_missing():
+    """Why the ONNX Runtime rows cannot run here, or None where they can."""
+    try:
+        require_onnx("The ONNX rows")
+    except ImportError as error:
+        return f"skipped: {error}"
+    return None
+
+
+def onnx_ratios(rows, args, device):
+    """ONNX Runtime over the torch backend and over the bare tower, per batch; Space latency speed-ups."""
+    ratios = {}
+    cuda = device.type == "cuda"
+    precision = "bf16" if cuda else "fp32"
+    for batch in dict.fromkeys((1, args.batch)):
+        for graph in ("fp32",) if cuda else ("fp32", "int8"):
+            onnx = rows.get(f"ONNX Runtime {graph}, {'CUDA provider' if cuda else 'CPU'}, batch {batch}")
+            if onnx is None:
+                continue
+            ratios[f"ONNX {graph} / PyTorch {precision} eager, batch {batch}"] = (
+                onnx / rows[f"PyTorch {precision} eager (torch backend), batch {batch}"]
+            )
+            ratios[f"ONNX {graph} / bare tower {precision}, batch {batch}"] = (
+                onnx / rows[f"bare CLIP tower, {precision}, SDPA, batch {batch}"]
+            )
+    latency = {name.split("backend ")[1].split(" ")[0]: value for name, value in rows.items() if " backend " in name}
+    for backend in ONNX_FILES:
+        if backend in latency:
+            ratios[f"Space latency speed-up, {backend} over torch"] = latency["torch"] / latency[backend]
+    return ratios
+
+
+def ratios_of(rows, args, device):
     """The comparisons the targets are stated in, each between rows of this run."""
     mirage, peer = rows["MiraGe, fp32, SDPA, cached anchors"], rows["peer-style: MiraGe fp32 eager, anchors recomputed"]
     ratios = {
@@ -358,7 +447,7 @@ def ratios_of(rows, args):
     pipeline = [value for name, value in rows.items() if name.startswith("data pipeline")]
     if pipeline:
         ratios["data pipeline (most workers) / training step"] = pipeline[-1] / step
-    return ratios
+    return ratios | onnx_ratios(rows, args, device)
 
 
 def parse_args(argv=None):
@@ -388,25 +477,34 @@ def main(argv=None):
     args.rounds = args.rounds or (1 if args.tiny else 3)
 
     rows, checks = {}, {}
-    missing = datasets_missing()
+    missing, no_onnx = datasets_missing(), onnx_missing()
     skipped = {"evaluation memory and data pipeline": missing} if missing else {}
+    if no_onnx:
+        skipped["ONNX Runtime rows"] = no_onnx
+    elif device.type == "cuda" and "CUDAExecutionProvider" not in require_onnx("ONNX").get_available_providers():
+        skipped["ONNX Runtime rows"] = "skipped: this onnxruntime has no CUDAExecutionProvider (onnxruntime-gpu)"
     if not missing:
         rows.update(eval_memory_rows(args))  # first: before the big models raise the process peak
     rows.update(inference_rows(args, profile, device))
     rows.update(training_rows(args, profile, device))
-    if device.type == "cuda":
-        checks.update(sync_checks(profile, device))
-    else:
-        rows.update(latency_rows(args, profile))
+    with tempfile.TemporaryDirectory() as folder:
+        graphs = None if "ONNX Runtime rows" in skipped else export_graphs(profile, folder)
+        if graphs is not None:
+            rows.update(onnx_rows(args, profile, device, graphs))
+        if device.type == "cuda":
+            checks.update(sync_checks(profile, device))
+        else:
+            rows.update(latency_rows(args, profile, graphs))
     if not missing:
         rows.update(data_rows(args, profile))
-    ratios = ratios_of(rows, args)
+    ratios = ratios_of(rows, args, device)
 
     report = {
         "date": date.today().isoformat(),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
         + (f", {torch.cuda.get_device_name()}" if device.type == "cuda" else ""),
         "torch": torch.__version__,
+        "onnxruntime": None if no_onnx else require_onnx("The ONNX rows").__version__,
         "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
         "model": profile.name,

@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 from transformers.utils import logging as hf_logging
 
-from .inference import Detector
+from .inference import BACKENDS, Detector
 from .scan import (
     FORMATS,
     ROW_FORMATS,
@@ -112,6 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="DataLoader processes decoding images while the model scores; 0 decodes in the main process "
         f"(default: the usable CPUs less one, at most 8; here {default_num_workers()})",
     )
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="torch",
+        help="torch (default), or ONNX Runtime on the graphs `mirage-export-onnx` writes: onnx (fp32) or "
+        "onnx-int8 (quantized, fastest on CPU)",
+    )
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="model dtype (default float32)")
     parser.add_argument(
@@ -173,6 +180,12 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace, world
         parser.error("--explain runs in one process, not under accelerate launch")
     if args.explain is not None and os.path.exists(args.explain) and not os.path.isdir(args.explain):
         parser.error(f"--explain: {args.explain!r} exists and is not a folder")
+    if args.backend != "torch":
+        for flag, given in (("--explain", args.explain), ("--compile", args.compile)):
+            if given:
+                parser.error(f"{flag} needs the PyTorch model (gradients, torch.compile): use --backend torch")
+        if args.dtype != "float32":
+            parser.error(f"--dtype: the {args.backend} backend runs the exported graph's own precision")
     if args.device is not None:
         try:
             device = torch.device(args.device)
@@ -318,11 +331,12 @@ def main(argv: list[str] | None = None) -> int:
             model,
             device=args.device or (state.device if state is not None else None),
             dtype=DTYPES[args.dtype],
+            backend=args.backend,
             preprocess=args.preprocess,
             unsure_margin=args.unsure_margin,
             compile=args.compile,
         )
-    except (OSError, ValueError, RuntimeError) as err:
+    except (ImportError, OSError, ValueError, RuntimeError) as err:
         where = "" if os.path.isdir(model) else " (no such local folder, so it was tried as a Hub id)"
         print(f"{PROG}: cannot load the model {model!r}{where}: {err}", file=sys.stderr)
         return 1

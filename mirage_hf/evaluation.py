@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .export import mirage_core
+from .inference import OnnxModel
 from .metrics import per_subset_metrics
 from .transforms import ROBUSTNESS_SWEEP, BadImageReport, DetectionCollator, degrade
 
@@ -40,13 +41,20 @@ def _shard(dataset, accelerator):
     return dataset.shard(num_shards=accelerator.num_processes, index=accelerator.process_index, contiguous=True)
 
 
+def scoring_model(model):
+    """What scores the images: an exported ONNX graph (`OnnxModel`) as it is, else the MiraGe model inside any
+    training wrapper."""
+    return model if isinstance(model, OnnxModel) else mirage_core(model)
+
+
 def predict(model, dataset, preprocess, accelerator, batch_size=64, num_workers=0, desc="eval"):
     """The model's output for every readable image: its label, logit difference and calibrated p(fake).
 
     Returns (labels, logit_diff, p_fake, subsets, BadImageReport), gathered from all processes; `logit_diff` and
-    `p_fake` are the model's `MiraGeOutput` fields (uncalibrated ranking score, calibrated probability).
+    `p_fake` are the model's `MiraGeOutput` fields (uncalibrated ranking score, calibrated probability). `model` may also be an
+    `OnnxModel`, which evaluates an exported graph on the same data.
     """
-    core = mirage_core(model)
+    core = scoring_model(model)
     was_training = core.training
     core.eval()
     loader = DataLoader(
@@ -60,9 +68,14 @@ def predict(model, dataset, preprocess, accelerator, batch_size=64, num_workers=
             failures.add(batch["failed"])
             if not batch["labels"].numel():
                 continue
-            output = core(pixel_values=batch["pixel_values"].to(accelerator.device))
-            diffs.append(output.logit_diff.cpu().numpy())
-            p_fakes.append(output.p_fake.cpu().numpy())
+            if isinstance(core, OnnxModel):
+                output = core(batch["pixel_values"])
+                diffs.append(output["logit_diff"])
+                p_fakes.append(output["p_fake"])
+            else:
+                output = core(pixel_values=batch["pixel_values"].to(accelerator.device))
+                diffs.append(output.logit_diff.cpu().numpy())
+                p_fakes.append(output.p_fake.cpu().numpy())
             labels.append(batch["labels"].numpy())
             subsets.extend(batch["subsets"])
     core.train(was_training)
@@ -83,7 +96,7 @@ def predict(model, dataset, preprocess, accelerator, batch_size=64, num_workers=
 
 def evaluate(model, dataset, preprocess, accelerator, robustness=False, batch_size=64, num_workers=0):
     """{"clean": per-subset metrics[, "jpeg95": ..., ...]} plus the bad-image report of the clean pass."""
-    threshold = mirage_core(model).config.decision_threshold
+    threshold = scoring_model(model).config.decision_threshold
     conditions = [("clean", preprocess)]
     if robustness:
         conditions += [

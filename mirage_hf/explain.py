@@ -103,6 +103,8 @@ def explain_images(detector, images: list[Image.Image], alpha: float = 0.45) -> 
     The overlay keeps the full image; the map is drawn over the region the model saw (the centre square in
     "resize" mode, the centre crop in "center_crop" mode) and the rest is left as it is.
     """
+    if detector.backend != "torch":
+        raise ValueError(f"explanation maps need gradients, which the {detector.backend} backend lacks: use 'torch'")
     pixel_values = detector.preprocess(list(images)).to(detector.device)
     heatmaps = explain(detector.model, pixel_values).cpu().numpy()
     results = []

@@ -22,6 +22,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from . import __version__
 from .metrics import format_comparison_table, format_table
+from .onnx_export import EVAL_RESULTS_FILE, INFO_FILE, ONNX_DIR, ONNX_FILES
 
 PACKAGE = files("mirage_hf")
 SPACE_TEMPLATE = PACKAGE / "space"  # package data: the Space's app, requirements, card and examples
@@ -148,6 +149,89 @@ Detector.from_pretrained("{repo_id}", unsure_margin=0.1)(images)  # [Verdict(lab
 """
 
 
+ONNX_SNIPPET = """```python
+# pip install onnxruntime huggingface_hub pillow numpy   (no torch, no transformers, no mirage-hf)
+import json
+
+import numpy as np
+import onnxruntime as ort
+from huggingface_hub import snapshot_download
+from PIL import Image
+
+folder = snapshot_download("{repo_id}", allow_patterns=["*.json", "onnx/{file}"])
+processor = json.load(open(f"{{folder}}/preprocessor_config.json"))
+threshold = json.load(open(f"{{folder}}/config.json"))["decision_threshold"]
+
+
+def preprocess(image):
+    \"\"\"The saved CLIP image processor: short side resized (bicubic), centre crop, rescale, normalise; NCHW.\"\"\"
+    image, side = image.convert("RGB"), processor["size"]["shortest_edge"]
+    w, h = image.size
+    image = image.resize((side, int(side * h / w)) if w <= h else (int(side * w / h), side), Image.Resampling.BICUBIC)
+    crop_w, crop_h = processor["crop_size"]["width"], processor["crop_size"]["height"]
+    left, top = (image.width - crop_w) // 2, (image.height - crop_h) // 2
+    pixels = np.asarray(image.crop((left, top, left + crop_w, top + crop_h)), dtype=np.float32)
+    pixels = (pixels * processor["rescale_factor"] - processor["image_mean"]) / processor["image_std"]
+    return pixels.transpose(2, 0, 1)[None].astype(np.float32)
+
+
+session = ort.InferenceSession(f"{{folder}}/onnx/{file}", providers=["CPUExecutionProvider"])
+p_fake = float(session.run(["p_fake"], {{"pixel_values": preprocess(Image.open("photo.jpg"))}})[0][0])
+print("fake" if p_fake >= threshold else "real", round(p_fake, 4))
+```"""
+
+
+def _onnx_section(model_dir: Path, repo_id: str, results: dict | None) -> str:
+    """How to run the exported graphs with ONNX Runtime alone, and what int8 costs in accuracy, where measured."""
+    onnx_dir = model_dir / ONNX_DIR
+    if not (onnx_dir / INFO_FILE).is_file():
+        return ""
+    info = json.loads((onnx_dir / INFO_FILE).read_text())
+    quantized = "onnx-int8" in info["files"]
+    file = ONNX_FILES["onnx-int8" if quantized else "onnx"]
+    text = f"""## ONNX Runtime (CPU deployment)
+
+`onnx/model.onnx` (fp32){" and `onnx/model_quantized.onnx` (int8 weights, dynamic quantization)" if quantized else ""}
+hold the eval path with the text anchors, temperature and threshold folded in (opset {info["opset"]}, exported
+with mirage-hf {info["versions"]["mirage_hf"]}, torch {info["versions"]["torch"]}; details in
+`onnx/{INFO_FILE}`). Input `pixel_values` (batch, 3, S, S); outputs `logits` (the calibrated logits, as the
+PyTorch model's), `logit_diff` and `p_fake`. With `mirage-hf` installed:
+`mirage-detect photos/ --model {repo_id} --backend {"onnx-int8" if quantized else "onnx"}`. Without it:
+
+{ONNX_SNIPPET.format(repo_id=repo_id, file=file)}
+"""
+    cost_path = onnx_dir / EVAL_RESULTS_FILE.format(backend="onnx-int8")
+    if not quantized:
+        return text
+    if results is None or not cost_path.is_file():
+        return text + (
+            "\nThe accuracy cost of the int8 graph has not been measured for this model "
+            "(`python train.py --eval_only --model DIR --backend onnx-int8 --dataset ...` measures it).\n"
+        )
+    int8 = json.loads(cost_path.read_text())
+    if (int8["eval_dataset"], int8.get("eval_split")) != (results["eval_dataset"], results.get("eval_split")):
+        return text + (
+            f"\nThe int8 graph was evaluated on `{_dataset_label(int8['eval_dataset'])}`, not on the data above, so "
+            f"no accuracy cost is stated (its mean accuracy there: {100 * int8['clean']['mean']['accuracy']:.1f}%).\n"
+        )
+    rows = [
+        f"| {subset} | {100 * metrics['accuracy']:.1f} | {100 * int8['clean'][subset]['accuracy']:.1f} | "
+        f"{100 * (int8['clean'][subset]['accuracy'] - metrics['accuracy']):+.1f} |"
+        for subset, metrics in results["clean"].items()
+        if subset in int8["clean"]
+    ]
+    return (
+        text
+        + f"""
+Accuracy cost of int8 on the evaluation data above (`train.py --eval_only --backend onnx-int8`), in percent:
+
+| subset | PyTorch fp32 | ONNX Runtime int8 | difference |
+|---|---|---|---|
+{chr(10).join(rows)}
+"""
+    )
+
+
 def _calibration_section(config: dict, results: dict | None) -> str:
     calibration = (results or {}).get("calibration")
     if calibration is None:
@@ -270,6 +354,7 @@ tokens, depth {config.get("prompt_depth")}. Labels: `real`, `fake`. Trained with
 {_usage_section(repo_id)}
 {_calibration_section(config, results)}
 {_evaluation_section(results)}
+{_onnx_section(model_dir, repo_id, results)}
 {INTENDED_USE}
 {LIMITATIONS}
 {_data_section(eval_dataset, license, datasets)}"""
@@ -289,6 +374,8 @@ def _copy_model_files(model_dir: Path, target: Path) -> None:
     for pattern in MODEL_FILES:
         for path in model_dir.glob(pattern):
             shutil.copy2(path, target / path.name)
+    if (model_dir / ONNX_DIR / INFO_FILE).is_file():  # written by mirage-export-onnx
+        shutil.copytree(model_dir / ONNX_DIR, target / ONNX_DIR)
 
 
 def _copy_resource(source, target: Path, ignore=()) -> None:

@@ -157,6 +157,11 @@ class TrainConfig(ModelOptions):
     compile: bool = option(
         False, "Evaluate with the image encoder under torch.compile (opt-in; pays off on large sets)."
     )
+    backend: Literal["torch", "onnx", "onnx-int8"] = option(
+        "torch",
+        'For --eval_only: "torch", or ONNX Runtime on the graphs mirage-export-onnx wrote: "onnx" (fp32) or '
+        '"onnx-int8" (quantized), to measure what the export costs in accuracy.',
+    )
 
     def __post_init__(self):
         for name, annotation in typing.get_type_hints(TrainConfig).items():
@@ -171,6 +176,10 @@ class TrainConfig(ModelOptions):
             allowed = _choices(kinds)
             if allowed and getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.backend != "torch" and not self.eval_only:
+            raise ValueError(f"--backend {self.backend} scores an exported model: use it with --eval_only --model DIR")
+        if self.backend != "torch" and self.compile:
+            raise ValueError("--compile applies to the torch backend")
         if self.eval_only and not self.model:
             raise ValueError("--eval_only needs --model <trained MiraGe folder or Hub id>")
         if not 0.0 <= self.calibration_holdout < 1.0:

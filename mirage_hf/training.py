@@ -31,12 +31,13 @@ from .checkpoints import (
     save_checkpoint,
 )
 from .data import check_binary_labels, load_data
-from .evaluation import evaluate, predict
+from .evaluation import evaluate, predict, scoring_model
 from .export import export_model, mirage_core
-from .inference import compile_image_path
+from .inference import OnnxModel, compile_image_path
 from .lora import add_lora
 from .metrics import format_comparison_table, format_table, to_jsonable
 from .modeling_mirage import MiraGeForImageClassification
+from .onnx_export import EVAL_RESULTS_FILE, ONNX_DIR
 from .synthetic import make_synthetic_genimage
 from .tiny import save_tiny_clip
 from .train_config import TrainConfig
@@ -461,10 +462,11 @@ class Evaluation:
             model, self.eval_set, self.preprocess, accelerator, robustness=cfg.robustness,
             batch_size=cfg.eval_batch_size, num_workers=cfg.num_workers,
         )  # fmt: skip
-        config = mirage_core(model).config
+        config = scoring_model(model).config
         summary = to_jsonable(
             {
                 "model": cfg.model or str(self.model_dir),
+                "backend": cfg.backend,
                 "eval_dataset": cfg.eval_dataset or cfg.dataset,
                 "eval_split": cfg.eval_split,
                 "preprocess": self.preprocess.mode,
@@ -478,7 +480,7 @@ class Evaluation:
         if accelerator.is_main_process:
             title = (
                 f"threshold {config.decision_threshold:.3f}, temperature {config.calibration_temperature:.3f}, "
-                f"preprocessing: {self.preprocess.mode}"
+                f"preprocessing: {self.preprocess.mode}, backend: {cfg.backend}"
             )
             print(format_table(results["clean"], title=title))
             if cfg.robustness:
@@ -491,6 +493,11 @@ class Evaluation:
             out = Path(cfg.output_dir)
             out.mkdir(parents=True, exist_ok=True)
             (out / "eval_results.json").write_text(json.dumps(summary, indent=2) + "\n")
+            onnx_dir = Path(cfg.model or "", ONNX_DIR)
+            if cfg.backend != "torch" and onnx_dir.is_dir():  # next to the graph it measures, for the model card
+                (onnx_dir / EVAL_RESULTS_FILE.format(backend=cfg.backend)).write_text(
+                    json.dumps(summary, indent=2) + "\n"
+                )
             if export:
                 export_model(model, self.image_processor, self.model_dir, eval_results=summary)
         accelerator.wait_for_everyone()
@@ -501,9 +508,12 @@ def evaluate_only(cfg: TrainConfig) -> dict:
     """Evaluates a trained model folder or Hub id (`--eval_only --model ...`); exports nothing."""
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
     configure_logging()
-    model = MiraGeForImageClassification.from_pretrained(cfg.model).to(accelerator.device)
-    if cfg.compile:
-        compile_image_path(model)
+    if cfg.backend == "torch":
+        model = MiraGeForImageClassification.from_pretrained(cfg.model).to(accelerator.device)
+        if cfg.compile:
+            compile_image_path(model)
+    else:  # the exported graph, on the same data and preprocessing
+        model = OnnxModel.from_pretrained(cfg.model, cfg.backend)
     image_processor = AutoImageProcessor.from_pretrained(cfg.model)
     source = resolve_dataset(cfg, cfg.eval_dataset or cfg.dataset)
     eval_set = load_split(cfg, source, cfg.eval_split, cfg.eval_subsets, cfg.max_eval_samples)

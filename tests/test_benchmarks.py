@@ -1,4 +1,5 @@
-"""benchmarks/run.py on a tiny CLIP: every comparison the speed targets are stated in comes out of one run.
+"""benchmarks/run.py on a tiny CLIP: every comparison the speed targets are stated in comes out of one run
+(the ONNX Runtime rows included, at batch 1 and the profile's batch).
 
 A GPU run gets one try on a lent machine, so its code paths (bf16 rows, the compiled path, the ratios, the JSON
 report) are checked here on the CPU; only the CUDA-only sync check and GPU memory rows are left to that run.
@@ -21,7 +22,14 @@ TARGET_RATIOS = {
     "compiled MiraGe / bare tower (same dtype)",
     "compiled MiraGe / peer-style fp32 eager",
     "data pipeline (most workers) / training step",
+    "Space latency speed-up, onnx over torch",
+    "Space latency speed-up, onnx-int8 over torch",
 }
+ONNX_RATIOS = [
+    f"ONNX {graph} / {baseline}, batch {{batch}}"
+    for graph in ("fp32", "int8")
+    for baseline in ("PyTorch fp32 eager", "bare tower fp32")
+]
 
 
 @pytest.mark.slow
@@ -33,12 +41,15 @@ def test_benchmark_reports_every_target_ratio_from_one_run(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
 
     report = json.loads(output.read_text())
-    assert set(report["ratios"]) == TARGET_RATIOS
+    batches = (1, report["batch"])
+    assert set(report["ratios"]) == TARGET_RATIOS | {name.format(batch=b) for name in ONNX_RATIOS for b in batches}
     assert all(value > 0 for value in report["ratios"].values())
     assert report["skipped"] == {}, "the data rows ran here, where `datasets` works"
     steps = {"training step, prompts only, bf16", "training step, prompts only, bf16, activation checkpointing"}
     assert steps <= set(report["rows"])
     assert any(name.startswith("evaluation of") for name in report["rows"])
+    latency = {f"single-image latency, tiny on CPU, backend {b} (ms)" for b in ("torch", "onnx", "onnx-int8")}
+    assert latency <= set(report["rows"]) and report["onnxruntime"]
 
 
 @pytest.mark.slow

@@ -223,3 +223,57 @@ def test_a_malformed_repo_id_is_a_usage_error_before_any_staging(model_dir, tmp_
         main(["--model_dir", str(model_dir), "--repo_id", bad, "--staging_dir", str(tmp_path / "s"), "--dry_run"])
     assert f"{bad!r} is not a Hub repo id" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+
+
+@pytest.fixture(scope="module")
+def onnx_staged(model_dir, tmp_path_factory):
+    """The test detector exported to ONNX, with the int8 graph's results on the same data, staged."""
+    import shutil
+
+    from mirage_hf.onnx_export import export_onnx
+
+    exported = tmp_path_factory.mktemp("onnx") / "model"
+    shutil.copytree(model_dir, exported)
+    export_onnx(exported)
+    int8 = dict(EVAL_RESULTS, backend="onnx-int8", clean={name: metrics(acc - 0.01) for name, acc in SUBSETS.items()})
+    (exported / "onnx" / "eval_results_onnx-int8.json").write_text(json.dumps(int8))
+    return exported, stage_model_repo(exported, tmp_path_factory.mktemp("staged-onnx"), REPO)
+
+
+def test_onnx_folder_is_uploaded_and_the_card_states_the_int8_cost(onnx_staged):
+    exported, staged = onnx_staged
+    assert sorted(p.name for p in (staged / "model" / "onnx").iterdir()) == sorted(
+        p.name for p in (exported / "onnx").iterdir()
+    )
+    text = ModelCard.load(staged / "model" / "README.md").text
+    assert "## ONNX Runtime" in text and f"--model {REPO} --backend onnx-int8" in text
+    assert "| mean | 71.5 | 70.5 | -1.0 |" in text and "| ADM | 81.0 | 80.0 | -1.0 |" in text
+
+
+def test_card_onnx_snippet_runs_without_torch_transformers_or_mirage_hf(onnx_staged, tmp_path):
+    """The card's snippet, run as written (the Hub download answered from the staged folder) in a process where
+    torch, transformers and mirage_hf cannot be imported, gives the int8 backend's p(fake)."""
+    from mirage_hf.inference import Detector
+
+    exported, staged = onnx_staged
+    text = ModelCard.load(staged / "model" / "README.md").text
+    snippet = text.split("## ONNX Runtime", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    image = Image.fromarray(np.random.default_rng(3).integers(0, 255, (45, 61, 3), dtype=np.uint8))
+    image.save(tmp_path / "photo.jpg", quality=95)
+    prelude = textwrap.dedent(
+        f"""
+        import sys
+        for name in ("torch", "transformers", "mirage_hf"):
+            sys.modules[name] = None  # any import of them fails
+        import huggingface_hub
+        huggingface_hub.snapshot_download = lambda *args, **kwargs: {str(staged / "model")!r}
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", prelude + snippet], check=False, cwd=tmp_path, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    label, p_fake = result.stdout.split()
+    detector = Detector.from_pretrained(exported, backend="onnx-int8")
+    expected = detector.p_fake([Image.open(tmp_path / "photo.jpg")])[0]
+    assert float(p_fake) == pytest.approx(expected, abs=1e-4) and label == detector.verdict(expected).label

@@ -181,3 +181,28 @@ def test_page_in_headless_chromium(server, images, tmp_path):
     assert shot.stat().st_size > 10_000
     if os.environ.get("MIRAGE_UPDATE_SCREENSHOT") == "1":
         shutil.copy(shot, ROOT / "docs" / "space.png")
+
+
+def test_space_prefers_the_int8_graph_says_which_backend_answered_and_explains_with_torch(
+    detector_dir, images, tmp_path, monkeypatch
+):
+    from mirage_hf.onnx_export import export_onnx
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(detector_dir, model_dir)
+    monkeypatch.setenv("MIRAGE_MODEL", str(detector_dir))
+    assert space.space_backend(str(detector_dir)) == "torch"  # no onnx/ folder
+    export_onnx(model_dir)
+    monkeypatch.setenv("MIRAGE_MODEL", str(model_dir))
+    assert space.space_backend(str(model_dir)) == "onnx-int8"
+    monkeypatch.setattr(space, "BACKEND", "onnx")  # MIRAGE_BACKEND, read at start-up
+    assert space.load_detector().backend == "onnx"
+    monkeypatch.setattr(space, "BACKEND", "auto")
+
+    app = space.DetectorApp()
+    probabilities, verdict, overlay = app.detect(images["good"], explain=True)
+    assert app.detector().backend == "onnx-int8" and verdict.endswith("(backend: onnx-int8)")
+    assert "backend `onnx-int8`" in app.model_info()[1]
+    torch_p = float(app.explainer().p_fake([Image.open(images["good"]).convert("RGB")])[0])
+    assert app.explainer().backend == "torch" and probabilities["fake"] == pytest.approx(torch_p, abs=0.02)
+    assert (overlay.size == (40, 48)) if HAS_EXPLAIN else overlay is None

@@ -2,7 +2,9 @@
 `mirage_hf.explain` exists), or a batch of files to a table and a CSV.
 
 The model is `MIRAGE_MODEL` (a Hub id or a local folder), else the first `models:` entry of this Space's
-README.md, which push_to_hub.py writes. It is loaded once, on the first request, on CPU. Uploads reach the
+README.md, which push_to_hub.py writes. It is loaded once, on the first request, on CPU, with ONNX Runtime's int8
+graph where the repo has one (`MIRAGE_BACKEND`: auto, torch, onnx or onnx-int8); explanation maps need gradients,
+so with an ONNX backend the PyTorch model is loaded for them on first use. Uploads reach the
 handlers unopened and go through mirage_hf's own decoder, with its size and pixel-count limits, so that a bad
 file gets a readable message in the page instead of an error from deep inside PIL.
 """
@@ -17,9 +19,11 @@ from pathlib import Path
 
 import gradio as gr
 from huggingface_hub import SpaceCard
+from transformers.utils import cached_file
 
 from mirage_hf.inference import Detector
 from mirage_hf.inference import verdict_label as label_at
+from mirage_hf.onnx_export import ONNX_DIR, ONNX_FILES
 from mirage_hf.transforms import ImageLoadError, open_image
 
 HERE = Path(__file__).resolve().parent
@@ -29,6 +33,7 @@ MAX_PIXELS = 40_000_000  # about 6300 x 6300: larger images are refused before d
 MAX_BATCH_FILES = 50
 BATCH_SIZE = 16  # images decoded and scored at a time in the Batch tab, to bound memory
 UNSURE_MARGIN = float(os.environ.get("MIRAGE_UNSURE_MARGIN", "0.1"))
+BACKEND = os.environ.get("MIRAGE_BACKEND", "auto")
 logger = logging.getLogger(__name__)
 
 
@@ -36,8 +41,23 @@ def model_name() -> str:
     return os.environ.get("MIRAGE_MODEL") or SpaceCard.load(HERE / "README.md").data.models[0]
 
 
-def load_detector() -> Detector:
-    return Detector.from_pretrained(model_name(), device="cpu", unsure_margin=UNSURE_MARGIN)
+def space_backend(name: str) -> str:
+    """`MIRAGE_BACKEND`, where "auto" means the int8 ONNX graph if the repo has one (fastest on CPU), else torch."""
+    if BACKEND != "auto":
+        return BACKEND
+    quantized = cached_file(name, f"{ONNX_DIR}/{ONNX_FILES['onnx-int8']}", _raise_exceptions_for_missing_entries=False)
+    return "onnx-int8" if quantized else "torch"
+
+
+def load_detector(backend: str | None = None) -> Detector:
+    name = model_name()
+    return Detector.from_pretrained(
+        name, device="cpu", unsure_margin=UNSURE_MARGIN, backend=backend or space_backend(name)
+    )
+
+
+def load_torch_detector() -> Detector:
+    return load_detector("torch")
 
 
 def read_image(source):
@@ -75,29 +95,39 @@ def explanation(detector: Detector, image):
 
 
 class DetectorApp:
-    """The Space's handlers around one detector, built by `detector_factory` on first use (thread-safe)."""
+    """The Space's handlers around one detector, built by `detector_factory` on first use (thread-safe), and a
+    PyTorch one from `torch_detector_factory` for explanation maps when the first runs on ONNX Runtime."""
 
-    def __init__(self, detector_factory=load_detector):
-        self.detector_factory = detector_factory
-        self._detector = None
+    def __init__(self, detector_factory=load_detector, torch_detector_factory=load_torch_detector):
+        self.factories = {"scoring": detector_factory, "torch": torch_detector_factory}
+        self._detectors = {}
         self._lock = threading.Lock()
 
-    def detector(self) -> Detector:
+    def _load(self, kind: str) -> Detector:
         with self._lock:
-            if self._detector is None:
+            if kind not in self._detectors:
                 try:
-                    self._detector = self.detector_factory()
+                    self._detectors[kind] = self.factories[kind]()
                 except Exception as err:  # shown in the page; the next request tries again
                     logger.exception("loading the model failed")
                     raise gr.Error(f"Could not load the model: {err}") from err
-            return self._detector
+            return self._detectors[kind]
+
+    def detector(self) -> Detector:
+        return self._load("scoring")
+
+    def explainer(self) -> Detector:
+        """The detector that draws explanation maps: the scoring one when it runs on PyTorch."""
+        detector = self.detector()
+        return detector if detector.backend == "torch" else self._load("torch")
 
     def model_info(self):
         """On page load: the slider at the model's calibrated threshold, and a line about the model."""
         detector = self.detector()
         name = getattr(detector.model.config, "_name_or_path", "") or "model"
         text = (
-            f"Model `{name}`: calibrated threshold {detector.threshold:.3f}, unsure band {detector.unsure_margin:.2f}."
+            f"Model `{name}` on backend `{detector.backend}`: calibrated threshold {detector.threshold:.3f}, "
+            f"unsure band {detector.unsure_margin:.2f}."
         )
         return gr.Slider(value=round(detector.threshold, 2)), text
 
@@ -110,8 +140,9 @@ class DetectorApp:
         detector = self.detector()
         threshold = detector.threshold if threshold is None else float(threshold)
         p = float(detector.p_fake([image])[0])
-        overlay = explanation(detector, image) if explain else None
-        return {"real": 1.0 - p, "fake": p}, describe(p, threshold, detector.unsure_margin), overlay
+        overlay = explanation(self.explainer(), image) if explain else None
+        text = f"{describe(p, threshold, detector.unsure_margin)} (backend: {detector.backend})"
+        return {"real": 1.0 - p, "fake": p}, text, overlay
 
     def detect_batch(self, files, threshold=None):
         """(rows of file, verdict, p_fake; CSV path) for several files; unreadable ones say why."""
