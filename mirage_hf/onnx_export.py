@@ -60,9 +60,8 @@ class CalibratedEvalPath(nn.Module):
 
     def forward(self, pixel_values):
         logits, _, _ = self.model.detect(pixel_values)
-        logit_diff = logits[:, 1] - logits[:, 0]
-        temperature = self.model.config.calibration_temperature
-        return self.model.calibrated(logits), logit_diff, torch.sigmoid(logit_diff / temperature)
+        calibrated = self.model.calibrated(logits)  # the model's one calibration rule (`calibrate_logits`)
+        return tuple(calibrated[name] for name in OUTPUT_NAMES)
 
 
 @contextmanager
