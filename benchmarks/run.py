@@ -28,6 +28,7 @@ import torch
 from transformers import CLIPConfig
 
 from mirage_hf import MiraGeConfig, MiraGeForImageClassification
+from mirage_hf.atomic import atomic_write
 from mirage_hf.inference import Detector, OnnxModel, compile_image_path
 from mirage_hf.onnx_export import ONNX_FILES, export_graph, quantize_graph, require_onnx, session
 
@@ -523,9 +524,8 @@ def main(argv=None):
     if not all(math.isfinite(value) and value > 0 for value in ratios.values()):
         raise SystemExit(f"a ratio is not a positive number: {ratios}")
     if args.output:
-        with open(f"{args.output}.tmp", "w") as handle:
-            json.dump(report, handle, indent=2)
-        os.replace(f"{args.output}.tmp", args.output)
+        with atomic_write(args.output) as staging:
+            staging.write_text(json.dumps(report, indent=2))
     return report
 
 

@@ -29,6 +29,7 @@ from PIL import Image
 from transformers import CLIPConfig
 
 from mirage_hf import MiraGeConfig, MiraGeForImageClassification
+from mirage_hf.atomic import atomic_write
 from mirage_hf.cli import main as detect
 from mirage_hf.export import export_model
 from mirage_hf.tiny import tiny_clip_config, tiny_image_processor
@@ -172,9 +173,8 @@ def main(argv=None):
     for name, value in rows.items():
         print(f"{name:<{width}}  {value:10.3f}")
     if args.output:
-        with open(f"{args.output}.tmp", "w") as handle:
-            json.dump(report, handle, indent=2)
-        os.replace(f"{args.output}.tmp", args.output)
+        with atomic_write(args.output) as staging:
+            staging.write_text(json.dumps(report, indent=2))
     return report
 
 
