@@ -29,8 +29,10 @@ from transformers import CLIPConfig
 
 from mirage_hf import MiraGeConfig, MiraGeForImageClassification
 from mirage_hf.atomic import atomic_write
-from mirage_hf.inference import Detector, OnnxModel, compile_image_path
-from mirage_hf.onnx_export import ONNX_FILES, export_graph, quantize_graph, require_onnx, session
+from mirage_hf.inference import Detector
+from mirage_hf.onnx_export import export_graph, quantize_graph
+from mirage_hf.onnx_runtime import ONNX_FILES, OnnxModel, require_onnx, session
+from mirage_hf.scoring import compile_image_path
 
 
 @dataclass(frozen=True)

@@ -3,14 +3,14 @@
 Importing the package registers the MiraGe classes with the transformers Auto classes (so `AutoModel`,
 `AutoModelForImageClassification` and `pipeline()` find them) and marks them for remote code, so that
 `save_pretrained` writes folders that also load with `trust_remote_code=True` where `mirage_hf` is absent. It
-also gives the classes the adapter I/O of `mirage_hf.adapter` (`save_adapter`, `from_adapter`), which the
-remote-code model file does not carry.
+also gives the classes the methods that need the package (`from_clip`, `save_adapter`, `from_adapter`; see
+`mirage_hf.extensions`), which the remote-code model file does not carry.
 """
 
 from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
 
-from . import adapter
 from .configuration_mirage import MIRAGE_MODES, MiraGeConfig
+from .extensions import attach_package_methods
 from .modeling_mirage import (
     MiraGeForImageClassification,
     MiraGeLoss,
@@ -26,8 +26,7 @@ AutoModelForImageClassification.register(MiraGeConfig, MiraGeForImageClassificat
 MiraGeConfig.register_for_auto_class()
 MiraGeModel.register_for_auto_class("AutoModel")
 MiraGeForImageClassification.register_for_auto_class("AutoModelForImageClassification")
-MiraGeModel.save_adapter = adapter.save_adapter
-MiraGeModel.from_adapter = classmethod(adapter.from_adapter)
+attach_package_methods(MiraGeModel)
 
 __version__ = "0.1.0"
 

@@ -2,9 +2,8 @@
 safetensors, plus a JSON file with the settings and the base CLIP needed to rebuild the full model.
 
 The file I/O lives here, not in `modeling_mirage.py`, because that file ships to the Hub as remote code and holds
-the model only. Importing `mirage_hf` attaches these functions to the model classes (as transformers'
-`PeftAdapterMixin` gives every model `load_adapter`), so users call `model.save_adapter(dir)` and
-`MiraGeForImageClassification.from_adapter(dir)`; classes loaded as remote code, without `mirage_hf`, lack them.
+the model only. `mirage_hf.extensions` attaches these functions to the model classes, so users call
+`model.save_adapter(dir)` and `MiraGeForImageClassification.from_adapter(dir)`.
 """
 
 import json

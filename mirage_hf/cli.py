@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 from transformers.utils import logging as hf_logging
 
-from .inference import BACKENDS, Detector
+from .inference import Detector
 from .scan import (
     FORMATS,
     ROW_FORMATS,
@@ -48,6 +48,7 @@ from .scan import (
     write_output,
     write_rows,
 )
+from .scoring import BACKENDS, check_backend_options
 from .transforms import IMAGE_EXTENSIONS, PREPROCESS_MODES
 
 PROG = "mirage-detect"
@@ -180,12 +181,10 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace, world
         parser.error("--explain runs in one process, not under accelerate launch")
     if args.explain is not None and os.path.exists(args.explain) and not os.path.isdir(args.explain):
         parser.error(f"--explain: {args.explain!r} exists and is not a folder")
-    if args.backend != "torch":
-        for flag, given in (("--explain", args.explain), ("--compile", args.compile)):
-            if given:
-                parser.error(f"{flag} needs the PyTorch model (gradients, torch.compile): use --backend torch")
-        if args.dtype != "float32":
-            parser.error(f"--dtype: the {args.backend} backend runs the exported graph's own precision")
+    try:
+        check_backend_options(args.backend, args.dtype, compile=args.compile, explain=args.explain is not None)
+    except ValueError as err:
+        parser.error(f"--backend {args.backend}: {err}")
     if args.device is not None:
         try:
             device = torch.device(args.device)

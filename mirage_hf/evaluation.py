@@ -6,16 +6,14 @@ stays flat whatever the size of the set.
 """
 
 import numpy as np
-import torch
 from accelerate.utils import gather_object
 from datasets import IterableDataset
 from datasets.distributed import split_dataset_by_node
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .export import mirage_core
-from .inference import OnnxModel
 from .metrics import per_subset_metrics
+from .scoring import as_scorer
 from .transforms import ROBUSTNESS_SWEEP, BadImageReport, DetectionCollator, degrade
 
 
@@ -41,44 +39,31 @@ def _shard(dataset, accelerator):
     return dataset.shard(num_shards=accelerator.num_processes, index=accelerator.process_index, contiguous=True)
 
 
-def scoring_model(model):
-    """What scores the images: an exported ONNX graph (`OnnxModel`) as it is, else the MiraGe model inside any
-    training wrapper."""
-    return model if isinstance(model, OnnxModel) else mirage_core(model)
-
-
 def predict(model, dataset, preprocess, accelerator, batch_size=64, num_workers=0, desc="eval"):
     """The model's output for every readable image: its label, logit difference and calibrated p(fake).
 
     Returns (labels, logit_diff, p_fake, subsets, BadImageReport), gathered from all processes; `logit_diff` and
-    `p_fake` are the model's `MiraGeOutput` fields (uncalibrated ranking score, calibrated probability). `model` may also be an
-    `OnnxModel`, which evaluates an exported graph on the same data.
+    `p_fake` are the model's `MiraGeOutput` fields (uncalibrated ranking score, calibrated probability). `model` is
+    a MiraGe model (inside any training wrapper) or any scorer of `mirage_hf.scoring`, such as an `OnnxModel`
+    evaluating an exported graph on the same data.
     """
-    core = scoring_model(model)
-    was_training = core.training
-    core.eval()
+    scorer = as_scorer(model)
     loader = DataLoader(
         _shard(dataset, accelerator), batch_size=batch_size, num_workers=num_workers,
         collate_fn=DetectionCollator(preprocess),
     )  # fmt: skip
     labels, diffs, p_fakes, subsets, failures = [], [], [], [], BadImageReport()
     progress = tqdm(loader, desc=desc, disable=not accelerator.is_local_main_process, leave=False)
-    with torch.inference_mode(), accelerator.autocast():
+    with accelerator.autocast():
         for batch in progress:
             failures.add(batch["failed"])
             if not batch["labels"].numel():
                 continue
-            if isinstance(core, OnnxModel):
-                output = core(batch["pixel_values"])
-                diffs.append(output["logit_diff"])
-                p_fakes.append(output["p_fake"])
-            else:
-                output = core(pixel_values=batch["pixel_values"].to(accelerator.device))
-                diffs.append(output.logit_diff.cpu().numpy())
-                p_fakes.append(output.p_fake.cpu().numpy())
+            output = scorer(batch["pixel_values"])
+            diffs.append(output["logit_diff"])
+            p_fakes.append(output["p_fake"])
             labels.append(batch["labels"].numpy())
             subsets.extend(batch["subsets"])
-    core.train(was_training)
     shards = gather_object([(labels, diffs, p_fakes, subsets, failures.count, failures.examples)])
     report = BadImageReport()
     all_labels, all_diffs, all_p_fakes, all_subsets = [], [], [], []
@@ -96,7 +81,7 @@ def predict(model, dataset, preprocess, accelerator, batch_size=64, num_workers=
 
 def evaluate(model, dataset, preprocess, accelerator, robustness=False, batch_size=64, num_workers=0):
     """{"clean": per-subset metrics[, "jpeg95": ..., ...]} plus the bad-image report of the clean pass."""
-    threshold = scoring_model(model).config.decision_threshold
+    threshold = as_scorer(model).config.decision_threshold
     conditions = [("clean", preprocess)]
     if robustness:
         conditions += [

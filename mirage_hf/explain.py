@@ -9,6 +9,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 from PIL import Image
+from transformers.image_processing_backends import TorchvisionBackend
+
+from .scoring import check_backend_options
 
 # Overlay colours: towards fake, towards real.
 FAKE_RGB = np.array([230.0, 30.0, 30.0])
@@ -65,6 +68,14 @@ def overlay(image: Image.Image, heatmap: np.ndarray, alpha: float = 0.45) -> Ima
     return _blend(image, _upsample(heatmap, image.size), alpha)
 
 
+def _crop_start(length: int, crop: int, pads_up: bool) -> int:
+    """Where the image processor's centre crop of `crop` pixels starts along a side of `length` pixels: inside a
+    longer side, or before a shorter one, which it pads (with the larger half first when `pads_up`)."""
+    if length >= crop:
+        return (length - crop) // 2
+    return -((crop - length + pads_up) // 2)
+
+
 def _seen_box(size: tuple[int, int], preprocess) -> tuple[int, int, int, int]:
     """(left, top, width, height) in `size`'s pixels of the region the model saw after `preprocess`.
 
@@ -72,11 +83,9 @@ def _seen_box(size: tuple[int, int], preprocess) -> tuple[int, int, int, int]:
     """
     width, height = size
     crop = preprocess.image_size
-    if preprocess.mode == "center_crop":  # transforms.center_crop: pad to >= crop, then crop the centre
-        padded_w, padded_h = max(width, crop), max(height, crop)
-        left = (padded_w - crop) // 2 - (padded_w - width) // 2
-        top = (padded_h - crop) // 2 - (padded_h - height) // 2
-        return left, top, crop, crop
+    if preprocess.mode == "center_crop":  # the processor's centre crop alone; PIL's pads the larger half first
+        pads_up = not isinstance(preprocess.image_processor, TorchvisionBackend)
+        return _crop_start(width, crop, pads_up), _crop_start(height, crop, pads_up), crop, crop
     processor = preprocess.image_processor
     if "shortest_edge" in processor.size:
         scale = processor.size["shortest_edge"] / min(width, height)
@@ -103,8 +112,7 @@ def explain_images(detector, images: list[Image.Image], alpha: float = 0.45) -> 
     The overlay keeps the full image; the map is drawn over the region the model saw (the centre square in
     "resize" mode, the centre crop in "center_crop" mode) and the rest is left as it is.
     """
-    if detector.backend != "torch":
-        raise ValueError(f"explanation maps need gradients, which the {detector.backend} backend lacks: use 'torch'")
+    check_backend_options(detector.backend, explain=True)
     pixel_values = detector.preprocess(list(images)).to(detector.device)
     heatmaps = explain(detector.model, pixel_values).cpu().numpy()
     results = []

@@ -1,7 +1,8 @@
 """Export a detector as a self-sufficient model folder, atomically.
 
 The folder holds what `pipeline("image-classification", model=folder)` needs (weights as safetensors,
-config with `auto_map`, the remote-code files, the image processor) and optionally `eval_results.json`.
+config with `auto_map`, the remote-code files, the image processor set to the model's `config.preprocess`) and
+optionally `eval_results.json`.
 It is written beside the target and renamed over it, so a reader never sees half a model.
 """
 
@@ -13,6 +14,7 @@ from accelerate.utils import extract_model_from_parallel
 
 from .atomic import atomic_write
 from .modeling_mirage import MiraGeModel
+from .transforms import image_processor_for
 
 
 def mirage_core(model) -> MiraGeModel:
@@ -34,11 +36,15 @@ def mergeable_copy(model) -> MiraGeModel:
 
 
 def export_model(model, image_processor, output_dir, eval_results: dict | None = None) -> Path:
-    """Writes the model folder atomically (temporary sibling, then rename) and returns its path."""
+    """Writes the model folder atomically (temporary sibling, then rename) and returns its path.
+
+    `image_processor` is the CLIP's; the folder gets it configured for the model's `config.preprocess`, so that
+    plain `pipeline()` sees the pixels the model was evaluated and calibrated on."""
     output_dir = Path(output_dir)
+    model = mergeable_copy(model)
     with atomic_write(output_dir) as staging:
-        mergeable_copy(model).save_pretrained(staging)
-        image_processor.save_pretrained(staging)
+        model.save_pretrained(staging)
+        image_processor_for(image_processor, model.config.preprocess).save_pretrained(staging)
         if eval_results is not None:
             (staging / "eval_results.json").write_text(json.dumps(eval_results, indent=2, allow_nan=False) + "\n")
     return output_dir

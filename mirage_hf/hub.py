@@ -19,10 +19,14 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, SpaceCard
 from huggingface_hub.utils import HFValidationError, validate_repo_id
+from transformers.models.auto.image_processing_auto import AutoImageProcessor  # top-level: torchvision-only in 5.17
 
 from . import __version__
+from .configuration_mirage import MiraGeConfig
 from .metrics import format_comparison_table, format_table
-from .onnx_export import EVAL_RESULTS_FILE, INFO_FILE, ONNX_DIR, ONNX_FILES
+from .onnx_export import EVAL_RESULTS_FILE
+from .onnx_runtime import INFO_FILE, ONNX_DIR, ONNX_FILES
+from .transforms import preprocessing_mismatch
 
 PACKAGE = files("mirage_hf")
 SPACE_TEMPLATE = PACKAGE / "space"  # package data: the Space's app, requirements, card and examples
@@ -164,13 +168,20 @@ threshold = json.load(open(f"{{folder}}/config.json"))["decision_threshold"]
 
 
 def preprocess(image):
-    \"\"\"The saved CLIP image processor: short side resized (bicubic), centre crop, rescale, normalise; NCHW.\"\"\"
-    image, side = image.convert("RGB"), processor["size"]["shortest_edge"]
-    w, h = image.size
-    image = image.resize((side, int(side * h / w)) if w <= h else (int(side * w / h), side), Image.Resampling.BICUBIC)
-    crop_w, crop_h = processor["crop_size"]["width"], processor["crop_size"]["height"]
-    left, top = (image.width - crop_w) // 2, (image.height - crop_h) // 2
-    pixels = np.asarray(image.crop((left, top, left + crop_w, top + crop_h)), dtype=np.float32)
+    \"\"\"What the saved image processor does (preprocessor_config.json; transformers' PIL backend): the short side
+    resized (bicubic) if do_resize, the centre crop (zero padding where the image is smaller), rescale, normalise.\"\"\"
+    image = image.convert("RGB")
+    if processor["do_resize"]:
+        side, (w, h) = processor["size"]["shortest_edge"], image.size
+        size = (side, int(side * h / w)) if w <= h else (int(side * w / h), side)
+        image = image.resize(size, Image.Resampling.BICUBIC)
+    pixels = np.asarray(image, dtype=np.float32)
+    (h, w), crop_h, crop_w = pixels.shape[:2], processor["crop_size"]["height"], processor["crop_size"]["width"]
+    canvas = np.zeros((max(h, crop_h), max(w, crop_w), 3), dtype=np.float32)
+    top, left = (canvas.shape[0] - h + 1) // 2, (canvas.shape[1] - w + 1) // 2
+    canvas[top : top + h, left : left + w] = pixels
+    top, left = (canvas.shape[0] - crop_h) // 2, (canvas.shape[1] - crop_w) // 2
+    pixels = canvas[top : top + crop_h, left : left + crop_w]
     pixels = (pixels * processor["rescale_factor"] - processor["image_mean"]) / processor["image_std"]
     return pixels.transpose(2, 0, 1)[None].astype(np.float32)
 
@@ -350,6 +361,8 @@ def _model_card(model_dir: Path, repo_id: str, license, base_model, datasets, sp
 Detects AI-generated images with MiraGe (Shi et al., ACM MM 2025): a frozen CLIP with learnable deep prompts
 in its text and image encoders. Base CLIP: {base}. Mode `{config.get("mode")}`, {config.get("n_ctx")} prompt
 tokens, depth {config.get("prompt_depth")}. Labels: `real`, `fake`. Trained with mirage-hf {__version__}.
+Preprocessing `{config.get("preprocess")}`, which the repo's `preprocessor_config.json` applies: `pipeline()` sees
+the pixels the model was calibrated on.
 {space}
 {_usage_section(repo_id)}
 {_calibration_section(config, results)}
@@ -370,6 +383,9 @@ def _copy_model_files(model_dir: Path, target: Path) -> None:
         )
     if "auto_map" not in json.loads((model_dir / "config.json").read_text()):
         raise ValueError(f"{model_dir}/config.json has no auto_map: it would not load with trust_remote_code")
+    processor, config = AutoImageProcessor.from_pretrained(model_dir), MiraGeConfig.from_pretrained(model_dir)
+    if problem := preprocessing_mismatch(processor, config, model_dir):
+        raise ValueError(problem)
     target.mkdir(parents=True)
     for pattern in MODEL_FILES:
         for path in model_dir.glob(pattern):

@@ -2,24 +2,21 @@
 
 `Detector` loads a MiraGe model folder or Hub id with its image processor and returns, per image, the
 calibrated probability of "fake" (`MiraGeOutput.p_fake`) and the verdict at the model's
-calibrated threshold, with an optional "unsure" band around it. The backend is PyTorch (`"torch"`, the default)
-or ONNX Runtime on the graphs `mirage-export-onnx` writes (`"onnx"` fp32, `"onnx-int8"` quantized), with the same
-preprocessing, verdicts and unsure band; explanation maps need gradients, hence the torch backend.
+calibrated threshold, with an optional "unsure" band around it. It scores through a `mirage_hf.scoring` scorer:
+PyTorch (`"torch"`, the default) or ONNX Runtime on the graphs `mirage-export-onnx` writes (`"onnx"` fp32,
+`"onnx-int8"` quantized), with the same preprocessing, verdicts and unsure band; explanation maps need
+gradients, hence the torch backend.
 """
 
-import json
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import nn
 from transformers.models.auto.image_processing_auto import AutoImageProcessor  # top-level: torchvision-only in 5.17
-from transformers.utils import cached_file
 
-from .configuration_mirage import MiraGeConfig
 from .modeling_mirage import MiraGeForImageClassification
-from .onnx_export import BACKENDS, INFO_FILE, ONNX_DIR, ONNX_FILES, check_calibration, session
-from .transforms import Preprocessor
+from .scoring import as_scorer, load_scorer
+from .transforms import scoring_preprocessor
 
 
 @dataclass
@@ -36,106 +33,46 @@ def verdict_label(p_fake: float, threshold: float, unsure_margin: float = 0.0) -
     return "fake" if p_fake >= threshold else "real"
 
 
-def compile_image_path(model):
-    """Opt-in `torch.compile` of the image encoder (the per-image work; the cached anchors stay eager)."""
-    model.encode_image = torch.compile(model.encode_image, dynamic=True)
-    return model
-
-
-def torch_p_fake(model, pixel_values: torch.Tensor) -> np.ndarray:
-    """The torch backend's calibrated p(fake) for preprocessed pixel values."""
-    with torch.inference_mode():
-        return model(pixel_values=pixel_values.to(model.device, model.dtype)).p_fake.cpu().numpy()
-
-
-class OnnxModel(nn.Module):
-    """A graph exported by `mirage-export-onnx`, run by ONNX Runtime, with the config of the model it came from.
-
-    A module without parameters, so evaluation code can switch it to eval mode like the model it replaces.
-    """
-
-    def __init__(self, path, config: MiraGeConfig, backend: str = "onnx", providers=None):
-        super().__init__()
-        self.session, self.config, self.backend = session(path, providers), config, backend
-
-    @classmethod
-    def from_pretrained(cls, name_or_path, backend: str = "onnx", providers=None):
-        """Loads `onnx/model.onnx` ("onnx") or `onnx/model_quantized.onnx` ("onnx-int8") from a folder or Hub id."""
-        config = MiraGeConfig.from_pretrained(name_or_path)
-        paths = {}
-        for name in (ONNX_FILES[backend], INFO_FILE):
-            paths[name] = cached_file(name_or_path, f"{ONNX_DIR}/{name}", _raise_exceptions_for_missing_entries=False)
-            if paths[name] is None:
-                raise FileNotFoundError(
-                    f"{name_or_path} has no {ONNX_DIR}/{name} (backend {backend!r}); write it with "
-                    f"`mirage-export-onnx {name_or_path}`, or use backend 'torch'"
-                )
-        with open(paths[INFO_FILE]) as handle:
-            check_calibration(json.load(handle), config)
-        return cls(paths[ONNX_FILES[backend]], config, backend, providers)
-
-    def forward(self, pixel_values: torch.Tensor) -> dict[str, np.ndarray]:
-        """The graph's outputs (logits, logit_diff, p_fake) by name, for preprocessed pixel values."""
-        names = [output.name for output in self.session.get_outputs()]
-        values = self.session.run(names, {"pixel_values": pixel_values.float().cpu().numpy()})
-        return dict(zip(names, values))
-
-
-def onnx_providers(device) -> list[str] | None:
-    """ONNX Runtime providers for a torch-style device name (None: CUDA where available, else CPU)."""
-    if device is None:
-        return None
-    if torch.device(device).type == "cuda":
-        return ["CUDAExecutionProvider"]
-    if torch.device(device).type == "cpu":
-        return ["CPUExecutionProvider"]
-    raise ValueError(f"the ONNX backends run on cpu or cuda, not {device!r}")
-
-
 class Detector:
-    def __init__(
-        self, model, image_processor, preprocess: str | None = None, unsure_margin: float = 0.0, compile: bool = False
-    ):
-        """`model`: a MiraGe model (the torch backend) or an `OnnxModel`. `preprocess` None uses the mode the model
-        was calibrated with (`model.config.preprocess`)."""
-        self.backend = model.backend if isinstance(model, OnnxModel) else "torch"
-        if compile and self.backend != "torch":
-            raise ValueError(f"compile applies to the torch backend, not {self.backend!r}")
-        self.preprocess = Preprocessor(image_processor, preprocess or model.config.preprocess)
-        MiraGeForImageClassification.check_pixel_values(model, self.preprocess([]))  # empty batch: fail at load
-        if self.backend == "torch":
-            model = compile_image_path(model.eval()) if compile else model.eval()
-        self.model = model
+    def __init__(self, model, image_processor, preprocess: str | None = None, unsure_margin: float = 0.0):
+        """`model`: a scorer (`mirage_hf.scoring.load_scorer`: a `TorchScorer` or an `OnnxModel`) or a MiraGe
+        model, scored with PyTorch. `preprocess` None uses the mode the model was calibrated with
+        (`model.config.preprocess`)."""
+        self.scorer = as_scorer(model)
+        self.preprocess = scoring_preprocessor(image_processor, self.scorer.config, preprocess)
+        MiraGeForImageClassification.check_pixel_values(self.scorer, self.preprocess([]))  # empty batch: fail at load
         self.image_processor = image_processor
         if not 0.0 <= unsure_margin < 0.5:
             raise ValueError(f"unsure_margin must lie in [0, 0.5), got {unsure_margin}")
         self.unsure_margin = unsure_margin
 
     @classmethod
-    def from_pretrained(cls, name_or_path, device=None, dtype=None, backend: str = "torch", **options):
+    def from_pretrained(
+        cls, name_or_path, device=None, dtype=None, backend: str = "torch", compile: bool = False, **options
+    ):
         """Loads the model (safetensors only, or an exported ONNX graph) and its image processor from a folder or
-        Hub id. `backend`: "torch", "onnx" (fp32 graph) or "onnx-int8" (quantized graph)."""
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        if backend != "torch":
-            if dtype not in (None, torch.float32):
-                raise ValueError(f"the {backend} backend computes in the graph's own precision; leave dtype unset")
-            model = OnnxModel.from_pretrained(name_or_path, backend, onnx_providers(device))
-            return cls(model, AutoImageProcessor.from_pretrained(name_or_path), **options)
-        model = MiraGeForImageClassification.from_pretrained(
-            name_or_path, dtype=dtype or torch.float32, use_safetensors=True
-        )
-        model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        return cls(model, AutoImageProcessor.from_pretrained(name_or_path), **options)
+        Hub id. `backend`: "torch", "onnx" (fp32 graph) or "onnx-int8" (quantized graph); `compile`:
+        `torch.compile` the image encoder (torch only)."""
+        scorer = load_scorer(name_or_path, backend, device=device, dtype=dtype, compile=compile)
+        return cls(scorer, AutoImageProcessor.from_pretrained(name_or_path), **options)
+
+    @property
+    def backend(self) -> str:
+        return self.scorer.backend
+
+    @property
+    def model(self):
+        """What scores: the MiraGe model (torch backend) or the `OnnxModel`."""
+        return self.scorer.model if self.backend == "torch" else self.scorer
 
     @property
     def threshold(self) -> float:
-        return self.model.config.decision_threshold
+        return self.scorer.config.decision_threshold
 
     @property
     def device(self) -> torch.device:
         """Where the pixel values go (the CPU for ONNX Runtime, which copies them to its provider itself)."""
-        return torch.device("cpu") if self.backend != "torch" else next(self.model.parameters()).device
+        return self.scorer.device
 
     def p_fake(self, images) -> np.ndarray:
         """The model's calibrated p(fake) (`MiraGeOutput.p_fake`) for a list of RGB PIL images (one batch)."""
@@ -143,9 +80,7 @@ class Detector:
 
     def p_fake_from_pixels(self, pixel_values: torch.Tensor) -> np.ndarray:
         """Calibrated p(fake) for a batch already preprocessed by `self.preprocess` (as DataLoader workers do)."""
-        if self.backend != "torch":
-            return self.model(pixel_values)["p_fake"]
-        return torch_p_fake(self.model, pixel_values)
+        return self.scorer(pixel_values)["p_fake"]
 
     def verdict(self, p_fake: float, threshold: float | None = None) -> Verdict:
         """The label at `threshold` (default: the model's calibrated one), "unsure" within the margin."""

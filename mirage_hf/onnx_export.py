@@ -15,7 +15,6 @@ import argparse
 import importlib
 import json
 import logging
-import math
 import sys
 import warnings
 from contextlib import contextmanager
@@ -26,28 +25,12 @@ from torch import nn
 
 from . import __version__
 from .atomic import atomic_write
+from .onnx_runtime import INFO_FILE, ONNX_DIR, ONNX_FILES, OnnxModel, require_onnx
+from .scoring import SCORE_FIELDS, TorchScorer
 
-ONNX_DIR = "onnx"
-ONNX_FILES = {"onnx": "model.onnx", "onnx-int8": "model_quantized.onnx"}  # backend -> file in ONNX_DIR
-BACKENDS = ("torch", *ONNX_FILES)  # what scores images: PyTorch, or ONNX Runtime on one of the exported graphs
-INFO_FILE = "export_info.json"
 EVAL_RESULTS_FILE = "eval_results_{backend}.json"  # what `train.py --eval_only --backend ...` measured, in ONNX_DIR
-OUTPUT_NAMES = ("logits", "logit_diff", "p_fake")
 OPSET = 18
 FP32_TOLERANCE = 1e-4  # max |p(fake) difference| from PyTorch that an fp32 export may have
-
-
-def require_onnx(purpose: str, modules=("onnx", "onnxruntime", "onnxscript")):
-    """Imports the optional ONNX packages `purpose` needs and returns onnxruntime, or says how to install them."""
-    try:
-        for name in modules:
-            importlib.import_module(name)
-    except ImportError as error:
-        raise ImportError(
-            f"{purpose} needs the optional ONNX dependencies ({error.name or name} is missing): "
-            "pip install 'mirage-hf[onnx]'"
-        ) from error
-    return importlib.import_module("onnxruntime")
 
 
 class CalibratedEvalPath(nn.Module):
@@ -61,7 +44,7 @@ class CalibratedEvalPath(nn.Module):
     def forward(self, pixel_values):
         logits, _, _ = self.model.detect(pixel_values)
         calibrated = self.model.calibrated(logits)  # the model's one calibration rule (`calibrate_logits`)
-        return tuple(calibrated[name] for name in OUTPUT_NAMES)
+        return tuple(calibrated[name] for name in SCORE_FIELDS)
 
 
 @contextmanager
@@ -87,7 +70,7 @@ def export_graph(model, path, opset: int = OPSET) -> None:
             (example,),
             str(path),
             input_names=["pixel_values"],
-            output_names=list(OUTPUT_NAMES),
+            output_names=list(SCORE_FIELDS),
             opset_version=opset,
             dynamo=True,
             dynamic_shapes={"pixel_values": {0: torch.export.Dim("batch")}},
@@ -106,20 +89,11 @@ def quantize_graph(source, target) -> dict:
     return settings
 
 
-def session(path, providers=None):
-    """An ONNX Runtime session on `path`; default providers: CUDA where this onnxruntime has it, else CPU."""
-    ort = require_onnx("The ONNX backends", modules=("onnxruntime",))
-    available = ort.get_available_providers()
-    providers = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-    return ort.InferenceSession(str(path), providers=providers)
-
-
 def _max_p_fake_difference(model, path, pixel_values) -> float:
-    from .inference import torch_p_fake
-
-    reference = torch_p_fake(model, pixel_values)
-    p_fake = session(path, ["CPUExecutionProvider"]).run(["p_fake"], {"pixel_values": pixel_values.numpy()})[0]
-    return float(abs(p_fake - reference).max())
+    """The largest |p(fake)| difference between the graph at `path` (on CPU) and the PyTorch model."""
+    reference = TorchScorer(model)(pixel_values)["p_fake"]
+    graph = OnnxModel(path, model.config, providers=["CPUExecutionProvider"])
+    return float(abs(graph(pixel_values)["p_fake"] - reference).max())
 
 
 def _write_graphs(model, folder: Path, probe, opset: int, quantize: bool) -> dict:
@@ -182,17 +156,6 @@ def export_onnx(model_dir, opset: int = OPSET, quantize: bool = True) -> Path:
         info = _write_graphs(model, staging, probe, opset, quantize)
         (staging / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
     return model_dir / ONNX_DIR
-
-
-def check_calibration(info: dict, config) -> None:
-    """ValueError when the config's temperature or threshold is not the one folded into the exported graph."""
-    stored = (info["calibration_temperature"], info["decision_threshold"])
-    current = (config.calibration_temperature, config.decision_threshold)
-    if not all(math.isclose(a, b, rel_tol=1e-9) for a, b in zip(stored, current)):
-        raise ValueError(
-            f"the ONNX graphs were exported with temperature {stored[0]:.4g} and threshold {stored[1]:.4g}, but the "
-            f"config now has {current[0]:.4g} and {current[1]:.4g}: export again with mirage-export-onnx"
-        )
 
 
 def main(argv=None) -> int:

@@ -21,6 +21,7 @@ from transformers.hf_argparser import string_to_bool
 
 from .calibration import METHODS
 from .configuration_mirage import PREPROCESS_MODES, MiraGeConfig
+from .scoring import check_backend_options
 
 PRESETS = files("mirage_hf") / "configs"  # package data: found by name from any directory, in a wheel too
 NONE_WORDS = ("None", "null")
@@ -178,8 +179,7 @@ class TrainConfig(ModelOptions):
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.backend != "torch" and not self.eval_only:
             raise ValueError(f"--backend {self.backend} scores an exported model: use it with --eval_only --model DIR")
-        if self.backend != "torch" and self.compile:
-            raise ValueError("--compile applies to the torch backend")
+        check_backend_options(self.backend, compile=self.compile)
         if self.eval_only and not self.model:
             raise ValueError("--eval_only needs --model <trained MiraGe folder or Hub id>")
         if not 0.0 <= self.calibration_holdout < 1.0:

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 from transformers.models.auto.image_processing_auto import AutoImageProcessor  # top-level: torchvision-only in 5.17
 
+from .building import clip_config_dict
 from .calibration import calibrate
 from .checkpoints import (
     frozen_base_fingerprint,
@@ -31,13 +32,14 @@ from .checkpoints import (
     save_checkpoint,
 )
 from .data import check_binary_labels, load_data
-from .evaluation import evaluate, predict, scoring_model
+from .evaluation import evaluate, predict
 from .export import export_model, mirage_core
-from .inference import OnnxModel, compile_image_path
 from .lora import add_lora
 from .metrics import format_comparison_table, format_table, to_jsonable
 from .modeling_mirage import MiraGeForImageClassification
-from .onnx_export import EVAL_RESULTS_FILE, ONNX_DIR
+from .onnx_export import EVAL_RESULTS_FILE
+from .onnx_runtime import ONNX_DIR
+from .scoring import as_scorer, load_scorer
 from .synthetic import make_synthetic_genimage
 from .tiny import save_tiny_clip
 from .train_config import TrainConfig
@@ -46,6 +48,7 @@ from .transforms import (
     DetectionCollator,
     Preprocessor,
     TrainAugmentation,
+    scoring_preprocessor,
 )
 
 logger = get_logger("mirage_hf")
@@ -61,7 +64,7 @@ def resolve_clip(cfg: TrainConfig) -> str:
     """The CLIP checkpoint to build on; "tiny-random" is written once into the output folder."""
     if cfg.clip_model != "tiny-random":
         try:
-            MiraGeForImageClassification.clip_config_dict(cfg.clip_model)  # not CLIP: fail before any data work
+            clip_config_dict(cfg.clip_model)  # not CLIP: fail before any data work
         except OSError as error:
             name = Path(cfg.clip_model).name
             raise ClipUnavailable(
@@ -462,7 +465,7 @@ class Evaluation:
             model, self.eval_set, self.preprocess, accelerator, robustness=cfg.robustness,
             batch_size=cfg.eval_batch_size, num_workers=cfg.num_workers,
         )  # fmt: skip
-        config = scoring_model(model).config
+        config = as_scorer(model).config
         summary = to_jsonable(
             {
                 "model": cfg.model or str(self.model_dir),
@@ -508,17 +511,12 @@ def evaluate_only(cfg: TrainConfig) -> dict:
     """Evaluates a trained model folder or Hub id (`--eval_only --model ...`); exports nothing."""
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
     configure_logging()
-    if cfg.backend == "torch":
-        model = MiraGeForImageClassification.from_pretrained(cfg.model).to(accelerator.device)
-        if cfg.compile:
-            compile_image_path(model)
-    else:  # the exported graph, on the same data and preprocessing
-        model = OnnxModel.from_pretrained(cfg.model, cfg.backend)
+    scorer = load_scorer(cfg.model, cfg.backend, device=accelerator.device, compile=cfg.compile)
     image_processor = AutoImageProcessor.from_pretrained(cfg.model)
     source = resolve_dataset(cfg, cfg.eval_dataset or cfg.dataset)
     eval_set = load_split(cfg, source, cfg.eval_split, cfg.eval_subsets, cfg.max_eval_samples)
-    preprocess = Preprocessor(image_processor, cfg.eval_preprocess or model.config.preprocess)
-    return Evaluation(cfg, accelerator, eval_set, preprocess, image_processor).final(model)
+    preprocess = scoring_preprocessor(image_processor, scorer.config, cfg.eval_preprocess)
+    return Evaluation(cfg, accelerator, eval_set, preprocess, image_processor).final(scorer)
 
 
 def main(argv=None) -> dict:

@@ -8,11 +8,14 @@ parameters from its own seeded generator.
 
 from __future__ import annotations
 
+import copy
 import io
+import logging
 import os
 import random
 import warnings
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -20,6 +23,8 @@ import torch
 from PIL import Image, ImageFile, ImageFilter, ImageOps, UnidentifiedImageError
 
 from .configuration_mirage import PREPROCESS_MODES
+
+logger = logging.getLogger(__name__)
 
 # PIL's own bomb limit (~9459 x 9459). Checked against the header before any pixel is decoded.
 MAX_IMAGE_PIXELS = 89_478_485
@@ -227,12 +232,6 @@ def _padded_crop(img: Image.Image, size: int, left: int, top: int) -> Image.Imag
     return img.crop((x0, y0, x0 + size, y0 + size))
 
 
-def center_crop(img: Image.Image, size: int) -> Image.Image:
-    """Centre `size` x `size` crop without resizing (pads smaller images), keeping pixel-level artefacts."""
-    width, height = img.size
-    return _padded_crop(img, size, (max(width, size) - size) // 2, (max(height, size) - size) // 2)
-
-
 def random_crop(img: Image.Image, size: int, rng: random.Random) -> Image.Image:
     """Random `size` x `size` crop without resizing (pads smaller images)."""
     width, height = img.size
@@ -320,21 +319,50 @@ def bounded_aspect(img: Image.Image, max_ratio: int = MAX_ASPECT_RATIO) -> Image
     return img.crop((0, top, width, top + keep))
 
 
+def centre_window(img: Image.Image, size: int) -> Image.Image:
+    """The part of `img` that a centre crop to `size` keeps, before any padding: each side longer than `size` cut
+    to its central `size` pixels, as the image processor's centre crop cuts it. The processor then gives the same
+    pixels from this window as from the whole image, without first padding a 1 x 40,000,000 image to `size` rows."""
+    width, height = img.size
+    left, top = max(width - size, 0) // 2, max(height - size, 0) // 2
+    return img.crop((left, top, left + min(width, size), top + min(height, size)))
+
+
+def image_processor_for(image_processor, mode: str):
+    """A copy of a CLIP image processor that brings images to its crop size S as the preprocessing `mode` says.
+
+    "resize": the shortest side scaled to the processor's size, then the centre S x S (CLIP's view of the whole
+    image); "center_crop": the centre S x S without resizing, smaller images padded with black (pixel-level traces
+    survive). Saved with the model (`export_model`), it is what plain `AutoImageProcessor` and `pipeline()` apply,
+    and `Preprocessor` applies it too: one implementation of each mode.
+    """
+    if mode not in PREPROCESS_MODES:
+        raise ValueError(f"unknown preprocessing mode {mode!r}; expected one of {PREPROCESS_MODES}")
+    processor = copy.deepcopy(image_processor)
+    processor.do_resize, processor.do_center_crop = mode == "resize", True
+    return processor
+
+
+def processor_mode(image_processor) -> str:
+    """The preprocessing mode a saved image processor implements (see `image_processor_for`)."""
+    return "resize" if image_processor.do_resize else "center_crop"
+
+
 class Preprocessor:
     """PIL images -> normalised ``(B, 3, S, S)`` float tensor for the model.
 
-    `image_processor` is the model's transformers CLIP image processor (use `CLIPImageProcessorPil`); its
-    crop size is S and its mean/std normalise, so the numbers match what the model was trained with.
-    Modes: ``"resize"`` is the processor's own resize + centre crop (CLIP's view of the whole image);
-    ``"center_crop"`` crops S x S from the centre without resizing (padding small images), which keeps the
-    pixel-level generator artefacts that resizing blurs. With a `TrainAugmentation` the augmentation replaces
-    the geometric step (training = augmentation then normalisation).
+    `image_processor` is the model's transformers CLIP image processor; its crop size is S and its mean/std
+    normalise. The images go through it as configured for `mode` (`image_processor_for`; default: the mode the
+    processor implements), so they get the pixels plain `pipeline()` gives them with the same processor. The
+    package only trims first what the processor would discard anyway (`bounded_aspect`, `centre_window`), to
+    bound memory on hostile shapes. With a `TrainAugmentation` the augmentation replaces the geometric step
+    (training = augmentation then normalisation).
     """
 
-    def __init__(self, image_processor, mode: str = "resize", augmentation: TrainAugmentation | None = None):
-        if mode not in PREPROCESS_MODES:
-            raise ValueError(f"unknown preprocessing mode {mode!r}; expected one of {PREPROCESS_MODES}")
-        self.image_processor, self.mode, self.augmentation = image_processor, mode, augmentation
+    def __init__(self, image_processor, mode: str | None = None, augmentation: TrainAugmentation | None = None):
+        mode = processor_mode(image_processor) if mode is None else mode
+        self.image_processor, self.mode = image_processor_for(image_processor, mode), mode
+        self.augmentation = augmentation
         self.image_size = int(image_processor.crop_size["height"])
         if augmentation is not None and augmentation.image_size != self.image_size:
             raise ValueError(
@@ -345,17 +373,36 @@ class Preprocessor:
     def __call__(self, images: Sequence[Image.Image]) -> torch.Tensor:
         if not images:
             return torch.empty(0, 3, self.image_size, self.image_size)
-        if self.augmentation is None and self.mode == "resize":
-            return self.image_processor(images=[bounded_aspect(img) for img in images], return_tensors="pt")[
-                "pixel_values"
-            ]
         if self.augmentation is not None:
             cropped = [self.augmentation(img) for img in images]
-        else:
-            cropped = [center_crop(img, self.image_size) for img in images]
-        return self.image_processor(images=cropped, do_resize=False, do_center_crop=False, return_tensors="pt")[
-            "pixel_values"
-        ]
+            return self.image_processor(images=cropped, do_resize=False, do_center_crop=False, return_tensors="pt")[
+                "pixel_values"
+            ]
+        trim = bounded_aspect if self.mode == "resize" else partial(centre_window, size=self.image_size)
+        return self.image_processor(images=[trim(img) for img in images], return_tensors="pt")["pixel_values"]
+
+
+def preprocessing_mismatch(image_processor, config, name) -> str | None:
+    """What is wrong when the saved image processor of model `name` does not implement `config.preprocess`, the
+    preprocessing the model was calibrated with (folders exported before the processor followed it), with the fix;
+    None when it does."""
+    saved = processor_mode(image_processor)
+    if saved == config.preprocess:
+        return None
+    return (
+        f"{name}: its preprocessor_config.json implements {saved!r} but the model was "
+        f"calibrated with preprocess={config.preprocess!r}, so plain pipeline() sees other pixels. Save the matching "
+        f"processor into the folder: mirage_hf.transforms.image_processor_for(processor, {config.preprocess!r})"
+        ".save_pretrained(folder)"
+    )
+
+
+def scoring_preprocessor(image_processor, config, mode: str | None = None) -> Preprocessor:
+    """The preprocessing a model scores with: `mode` if given, else the one it was calibrated with
+    (`config.preprocess`), also where the folder's saved processor disagrees (a warning says so)."""
+    if mode is None and (problem := preprocessing_mismatch(image_processor, config, config._name_or_path)):
+        logger.warning("%s. mirage_hf scores with %r.", problem, config.preprocess)
+    return Preprocessor(image_processor, mode or config.preprocess)
 
 
 class DetectionCollator:

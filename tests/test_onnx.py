@@ -12,8 +12,9 @@ import torch
 from PIL import Image
 
 from mirage_hf import cli, onnx_export
-from mirage_hf.inference import BACKENDS, Detector, verdict_label
+from mirage_hf.inference import Detector, verdict_label
 from mirage_hf.onnx_export import export_onnx
+from mirage_hf.scoring import BACKENDS
 
 SIZES = [(40, 36), (33, 45), (61, 29), (30, 30), (97, 41), (35, 70), (1, 1)]  # (width, height), odd ones
 CLOSE = {"torch": 0.0, "onnx": 1e-4, "onnx-int8": 0.02}  # the largest |p(fake) - PyTorch| each backend may have
@@ -123,10 +124,10 @@ def test_every_backend_gives_the_cli_the_same_rows(capsys, onnx_model_dir, folde
 
 def test_explain_and_compile_need_the_torch_backend(capsys, onnx_model_dir, folder, tmp_path):
     code, _, err = scan(capsys, folder, "--model", onnx_model_dir, "--backend", "onnx", "--explain", tmp_path / "m")
-    assert code == 1 and "--explain needs the PyTorch model" in err and "--backend torch" in err
+    assert code == 1 and "explain needs the PyTorch model" in err and "use the torch backend" in err
     assert not (tmp_path / "m").exists()
     code, _, err = scan(capsys, folder, "--model", onnx_model_dir, "--backend", "onnx-int8", "--compile")
-    assert code == 1 and "--backend torch" in err
+    assert code == 1 and "compile needs the PyTorch model" in err
 
 
 def test_missing_or_stale_export_and_missing_dependencies_are_clear(

@@ -23,7 +23,7 @@ from transformers.utils import cached_file
 
 from mirage_hf.inference import Detector
 from mirage_hf.inference import verdict_label as label_at
-from mirage_hf.onnx_export import ONNX_DIR, ONNX_FILES
+from mirage_hf.onnx_runtime import ONNX_DIR, ONNX_FILES
 from mirage_hf.transforms import ImageLoadError, open_image
 
 HERE = Path(__file__).resolve().parent

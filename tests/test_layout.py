@@ -1,0 +1,91 @@
+"""The Hub file holds the model; what needs the package is attached to the model classes in one place; the
+package's modules import each other without a circle."""
+
+import ast
+import inspect
+import pickle
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForImageClassification
+
+import mirage_hf
+from mirage_hf import MiraGeForImageClassification, MiraGeModel
+from mirage_hf.building import ADDED_TO_CLIP
+from mirage_hf.extensions import PACKAGE_METHODS
+
+PACKAGE = Path(mirage_hf.__file__).parent
+
+
+def test_the_remote_code_saved_with_a_model_holds_the_model_only(make_model, tmp_path):
+    """Building on a CLIP checkpoint (tokenizer, its checks, the load-report machinery) is the package's: a user
+    who only scores downloads and runs none of it."""
+    make_model("mirage").save_pretrained(tmp_path)
+    tree = ast.parse((tmp_path / "modeling_mirage.py").read_text())
+    imported = {
+        alias.name for node in ast.walk(tree) if isinstance(node, ast.Import | ast.ImportFrom) for alias in node.names
+    }
+    defined = {node.name for node in ast.walk(tree) if isinstance(node, ast.FunctionDef | ast.ClassDef)}
+    assert not imported & {"AutoTokenizer", "contextvars", "CLIPConfig", "PreTrainedConfig"}
+    assert not defined & {"from_clip", "clip_config_dict", "init_context_from_words", *PACKAGE_METHODS}
+    assert not {name for name in defined if "tokeni" in name}
+
+
+def test_package_methods_reach_every_model_class_and_every_loaded_model(make_model, tmp_path):
+    for name, method in PACKAGE_METHODS.items():
+        for cls in (MiraGeModel, MiraGeForImageClassification):
+            assert inspect.getattr_static(cls, name) is method, (cls, name)
+    make_model("mirage").save_pretrained(tmp_path)
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path)
+    assert type(loaded) is MiraGeForImageClassification
+    assert all(callable(getattr(loaded, name)) for name in PACKAGE_METHODS)
+
+
+@pytest.mark.missing_weights_expected
+def test_from_clip_gives_the_class_itself_and_leaves_load_reports_of_others_alone(make_model, tmp_path, load_reports):
+    """`from_clip` loads through a subclass that expects the new weights to be missing; the model it returns is
+    a plain `MiraGeForImageClassification` (it pickles), and loading a MiraGe checkpoint that lacks its prompts
+    afterwards still reports them."""
+    model = make_model("mirage")
+    assert type(model) is MiraGeForImageClassification
+    assert not set(ADDED_TO_CLIP) & set(model._keys_to_ignore_on_load_missing)
+    assert type(pickle.loads(pickle.dumps(model))) is MiraGeForImageClassification
+    model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if not k.startswith("prompt_learner.")}, tmp_path / "model.safetensors")
+    MiraGeForImageClassification.from_pretrained(tmp_path)
+    (report,) = load_reports
+    assert "MISSING" in report and "prompt_learner" in report
+
+
+def module_imports(path: Path) -> set[str]:
+    """The mirage_hf modules `path` imports, at the top or inside functions."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            names.update([node.module] if node.module else [alias.name for alias in node.names])
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mirage_hf."):
+            names.add(node.module.split(".")[1])
+    return {name.split(".")[0] for name in names} - {path.stem}
+
+
+def test_the_package_imports_without_a_circle():
+    """`inference` and `onnx_export` used to import each other (one of them inside a function)."""
+    graph = {path.stem: module_imports(path) for path in PACKAGE.glob("*.py") if path.stem != "__init__"}
+    graph = {name: {dep for dep in deps if dep in graph} for name, deps in graph.items()}
+    done, path = set(), []
+
+    def visit(name):
+        if name in path:
+            raise AssertionError(f"import circle: {' -> '.join([*path[path.index(name) :], name])}")
+        if name in done:
+            return
+        path.append(name)
+        for dependency in sorted(graph[name]):
+            visit(dependency)
+        path.pop()
+        done.add(name)
+
+    for name in sorted(graph):
+        visit(name)

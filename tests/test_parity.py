@@ -1,0 +1,196 @@
+"""Preprocessing parity: every path that scores an image sees the pixels of the image processor saved with the
+model, in both preprocessing modes, for images larger and smaller than the input size.
+
+The paths: plain `pipeline(..., trust_remote_code=True)` in a process that never imports mirage_hf, the scoring
+loop of `mirage-detect`, the Space's handler, evaluation, and the model card's ONNX Runtime snippet.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from accelerate import Accelerator
+from conftest import IMAGE_SIZE
+from PIL import Image
+from transformers.models.auto.image_processing_auto import AutoImageProcessor
+
+import mirage_hf
+from mirage_hf.evaluation import predict
+from mirage_hf.explain import _seen_box
+from mirage_hf.export import export_model
+from mirage_hf.hub import ONNX_SNIPPET, stage_model_repo
+from mirage_hf.inference import Detector
+from mirage_hf.onnx_export import export_onnx
+from mirage_hf.scan import PathList, score_batches
+from mirage_hf.scoring import load_scorer
+from mirage_hf.transforms import Preprocessor, image_processor_for, scoring_preprocessor
+
+MODES = ("resize", "center_crop")
+# (width, height) around the input size S = 30: larger, smaller by odd and even amounts, and larger one way only.
+SIZES = [(61, 45), (17, 23), (12, 12), (45, 20)]
+PARITY = 1e-5
+
+
+def pasted(size, seed):
+    """Noise of one texture with a smoother patch pasted in its centre (the demo's fake-in-a-real-photo case)."""
+    rng = np.random.default_rng(seed)
+    width, height = size
+    pixels = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
+    patch = np.repeat(np.repeat(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8), 2, 0), 2, 1)
+    top, left = max(height - 16, 0) // 2, max(width - 16, 0) // 2
+    pixels[top : top + 16, left : left + 16] = patch[: min(16, height), : min(16, width)]
+    return Image.fromarray(pixels)
+
+
+@pytest.fixture(scope="module")
+def image_paths(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("parity-images")
+    paths = []
+    for index, size in enumerate(SIZES):
+        paths.append(str(folder / f"image_{size[0]}x{size[1]}.png"))
+        pasted(size, index).save(paths[-1])
+    return paths
+
+
+@pytest.fixture(scope="module")
+def model_dirs(clip_dir, tmp_path_factory):
+    """One exported detector per mode (same weights; temperature 0.5, threshold 0.5, so that pipeline()'s fake
+    score is p(fake)), each with the fp32 ONNX graph."""
+    torch.manual_seed(0)
+    model = mirage_hf.MiraGeForImageClassification.from_clip(clip_dir, mode="mirage", prompt_depth=2)
+    with torch.no_grad():
+        model.prompt_learner.text_prompts[1].normal_(std=0.5)
+    model.config.calibration_temperature = 0.5
+    root, dirs = tmp_path_factory.mktemp("parity-models"), {}
+    for mode in MODES:
+        model.config.preprocess = mode
+        dirs[mode] = export_model(model, AutoImageProcessor.from_pretrained(clip_dir), root / mode)
+    export_onnx(dirs["resize"], quantize=False)  # the graph does not depend on the preprocessing
+    shutil.copytree(dirs["resize"] / "onnx", dirs["center_crop"] / "onnx")
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def pipeline_scores(model_dirs, image_paths, tmp_path_factory):
+    """p(fake) from plain `pipeline()` with remote code, in a process where mirage_hf was never imported."""
+    folder = tmp_path_factory.mktemp("pipeline-run")
+    script = textwrap.dedent(
+        f"""
+        import json, sys
+        from transformers import pipeline
+        scores = {{}}
+        for mode, path in {json.dumps({mode: str(path) for mode, path in model_dirs.items()})}.items():
+            detector = pipeline("image-classification", model=path, trust_remote_code=True)
+            rows = detector({image_paths!r})
+            scores[mode] = [next(r["score"] for r in row if r["label"] == "fake") for row in rows]
+        assert "mirage_hf" not in sys.modules, "mirage_hf was imported"
+        print(json.dumps(scores))
+        """
+    )
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(folder / "hf_home"), "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, "-c", script], cwd=folder, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {mode: np.array(scores) for mode, scores in json.loads(result.stdout.splitlines()[-1]).items()}
+
+
+def test_the_saved_processor_implements_the_model_s_preprocessing(model_dirs, pipeline_scores):
+    for mode, folder in model_dirs.items():
+        saved = json.loads((folder / "preprocessor_config.json").read_text())
+        assert saved["do_resize"] == (mode == "resize") and saved["do_center_crop"]
+    assert np.abs(pipeline_scores["resize"] - pipeline_scores["center_crop"]).max() > 0.01, "the modes must differ"
+    assert np.ptp(pipeline_scores["center_crop"]) > 0.01, "the scores must differ for the comparison to mean anything"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_mirage_detect_scores_as_the_pipeline(model_dirs, image_paths, pipeline_scores, mode):
+    detector = Detector.from_pretrained(model_dirs[mode], device="cpu")
+    rows = [row for batch in score_batches(detector, PathList(image_paths), batch_size=3) for row in batch]
+    np.testing.assert_allclose([row.p_fake for row in rows], pipeline_scores[mode], rtol=0, atol=PARITY)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_the_space_scores_as_the_pipeline(model_dirs, image_paths, pipeline_scores, mode, monkeypatch):
+    from mirage_hf.space import app as space
+
+    monkeypatch.setenv("MIRAGE_MODEL", str(model_dirs[mode]))
+    monkeypatch.setattr(space, "BACKEND", "torch")
+    handler = space.DetectorApp()  # the Space's own loader: `load_detector`
+    scores = [handler.detect(path)[0]["fake"] for path in image_paths]
+    np.testing.assert_allclose(scores, pipeline_scores[mode], rtol=0, atol=PARITY)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_evaluation_scores_as_the_pipeline(model_dirs, image_paths, pipeline_scores, mode):
+    """As `train.py --eval_only --model DIR` scores: the folder's scorer and its calibrated preprocessing."""
+    scorer = load_scorer(model_dirs[mode], device="cpu")
+    preprocess = scoring_preprocessor(AutoImageProcessor.from_pretrained(model_dirs[mode]), scorer.config)
+    rows = [{"image": path, "label": index % 2, "subset": "parity"} for index, path in enumerate(image_paths)]
+    _, _, p_fake, _, _ = predict(scorer, rows, preprocess, Accelerator(cpu=True), batch_size=3)
+    np.testing.assert_allclose(p_fake, pipeline_scores[mode], rtol=0, atol=PARITY)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_the_card_s_onnx_snippet_preprocesses_as_the_saved_processor(model_dirs, image_paths, mode, monkeypatch):
+    """The snippet's `preprocess`, run as the card prints it, gives the saved processor's pixels, and its p(fake)
+    is the ONNX backend's."""
+    import huggingface_hub
+
+    folder = model_dirs[mode]
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *args, **kwargs: str(folder))
+    monkeypatch.chdir(os.path.dirname(image_paths[0]))
+    shutil.copy(image_paths[0], "photo.jpg")  # the snippet scores "photo.jpg"; PIL reads the PNG inside
+    namespace = {}
+    exec(ONNX_SNIPPET.format(repo_id="owner/detector", file="model.onnx").split("```python\n")[1][:-3], namespace)
+    processor = AutoImageProcessor.from_pretrained(folder)
+    detector = Detector.from_pretrained(folder, backend="onnx")
+    for path in image_paths:
+        image = Image.open(path)
+        pixels = namespace["preprocess"](image)
+        np.testing.assert_allclose(pixels, processor(images=image, return_tensors="np")["pixel_values"], atol=PARITY)
+        p_fake = namespace["session"].run(["p_fake"], {"pixel_values": pixels})[0][0]
+        assert p_fake == pytest.approx(detector.p_fake([image.convert("RGB")])[0], abs=PARITY)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_explanation_maps_are_drawn_where_the_saved_processor_crops(model_dirs, mode):
+    """A single bright pixel lands, in the pixels the saved processor gives, where `_seen_box` says the model's
+    view of the image starts (exactly in center_crop mode; within a pixel where resizing blurs it)."""
+    processor = AutoImageProcessor.from_pretrained(model_dirs[mode])
+    preprocess = Preprocessor(processor, mode)
+    for width, height in SIZES:
+        x, y = width // 2 - 1, height // 2 + 1
+        pixels = np.zeros((height, width, 3), dtype=np.uint8)
+        pixels[y, x] = 255
+        out = processor(images=Image.fromarray(pixels), return_tensors="np")["pixel_values"][0, 0]
+        v, u = np.unravel_index(out.argmax(), out.shape)
+        left, top, box_w, box_h = _seen_box((width, height), preprocess)
+        expected = ((x + 0.5 - left) * IMAGE_SIZE / box_w - 0.5, (y + 0.5 - top) * IMAGE_SIZE / box_h - 0.5)
+        assert (u, v) == pytest.approx(expected, abs=0 if mode == "center_crop" else 1.0), (width, height)
+
+
+def test_a_folder_saved_before_the_processor_followed_the_model_warns_and_scores_as_calibrated(
+    model_dirs, image_paths, pipeline_scores, tmp_path, caplog
+):
+    """Older exports saved the CLIP's resizing processor whatever `config.preprocess` said: mirage_hf scores such a
+    folder with `config.preprocess` (what it was calibrated with) and says that plain pipeline() would not, and
+    `mirage-push` refuses to publish it as it is."""
+    folder = shutil.copytree(model_dirs["center_crop"], tmp_path / "old")
+    image_processor_for(AutoImageProcessor.from_pretrained(folder), "resize").save_pretrained(folder)
+    with caplog.at_level("WARNING", logger="mirage_hf.transforms"):
+        detector = Detector.from_pretrained(folder, device="cpu")
+    assert "implements 'resize'" in caplog.text and "preprocess='center_crop'" in caplog.text
+    images = [Image.open(path).convert("RGB") for path in image_paths]
+    np.testing.assert_allclose(detector.p_fake(images), pipeline_scores["center_crop"], rtol=0, atol=PARITY)
+    caplog.clear()
+    Detector.from_pretrained(model_dirs["center_crop"], device="cpu")
+    assert not caplog.text
+    with pytest.raises(
+        ValueError, match=r"old: its .* implements 'resize' .*image_processor_for\(processor, 'center_crop'\)"
+    ):
+        stage_model_repo(folder, tmp_path / "staged", "owner/detector", license="mit")
