@@ -21,6 +21,12 @@ from transformers.utils import ModelOutput
 
 from .configuration_mirage import MiraGeConfig
 
+try:  # how CLIP selects hidden states by index (transformers >= 5.2x); absent in 5.17, which uses another rule
+    from transformers.utils.output_capturing import resolve_hidden_states_indices as _resolve_indices
+    from transformers.utils.output_capturing import selected_hidden_states as _selected_indices
+except ImportError:
+    _resolve_indices = _selected_indices = None
+
 
 @dataclass
 class MiraGeOutput(ModelOutput):
@@ -43,6 +49,8 @@ class MiraGeOutput(ModelOutput):
         The vision tower's: the input of its first layer, then the output of each layer, each of shape
         `(batch_size, 1 + num_patches + n_ctx, hidden_size)`. The last `n_ctx` positions are the vision prompt
         tokens (in `maple`/`mirage` mode), which the next layer replaces within the first `prompt_depth` layers.
+        `output_hidden_states=[0, 2]` (or one index) keeps only those and gives `None` elsewhere, by the rule of
+        the installed transformers' CLIP (see `_selected_hidden_states`).
     attentions (`tuple(torch.FloatTensor)`, *optional*, returned with `output_attentions=True`):
         The vision tower's attention weights per layer, `(batch_size, num_heads, seq_len, seq_len)` over the same
         tokens, prompt tokens included. Only eager attention computes them (load with
@@ -73,6 +81,26 @@ def _replace_tokens(hidden: torch.Tensor, prompts: torch.Tensor, start: int) -> 
     start = start % hidden.shape[1]
     prompts = prompts.to(hidden.dtype).expand(hidden.shape[0], -1, -1)
     return torch.cat([hidden[:, :start], prompts, hidden[:, start + prompts.shape[1] :]], dim=1)
+
+
+def _selected_hidden_states(hidden_states: list[torch.Tensor], selection) -> tuple | None:
+    """The hidden states `output_hidden_states` asks for, as the installed transformers' CLIP returns them.
+
+    `True` gives all of them. Indices (a list, or one int) give those and `None` elsewhere: since transformers
+    5.2x they index all the hidden states (0 = the embeddings, negative from the end), in 5.17 a list indexes the
+    layers' outputs alone and an int counts as `True`.
+    """
+    if not selection:
+        return None
+    if _selected_indices is None:  # transformers 5.17
+        if not isinstance(selection, (list, tuple, set)):
+            return tuple(hidden_states)
+        return tuple(h if index in set(selection) else None for index, h in enumerate(hidden_states[1:]))
+    indices = _selected_indices(selection)
+    if indices is None:
+        return tuple(hidden_states)
+    keep = _resolve_indices(None, indices, num_hidden_states=len(hidden_states))
+    return tuple(h if index in keep else None for index, h in enumerate(hidden_states))
 
 
 def calibrate_logits(logits: torch.Tensor, temperature: float, threshold: float) -> dict[str, torch.Tensor]:
@@ -339,7 +367,7 @@ class MiraGeModel(MiraGePreTrainedModel):
         self,
         pixel_values: torch.Tensor,
         vision_prompts: list[torch.Tensor],
-        output_hidden_states: bool = False,
+        output_hidden_states: bool | int | list[int] = False,
         output_attentions: bool = False,
     ) -> BaseModelOutputWithPooling:
         """The vision tower with the vision prompts appended after the patches.
@@ -373,7 +401,7 @@ class MiraGeModel(MiraGePreTrainedModel):
         return BaseModelOutputWithPooling(
             last_hidden_state=hidden,
             pooler_output=self.clip.visual_projection(vision_model.post_layernorm(hidden[:, 0])),
-            hidden_states=tuple(hidden_states) if output_hidden_states else None,
+            hidden_states=_selected_hidden_states(hidden_states, output_hidden_states),
             attentions=tuple(attentions) if output_attentions else None,
         )
 
@@ -391,10 +419,12 @@ class MiraGeModel(MiraGePreTrainedModel):
         """(normalised text anchors or None, vision prompts). Cached in eval mode until a prompt changes.
 
         The cached ones are computed outside any autocast, at the model's own precision, so they do not depend on
-        the context of the call that happened to fill the cache.
+        the context of the call that happened to fill the cache. `torch.jit.trace` neither reads nor fills the
+        cache, so a fresh model traces the same graph on every call (and passes the trace's check).
         """
         if self.training:
             self._anchor_cache = None
+        if self.training or torch.jit.is_tracing():  # a trace records the computation, not a cache it cannot see
             return self._compute_prompts_and_anchors()
         key = self._anchor_cache_key()
         if self._anchor_cache is None or self._anchor_cache[0] != key:
@@ -437,6 +467,24 @@ class MiraGeModel(MiraGePreTrainedModel):
                 f"Preprocess images with the model's image processor (its crop size must be {expected[1]})."
             )
 
+    @staticmethod
+    def check_labels(labels: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.LongTensor:
+        """The labels as class indices (0 real, 1 fake), one per image; ValueError for anything else.
+
+        One rule in every mode: the MiraGe terms (anchor alignment, separation, SupCon and its memory bank) need a
+        class per image, so float labels (one-hot or soft targets) are refused rather than silently read as soft
+        cross-entropy targets in some modes and failing as indices in others.
+        """
+        batch = None if pixel_values is None else pixel_values.shape[0]
+        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+            raise ValueError(
+                f"labels must be class indices (0 real, 1 fake) of an integer dtype, got {labels.dtype} of shape "
+                f"{tuple(labels.shape)}; for one-hot labels pass labels.argmax(-1)"
+            )
+        if labels.dim() != 1 or (batch is not None and labels.shape[0] != batch):
+            raise ValueError(f"labels must have shape ({batch},), one class index per image, got {tuple(labels.shape)}")
+        return labels.long()
+
     def detect(self, pixel_values: torch.Tensor):
         """Uncalibrated logits, normalised image embeddings and anchors (None in linear_probe mode)."""
         return self._detect(pixel_values)[:3]
@@ -478,6 +526,8 @@ class MiraGeModel(MiraGePreTrainedModel):
         output_attentions = config.output_attentions if output_attentions is None else output_attentions
         if return_dict is None:
             return_dict = config.return_dict and not getattr(config, "torchscript", False)
+        if labels is not None:
+            labels = self.check_labels(labels, pixel_values)
         logits, image_embeds, text_embeds, vision = self._detect(pixel_values, output_hidden_states, output_attentions)
         terms = {} if labels is None else self.loss_fn(logits, image_embeds, text_embeds, labels.to(logits.device))
         output = MiraGeOutput(

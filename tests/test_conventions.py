@@ -66,6 +66,21 @@ def test_hidden_states_and_attentions_equal_stock_clip_without_prompts(make_mode
         torch.testing.assert_close(mine, reference)
 
 
+@pytest.mark.parametrize("selection", [[0, 2], (1, 3), [0, -1], 1, -1, [5]])
+def test_hidden_states_selected_by_index_are_the_ones_stock_clip_returns(make_model, pixel_values, selection):
+    """`output_hidden_states=[0, 2]` keeps those and gives None elsewhere, by the rule of the installed transformers'
+    CLIP (which changed between 5.17 and 5.2x): compared with CLIP itself, with prompts off."""
+    model = make_model("zero_shot").eval()
+    with torch.no_grad():
+        ours = model(pixel_values, output_hidden_states=selection).hidden_states
+        clip = model.clip.vision_model(pixel_values, output_hidden_states=selection).hidden_states
+    assert [h is None for h in ours] == [h is None for h in clip]
+    assert any(h is None for h in ours) or isinstance(selection, int)
+    for mine, reference in zip(ours, clip):
+        if reference is not None:
+            torch.testing.assert_close(mine, reference)
+
+
 def test_hidden_states_and_attentions_include_the_prompt_tokens(make_model, pixel_values):
     model = make_model("mirage", attn_implementation="eager").eval()
     with torch.no_grad():
@@ -120,6 +135,24 @@ def test_return_dict_false_gives_the_output_as_a_tuple(make_model, pixel_values,
     assert isinstance(model(pixel_values, return_dict=True).logits, torch.Tensor)
 
 
+@pytest.mark.parametrize("mode", ["linear_probe", "coop", "mirage"])
+def test_labels_are_class_indices_in_every_mode(make_model, pixel_values, mode):
+    """One rule for every mode: integer class indices train (any integer dtype), float labels (one-hot or soft) and
+    misshapen ones are a ValueError that says what to pass, never soft targets in one mode and an IndexError in
+    another."""
+    model = make_model(mode)
+    indices = torch.tensor([0, 1, 0, 1])
+    expected = model(pixel_values, labels=indices).loss
+    torch.testing.assert_close(model(pixel_values, labels=indices.int()).loss, expected)
+    one_hot = torch.nn.functional.one_hot(indices, 2)
+    with pytest.raises(ValueError, match=r"class indices .* got torch.float32 .*labels.argmax\(-1\)"):
+        model(pixel_values, labels=one_hot.float())
+    with pytest.raises(ValueError, match=r"shape \(4,\)"):
+        model(pixel_values, labels=one_hot)
+    with pytest.raises(ValueError, match=r"shape \(4,\)"):
+        model(pixel_values, labels=indices[:3])
+
+
 def test_labelled_tuple_starts_with_the_loss(make_model, pixel_values):
     model = make_model("mirage").eval()
     labels = torch.tensor([0, 1, 0, 1])
@@ -130,13 +163,15 @@ def test_labelled_tuple_starts_with_the_loss(make_model, pixel_values):
 
 
 def test_torchscript_config_traces_with_jit(make_model, pixel_values):
+    """A fresh model traces without a warm-up call: the trace's own check (two traces compared) passes, since
+    tracing neither fills nor reads the anchor cache."""
     model = make_model("mirage").eval()
-    expected = model(pixel_values).logits
     model.config.torchscript = True
-    traced = torch.jit.trace(model, pixel_values)
+    traced = torch.jit.trace(model, pixel_values)  # check_trace=True: raises TracingCheckError if the graphs differ
+    model.config.torchscript = False
+    expected = model(pixel_values).logits
     torch.testing.assert_close(traced(pixel_values)[0], expected)
     other = torch.randn(4, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(5))
-    model.config.torchscript = False
     torch.testing.assert_close(traced(other)[0], model(other).logits)
 
 
