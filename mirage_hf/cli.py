@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 from transformers.utils import logging as hf_logging
 
-from .inference import Detector
+from .inference import Detector, check_unsure_margin
 from .scan import (
     FORMATS,
     ROW_FORMATS,
@@ -78,10 +78,10 @@ def _non_negative_int(text: str) -> int:
 
 
 def _margin(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value < 0.5:
-        raise argparse.ArgumentTypeError(f"must lie in [0, 0.5), got {value}")
-    return value
+    try:
+        return check_unsure_margin(float(text))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -33,6 +33,13 @@ def verdict_label(p_fake: float, threshold: float, unsure_margin: float = 0.0) -
     return "fake" if p_fake >= threshold else "real"
 
 
+def check_unsure_margin(unsure_margin: float) -> float:
+    """`unsure_margin` if it is a usable band half-width, [0, 0.5); ValueError otherwise (the CLI's too)."""
+    if not 0.0 <= unsure_margin < 0.5:
+        raise ValueError(f"unsure_margin must lie in [0, 0.5), got {unsure_margin}")
+    return unsure_margin
+
+
 class Detector:
     def __init__(self, model, image_processor, preprocess: str | None = None, unsure_margin: float = 0.0):
         """`model`: a scorer (`mirage_hf.scoring.load_scorer`: a `TorchScorer` or an `OnnxModel`) or a MiraGe
@@ -42,9 +49,7 @@ class Detector:
         self.preprocess = scoring_preprocessor(image_processor, self.scorer.config, preprocess)
         MiraGeForImageClassification.check_pixel_values(self.scorer, self.preprocess([]))  # empty batch: fail at load
         self.image_processor = image_processor
-        if not 0.0 <= unsure_margin < 0.5:
-            raise ValueError(f"unsure_margin must lie in [0, 0.5), got {unsure_margin}")
-        self.unsure_margin = unsure_margin
+        self.unsure_margin = check_unsure_margin(unsure_margin)
 
     @classmethod
     def from_pretrained(

@@ -66,3 +66,13 @@ def test_evaluation_and_the_detector_score_a_model_in_training_through_the_same_
     with torch.no_grad():
         reference = model(pixel_values=Preprocessor(processor)(images)).p_fake.numpy()
     np.testing.assert_allclose(p_fake, reference, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("margin", [-0.1, 0.5, 0.7])
+def test_the_unsure_band_s_range_is_checked_in_one_place(detector_dir, margin, capsys, tmp_path):
+    """`Detector` and `mirage-detect --unsure_margin` refuse the same margins with the same words."""
+    with pytest.raises(ValueError) as caught:
+        Detector.from_pretrained(detector_dir, device="cpu", unsure_margin=margin)
+    assert "unsure_margin must lie in [0, 0.5)" in str(caught.value)
+    assert cli.main([str(tmp_path), "--model", str(detector_dir), "--unsure_margin", str(margin)]) == 1
+    assert capsys.readouterr().err.strip().endswith(f"argument --unsure_margin: {caught.value}")
