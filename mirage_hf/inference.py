@@ -46,6 +46,8 @@ class Detector:
         model, scored with PyTorch. `preprocess` None uses the mode the model was calibrated with
         (`model.config.preprocess`)."""
         self.scorer = as_scorer(model)
+        if self.backend == "torch":
+            self.model.eval()  # explanation maps run the model itself, and expect eval mode
         self.preprocess = scoring_preprocessor(image_processor, self.scorer.config, preprocess)
         MiraGeForImageClassification.check_pixel_values(self.scorer, self.preprocess([]))  # empty batch: fail at load
         self.image_processor = image_processor
