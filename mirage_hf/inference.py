@@ -19,7 +19,7 @@ from transformers.utils import cached_file
 from .configuration_mirage import MiraGeConfig
 from .modeling_mirage import MiraGeForImageClassification
 from .onnx_export import BACKENDS, INFO_FILE, ONNX_DIR, ONNX_FILES, check_calibration, session
-from .stability import SCORES_PER_INPUT, stable_label, with_copies
+from .stability import SCORES_PER_INPUT, agreement, with_copies
 from .transforms import Preprocessor
 
 
@@ -31,6 +31,8 @@ class Verdict:
     p_fake: float
     spread: float | None = None
     """With stability: max - min of p(fake) over the input and its degraded copies (`mirage_hf.stability`)."""
+    stable: bool | None = None
+    """With stability: whether the input and its copies fall on one side of the threshold (else "unsure")."""
 
 
 def verdict_label(p_fake: float, threshold: float, unsure_margin: float = 0.0) -> str:
@@ -158,8 +160,8 @@ class Detector:
         label = verdict_label(p_fake, threshold, self.unsure_margin)
         if copies is None:
             return Verdict(label, float(p_fake))
-        label, spread = stable_label(label, [p_fake, *copies], threshold)
-        return Verdict(label, float(p_fake), spread)
+        stable, spread = agreement([p_fake, *copies], threshold)
+        return Verdict(label if stable else "unsure", float(p_fake), spread, stable)
 
     def scores(self, images, stability: bool = False) -> np.ndarray:
         """p(fake) per RGB PIL image as a column, (n, 1); with `stability` each row also holds its degraded

@@ -24,8 +24,6 @@ def with_copies(images: Sequence[Image.Image]) -> list[Image.Image]:
     return [out for img in images for out in (img, *(degrade(img, kind, value) for kind, value in STABILITY_COPIES))]
 
 
-def stable_label(label: str, p_fakes: Sequence[float], threshold: float) -> tuple[str, float]:
-    """(label, spread) for an input whose plain verdict is `label`, from p(fake) of the input and of its copies:
-    "unsure" when they fall on both sides of `threshold`."""
-    sides = {bool(p >= threshold) for p in p_fakes}
-    return ("unsure" if len(sides) > 1 else label), float(max(p_fakes) - min(p_fakes))
+def agreement(p_fakes: Sequence[float], threshold: float) -> tuple[bool, float]:
+    """(whether the input and its copies, p(fake) `p_fakes`, all fall on one side of `threshold`; their spread)."""
+    return len({bool(p >= threshold) for p in p_fakes}) == 1, float(max(p_fakes) - min(p_fakes))
