@@ -63,3 +63,17 @@ def test_mirage_detect_stability_column_matches_the_detector(capsys, detector, i
         assert row["spread"] == pytest.approx(verdict.spread, abs=1e-4)
     main([str(tmp_path), "--model", str(detector_dir), "--format", "jsonl"])
     assert "spread" not in json.loads(capsys.readouterr().out.splitlines()[0])  # a column only with --stability
+
+
+def test_resume_keeps_the_columns_of_the_output_or_names_the_options(capsys, image, detector_dir, tmp_path):
+    for index in range(3):
+        image.rotate(90 * index).save(tmp_path / f"img-{index}.png")
+    base = [str(tmp_path), "--model", str(detector_dir), "--format", "csv", "--output"]
+    assert main([*base, str(tmp_path / "stable.csv"), "--stability"]) == 0
+    code = main([*base, str(tmp_path / "stable.csv"), "--resume"])  # without --stability: not mixed in
+    assert code == 1 and "resume with the options it was started with" in capsys.readouterr().err
+    old = tmp_path / "old.csv"  # an output of a version before videos: four columns, one file done
+    old.write_text(f"path,label,p_fake,error\n{tmp_path / 'img-0.png'},fake,0.9999,\n")
+    assert main([*base, str(old), "--resume"]) == 0
+    lines = old.read_text().splitlines()
+    assert len(lines) == 4 and all(line.count(",") == 3 for line in lines) and lines[1].endswith(",0.9999,")
