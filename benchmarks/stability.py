@@ -12,7 +12,8 @@ copies fall on both sides of the threshold). Per condition, and pooled over all 
 - right made unsure: the share of the images with a right plain verdict that stability calls "unsure";
 - unsure: the share called "unsure", plain and with stability;
 - time ratio: wall time of scoring with stability over plain scoring of the same images, in the same run
-  (preprocessing, the copies and the forward passes; images decoded beforehand).
+  (preprocessing, the copies and the forward passes; images decoded beforehand), on `--threads` torch threads
+  (default 1: on a shared machine, waits at multi-thread barriers would swamp the per-image cost).
 """
 
 import argparse
@@ -24,6 +25,7 @@ import time
 from datetime import date
 
 import numpy as np
+import torch
 
 from mirage_hf.atomic import atomic_write
 from mirage_hf.evaluation import condition_name
@@ -63,8 +65,10 @@ def main(argv=None):
     parser.add_argument("--model", default=os.path.join("outputs", "demo", "model"))
     parser.add_argument("--config", default="demo", help="the preset whose evaluation split is the test data")
     parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "results_stability.json"))
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     if not os.path.isdir(args.model):
         sys.exit(f"no detector at {args.model}: run `python train.py` first (or pass --model)")
 
@@ -104,8 +108,8 @@ def main(argv=None):
     report = {
         "command": "python benchmarks/stability.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": date.today().isoformat(),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average "
-        f"{os.getloadavg()[0]:.1f} at the end",
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {args.threads} torch "
+        f"thread(s), load average {os.getloadavg()[0]:.1f} at the end",
         "model": args.model,
         "threshold": detector.threshold,
         "unsure_margin": UNSURE_MARGIN,

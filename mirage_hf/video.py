@@ -54,6 +54,11 @@ def _sample_count(duration: float, fps: float | None, max_frames: int, frame_cou
     return max(1, count)
 
 
+def _why(err: Exception) -> str:
+    """An FFmpeg error's message without its errno and the path (the row names the file already)."""
+    return f"{type(err).__name__}: {getattr(err, 'strerror', None) or err}"
+
+
 def _av():
     try:
         import av
@@ -77,7 +82,7 @@ def _open_container(path: str):
     try:
         container = av.open(path)
     except Exception as err:  # noqa: BLE001 - FFmpeg's error classes for unreadable data are many
-        raise VideoLoadError(path, f"not a readable video ({type(err).__name__}: {err})") from err
+        raise VideoLoadError(path, f"not a readable video ({_why(err)})") from err
     if not container.streams.video:
         container.close()
         raise VideoLoadError(path, "no video stream (audio or data only)")
@@ -135,14 +140,14 @@ def sample_times(path: str, fps: float | None = None, max_frames: int = DEFAULT_
             try:
                 starts = _gif_frame_starts(img)
             except Exception as err:  # noqa: BLE001 - a GIF whose later frames are damaged
-                raise VideoLoadError(path, f"corrupt animated GIF ({type(err).__name__}: {err})") from err
+                raise VideoLoadError(path, f"corrupt animated GIF ({_why(err)})") from err
             return segment_middles(starts[-1], _sample_count(starts[-1], fps, max_frames, len(starts) - 1))
     container, stream = _open_container(path)
     with container:
         try:
             _, duration = _start_and_duration(container, stream)
         except Exception as err:  # noqa: BLE001
-            raise VideoLoadError(path, f"corrupt video ({type(err).__name__}: {err})") from err
+            raise VideoLoadError(path, f"corrupt video ({_why(err)})") from err
         if duration <= 0:
             raise VideoLoadError(path, "no duration (no frame with a timestamp)")
         return segment_middles(duration, _sample_count(duration, fps, max_frames, stream.frames or None))
@@ -196,7 +201,7 @@ def video_frames(path: str, times: Sequence[float]) -> list[Image.Image]:
     except ImageLoadError:
         raise
     except Exception as err:  # noqa: BLE001 - FFmpeg and PIL raise many types on corrupt data
-        raise VideoLoadError(path, f"corrupt video ({type(err).__name__}: {err})") from err
+        raise VideoLoadError(path, f"corrupt video ({_why(err)})") from err
 
 
 class VideoScores:
