@@ -26,6 +26,7 @@ DEFAULT_MAX_FRAMES = 16
 SEEK_GAP = 2.0  # seconds: a later sample at most this far ahead is reached by decoding forward, not by a seek
 GIF_MIN_FRAME_SECONDS = 0.1  # browsers show GIF frames of 0-10 ms for 100 ms; so is their time here
 VIDEO_EXTRA = "video support needs PyAV: pip install 'mirage-hf[video]'"
+STILL_IMAGE = "a still image, not a video"  # score_video's reason for a GIF of one frame
 
 
 class VideoLoadError(ImageLoadError):
@@ -236,7 +237,7 @@ def score_video(detector, path: str, fps=None, max_frames=DEFAULT_MAX_FRAMES, st
     scored `batch_size` frames at a time. Raises VideoLoadError."""
     times = sample_times(path, fps, max_frames)
     if times is None:
-        raise VideoLoadError(path, "a still image, not a video")
+        raise VideoLoadError(path, STILL_IMAGE)
     video, frames = VideoScores(), []
     for start in range(0, len(times), batch_size):
         chunk = times[start : start + batch_size]

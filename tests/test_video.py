@@ -243,3 +243,22 @@ def test_memory_stays_flat_from_a_short_to_a_long_video(detector_dir, tmp_path):
         assert code == 0
     assert sum(1 for _ in open(tmp_path / "long.jsonl")) == 1201  # every frame row and the video's row
     assert peaks["long"] - peaks["short"] < 40_000, peaks  # kB
+
+
+def test_shard_parts_merge_each_video_with_its_frame_rows_in_input_order(tmp_path):
+    """Round-robin shards hold files 0, 2, ... and 1, 3, ...; the merge interleaves files, not rows, so a video's
+    frame rows stay before its own row and the input order comes back."""
+    from mirage_hf.scan import Row, RowWriter, merged_rows
+
+    def video(path, frames):
+        return [Row(path, "real", 0.1, None, frame=0.5 + t) for t in range(frames)] + [
+            Row(path, "real", 0.1, None, frames=frames)
+        ]
+
+    files = [[Row("a.png", "fake", 0.9, None)], video("v.mp4", 3), [Row("c.png", "real", 0.2, None)], video("w.mp4", 1)]
+    parts = [str(tmp_path / "part-0.jsonl"), str(tmp_path / "part-1.jsonl")]
+    for rank, part in enumerate(parts):
+        writer = RowWriter("jsonl", part)
+        writer.write([row for group in files[rank::2] for row in group])
+        writer.close()
+    assert list(merged_rows(parts)) == [row for group in files for row in group]

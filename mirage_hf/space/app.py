@@ -26,7 +26,7 @@ from mirage_hf.inference import Detector
 from mirage_hf.inference import verdict_label as label_at
 from mirage_hf.onnx_export import ONNX_DIR, ONNX_FILES
 from mirage_hf.transforms import ImageLoadError, open_image
-from mirage_hf.video import DEFAULT_MAX_FRAMES, maybe_video, score_video
+from mirage_hf.video import DEFAULT_MAX_FRAMES, STILL_IMAGE, maybe_video, score_video
 
 HERE = Path(__file__).resolve().parent
 EXAMPLES = [HERE / "examples" / "synthetic-real.png", HERE / "examples" / "synthetic-fake.png"]
@@ -223,7 +223,7 @@ class DetectorApp:
         try:
             return score_video(detector, path, max_frames=VIDEO_FRAMES, batch_size=BATCH_SIZE, threshold=threshold)[0]
         except ImageLoadError as err:
-            if err.reason == "a still image, not a video":
+            if err.reason == STILL_IMAGE:
                 return None
             raise
 
