@@ -1,13 +1,16 @@
-"""`mirage-detect`: score image files, folders and glob patterns with a MiraGe detector.
+"""`mirage-detect`: score image and video files, folders and glob patterns with a MiraGe detector.
 
     mirage-detect photos/ "shots/**/*.jpg" one.png --model my-detector --format csv --output scores.csv
+    mirage-detect uploads/ --max_frames 16 --frames --stability --provenance --format jsonl --output scores.jsonl
     find /archive -name '*.jpg' | mirage-detect --files_from - --format jsonl --output scores.jsonl --resume
     accelerate launch --num_processes 8 -m mirage_hf.cli /archive --format jsonl --output scores.jsonl
 
 DataLoader workers decode while the model scores; csv and jsonl rows are written and flushed batch by batch, so
 `--resume` continues a killed scan where it stopped. Under `accelerate launch` each process scores every N-th
 file into a part next to `--output` and the main process merges the parts (see mirage_hf/scan.py). A file that
-cannot be read becomes an "error" row with its reason (also printed to stderr) and the run goes on.
+cannot be read becomes an "error" row with its reason (also printed to stderr) and the run goes on. Videos
+(mirage_hf/video.py) get one row each, after their frame rows with --frames; --stability (mirage_hf/stability.py)
+and --provenance (mirage_hf/provenance.py) add their columns.
 
 Exit codes: 0 every file was scored; 2 some files could not be read, or no image was found; 1 usage error,
 no loadable model or an output that cannot be resumed.
@@ -16,6 +19,7 @@ no loadable model or an output that cannot be resumed.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import os
 import shutil
@@ -29,9 +33,12 @@ from tqdm import tqdm
 from transformers.utils import logging as hf_logging
 
 from .inference import Detector, check_unsure_margin
+from .provenance import C2paReader, read_provenance
 from .scan import (
     FORMATS,
+    GENERATED_BY_METADATA,
     ROW_FORMATS,
+    MediaOptions,
     PathList,
     RowWriter,
     ScanOutputError,
@@ -42,14 +49,18 @@ from .scan import (
     merged_rows,
     part_path,
     read_rows,
+    resume_columns,
     resumed_rows,
     score_batches,
     wait_for_parts,
     write_output,
     write_rows,
 )
+from .scan import columns as output_fields
 from .scoring import BACKENDS, check_backend_options
+from .stability import STABILITY_COPIES
 from .transforms import IMAGE_EXTENSIONS, PREPROCESS_MODES
+from .video import DEFAULT_MAX_FRAMES, VIDEO_EXTENSIONS
 
 PROG = "mirage-detect"
 DEFAULT_MODEL = os.path.join("outputs", "demo", "model")  # where `python train.py` exports the demo detector
@@ -77,6 +88,13 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
 def _margin(text: str) -> float:
     try:
         return check_unsure_margin(float(text))
@@ -87,15 +105,16 @@ def _margin(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
-        description="Detect AI-generated images with a MiraGe detector (calibrated p(fake) per image).",
+        description="Detect AI-generated images and videos with a MiraGe detector (calibrated p(fake) per file).",
         epilog="Exit codes: 0 all scored, 2 some files unreadable or no image found, 1 usage error or no model.",
     )
     parser.add_argument(
         "inputs",
         nargs="*",
         metavar="INPUT",
-        help="image files (any extension), folders (searched recursively for "
-        f"{', '.join(sorted(e[1:] for e in IMAGE_EXTENSIONS))}) or glob patterns such as 'shots/**/*.jpg'",
+        help="image or video files (a video by its extension; any other file is read as an image), folders "
+        f"(searched recursively for {', '.join(sorted(e[1:] for e in IMAGE_EXTENSIONS | VIDEO_EXTENSIONS))}; an "
+        "animated gif is a video) or glob patterns such as 'shots/**/*.jpg'",
     )
     parser.add_argument(
         "--files_from",
@@ -136,6 +155,37 @@ def build_parser() -> argparse.ArgumentParser:
         type=_margin,
         default=0.05,
         help="label 'unsure' when p(fake) is within this distance of the calibrated threshold (default 0.05)",
+    )
+    sampling = parser.add_mutually_exclusive_group()
+    sampling.add_argument(
+        "--max_frames",
+        type=_positive_int,
+        default=DEFAULT_MAX_FRAMES,
+        help=f"frames scored per video, uniform over its duration (default {DEFAULT_MAX_FRAMES}; fewer when the "
+        "video has fewer); its row holds their mean p(fake), judged like an image's",
+    )
+    sampling.add_argument(
+        "--fps", type=_positive_float, help="instead of --max_frames: frames scored per second of video"
+    )
+    parser.add_argument("--frames", action="store_true", help="also write a row per scored video frame")
+    parser.add_argument(
+        "--stability",
+        action="store_true",
+        help="also score degraded copies of each input ("
+        + ", ".join(f"{kind} {value:g}" for kind, value in STABILITY_COPIES)
+        + ") and call the verdict 'unsure' when they fall on both sides of the threshold; adds the column spread "
+        f"(costs {len(STABILITY_COPIES) + 1}x the forward passes)",
+    )
+    parser.add_argument(
+        "--provenance",
+        action="store_true",
+        help="also read C2PA manifests and the XMP DigitalSourceType (needs mirage-hf[provenance]); adds the "
+        "columns source_type, c2pa_generator, c2pa_signer, c2pa_validation; never changes p(fake)",
+    )
+    parser.add_argument(
+        "--c2pa_trust_anchors",
+        metavar="PEM",
+        help="with --provenance: CA certificates whose signers count as trusted (else a valid manifest is 'valid')",
     )
     parser.add_argument("--format", choices=FORMATS, default="table", help="output format (default table)")
     parser.add_argument(
@@ -179,6 +229,8 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace, world
         parser.error("--files_from -: under accelerate launch every process reads the list; pass it as a file")
     if world > 1 and args.explain is not None:
         parser.error("--explain runs in one process, not under accelerate launch")
+    if args.c2pa_trust_anchors is not None and not (args.provenance and os.path.isfile(args.c2pa_trust_anchors)):
+        parser.error(f"--c2pa_trust_anchors: needs --provenance and a PEM file, got {args.c2pa_trust_anchors!r}")
     if args.explain is not None and os.path.exists(args.explain) and not os.path.isdir(args.explain):
         parser.error(f"--explain: {args.explain!r} exists and is not a folder")
     try:
@@ -207,25 +259,35 @@ def _num_workers(args, todo: int, processes_per_machine: int = 1) -> int:
     return default_num_workers(processes_per_machine) if todo > args.batch_size else 0
 
 
-def _scan(args, detector: Detector, paths: PathList) -> Counter:
+def _fields(args) -> tuple[str, ...]:
+    return output_fields(args.stability, args.provenance)
+
+
+def _done(rows) -> set[str]:
+    """The files that have their own row among `rows` (a video's frame rows alone do not make it done)."""
+    return {row.path for row in rows if row.frame is None}
+
+
+def _scan(args, detector: Detector, paths: PathList, media: MediaOptions) -> Counter:
     """One process: rows streamed to --output or stdout (csv, jsonl), or written whole at the end (table, json)."""
     counts = Counter()
     if args.format not in ROW_FORMATS:
         with _progress_bar(args, len(paths), 0) as bar:
             batches = score_batches(
-                detector, paths, args.batch_size, _num_workers(args, len(paths)), args.explain, progress=bar
+                detector, paths, args.batch_size, _num_workers(args, len(paths)), args.explain, bar, media
             )
             rows = count_labels(itertools.chain.from_iterable(batches), counts)
             width = max(map(len, paths))
-            _write_whole(lambda handle: write_rows(rows, args.format, handle, width), args.output)
+            _write_whole(lambda handle: write_rows(rows, args.format, handle, width, _fields(args)), args.output)
         return counts
-    done = {row.path for row in count_labels(resumed_rows(args.output, args.format), counts)} if args.resume else ()
+    fields = resume_columns(args.output, args.format, _fields(args)) if args.resume else _fields(args)
+    done = _done(count_labels(resumed_rows(args.output, args.format), counts)) if args.resume else ()
     todo = PathList(path for path in paths if path not in done) if done else paths
-    writer = RowWriter(args.format, args.output, append=args.resume)
+    writer = RowWriter(args.format, args.output, append=args.resume, fields=fields)
     try:
         with _progress_bar(args, len(paths), len(paths) - len(todo)) as bar:
             batches = score_batches(
-                detector, todo, args.batch_size, _num_workers(args, len(todo)), args.explain, progress=bar
+                detector, todo, args.batch_size, _num_workers(args, len(todo)), args.explain, bar, media
             )
             for rows in batches:
                 writer.write(list(count_labels(rows, counts)))
@@ -247,7 +309,7 @@ def _write_whole(write, output: str | None) -> None:
     sys.stdout.flush()
 
 
-def _scan_shard(args, detector: Detector, paths: PathList, state) -> Counter | None:
+def _scan_shard(args, detector: Detector, paths: PathList, state, media: MediaOptions) -> Counter | None:
     """One process of `accelerate launch`: files rank, rank + N, ... into its part; the main process then merges
     every part (after the rows of a resumed --output) into --output. Returns the counts on the main process."""
     rank, world, output = state.process_index, state.num_processes, args.output
@@ -255,24 +317,27 @@ def _scan_shard(args, detector: Detector, paths: PathList, state) -> Counter | N
     if os.path.exists(part + ".done"):
         os.remove(part + ".done")
     resume_output = args.resume and os.path.exists(output)
+    fields = resume_columns(output, args.format, _fields(args)) if resume_output else _fields(args)
+    if args.resume:
+        resume_columns(part, "jsonl", _fields(args))
     if state.is_main_process and resume_output:
         list(resumed_rows(output, args.format))  # repairs a cut last line once, before any process reads it
     state.wait_for_everyone()  # no process may see a marker or a cut line left by an earlier run
     done = set()
     if args.resume:
         if resume_output:
-            done.update(row.path for row in read_rows(output, args.format))
-        done.update(row.path for row in resumed_rows(part, "jsonl"))
+            done.update(_done(read_rows(output, args.format)))
+        done.update(_done(resumed_rows(part, "jsonl")))
     mine = (path for index, path in enumerate(paths) if index % world == rank)
     todo = PathList(path for path in mine if path not in done)
     shard_size = len(range(rank, len(paths), world))
     del done
-    writer = RowWriter("jsonl", part, append=args.resume)
+    writer = RowWriter("jsonl", part, append=args.resume, fields=_fields(args))
     workers = _num_workers(args, len(todo), int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     try:
         quiet = args.quiet or not state.is_main_process  # one bar on the terminal: the main process's shard
         with _progress_bar(args, shard_size, shard_size - len(todo), f"shard {rank + 1}/{world}", quiet) as bar:
-            for rows in score_batches(detector, todo, args.batch_size, workers, progress=bar):
+            for rows in score_batches(detector, todo, args.batch_size, workers, progress=bar, media=media):
                 writer.write(rows)
     finally:
         writer.close()
@@ -284,7 +349,7 @@ def _scan_shard(args, detector: Detector, paths: PathList, state) -> Counter | N
     counts = Counter()
     rows = merged_rows(parts, read_rows(output, args.format) if resume_output else ())
     width = max(map(len, paths)) if args.format == "table" else 0
-    write_output(lambda handle: write_rows(count_labels(rows, counts), args.format, handle, width), output)
+    write_output(lambda handle: write_rows(count_labels(rows, counts), args.format, handle, width, fields), output)
     for part in parts:
         os.remove(part)
         os.remove(part + ".done")
@@ -309,10 +374,19 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
 
+    provenance = None
+    if args.provenance:
+        try:
+            provenance = functools.partial(read_provenance, c2pa=C2paReader(args.c2pa_trust_anchors))
+        except (ImportError, ValueError) as err:
+            print(f"{PROG}: --provenance: {err}", file=sys.stderr)
+            return 1
+    media = MediaOptions(args.fps, args.max_frames, args.frames, args.stability, provenance)
+
     started = time.perf_counter()
     paths = find_images(args.inputs, args.files_from)
     if not paths:
-        print(f"{PROG}: no image files found in {' '.join(args.inputs) or args.files_from}", file=sys.stderr)
+        print(f"{PROG}: no image or video files found in {' '.join(args.inputs) or args.files_from}", file=sys.stderr)
         return 2
     state = None
     if world > 1:
@@ -343,18 +417,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.explain:
         os.makedirs(args.explain, exist_ok=True)
     try:
-        counts = _scan(args, detector, paths) if state is None else _scan_shard(args, detector, paths, state)
+        if state is None:
+            counts = _scan(args, detector, paths, media)
+        else:
+            counts = _scan_shard(args, detector, paths, state, media)
     except ScanOutputError as err:
         print(f"{PROG}: cannot resume: {err}", file=sys.stderr)
         return 1
     if counts is None:  # a process of a sharded scan other than the main one: the main process reports
         return 0
-    failed = counts.pop("error", 0)
+    failed, generated = counts.pop("error", 0), counts.pop(GENERATED_BY_METADATA, 0)
     if not args.quiet:
         labels = ", ".join(f"{counts[label]} {label}" for label in ("fake", "real", "unsure"))
+        metadata = f", {generated} whose metadata says AI-generated" if args.provenance else ""
         elapsed = time.perf_counter() - started
         print(
-            f"{PROG}: {sum(counts.values())} scored ({labels}), {failed} unreadable; {elapsed:.1f} s", file=sys.stderr
+            f"{PROG}: {sum(counts.values())} scored ({labels}), {failed} unreadable{metadata}; {elapsed:.1f} s",
+            file=sys.stderr,
         )
     # Under a launcher a non-zero exit is reported as a crashed process, so a completed sharded scan exits 0 and
     # unreadable files are told by the summary line and the error rows.

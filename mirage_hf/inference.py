@@ -16,14 +16,20 @@ from transformers.models.auto.image_processing_auto import AutoImageProcessor  #
 
 from .modeling_mirage import MiraGeForImageClassification
 from .scoring import as_scorer, load_scorer
+from .stability import SCORES_PER_INPUT, agreement, with_copies
 from .transforms import scoring_preprocessor
 
 
 @dataclass
 class Verdict:
     label: str
-    """"real", "fake", or "unsure" when p(fake) lies within the unsure band around the threshold."""
+    """"real", "fake", or "unsure" when p(fake) lies within the unsure band around the threshold (or, with
+    stability, when degraded copies fall on the other side of it)."""
     p_fake: float
+    spread: float | None = None
+    """With stability: max - min of p(fake) over the input and its degraded copies (`mirage_hf.stability`)."""
+    stable: bool | None = None
+    """With stability: whether the input and its copies fall on one side of the threshold (else "unsure")."""
 
 
 def verdict_label(p_fake: float, threshold: float, unsure_margin: float = 0.0) -> str:
@@ -89,10 +95,27 @@ class Detector:
         """Calibrated p(fake) for a batch already preprocessed by `self.preprocess` (as DataLoader workers do)."""
         return self.scorer(pixel_values)["p_fake"]
 
-    def verdict(self, p_fake: float, threshold: float | None = None) -> Verdict:
-        """The label at `threshold` (default: the model's calibrated one), "unsure" within the margin."""
+    def verdict(self, p_fake: float, threshold: float | None = None, copies=None) -> Verdict:
+        """The label at `threshold` (default: the model's calibrated one), "unsure" within the margin, and with
+        the p(fake) of the input's degraded `copies` also "unsure" when they fall on the other side."""
         threshold = self.threshold if threshold is None else threshold
-        return Verdict(verdict_label(p_fake, threshold, self.unsure_margin), float(p_fake))
+        label = verdict_label(p_fake, threshold, self.unsure_margin)
+        if copies is None:
+            return Verdict(label, float(p_fake))
+        stable, spread = agreement([p_fake, *copies], threshold)
+        return Verdict(label if stable else "unsure", float(p_fake), spread, stable)
 
-    def __call__(self, images) -> list[Verdict]:
-        return [self.verdict(p) for p in self.p_fake(images)]
+    def scores(self, images, stability: bool = False) -> np.ndarray:
+        """p(fake) per RGB PIL image as a column, (n, 1); with `stability` each row also holds its degraded
+        copies' p(fake), (n, 1 + len(STABILITY_COPIES))."""
+        if not stability:
+            return self.p_fake(images).reshape(-1, 1)
+        return self.p_fake(with_copies(images)).reshape(-1, SCORES_PER_INPUT)
+
+    def verdicts(self, scores: np.ndarray, threshold: float | None = None) -> list[Verdict]:
+        """The verdict of each row of `scores` (as `scores` returns them: the input, then any copies)."""
+        return [self.verdict(row[0], threshold, row[1:] if len(row) > 1 else None) for row in scores]
+
+    def __call__(self, images, stability: bool = False, threshold: float | None = None) -> list[Verdict]:
+        """Verdicts for a list of RGB PIL images; `stability` also scores each one's degraded copies."""
+        return self.verdicts(self.scores(images, stability), threshold)

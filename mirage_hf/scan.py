@@ -1,6 +1,10 @@
 """Scanning an archive: the file list, decoding in DataLoader workers, rows written as they are scored, resume
 from an existing output, and the shards of an `accelerate launch` run merged into one output.
 
+A video is sampled in the main process (its header read, `mirage_hf.video`) and cut into chunks of at most one
+batch of frames that the workers decode like images; its row follows its last chunk, after its frame rows
+(`--frames`). Memory holds one batch of frames whatever a video's length.
+
 Memory stays flat in the number of files: the paths live in one packed buffer (no Python object per path, so
 forked DataLoader workers share it instead of copying it page by page as reference counts are touched), each
 batch's rows go to the output as soon as it is scored, and resuming or merging reads outputs line by line.
@@ -18,28 +22,63 @@ import sys
 import time
 from array import array
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, TextIO
 
+import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .atomic import atomic_write
 from .explain import explain_images
 from .inference import Detector
+from .provenance import GENERATED_SOURCE_TYPES, Provenance
+from .stability import SCORES_PER_INPUT, with_copies
 from .transforms import IMAGE_EXTENSIONS, ImageLoadError, open_image
+from .video import (
+    DEFAULT_MAX_FRAMES,
+    VIDEO_EXTENSIONS,
+    VideoLoadError,
+    VideoScores,
+    maybe_video,
+    sample_times,
+    video_frames,
+)
 
-FIELDS = ("path", "label", "p_fake", "error")
+FIELDS = ("path", "label", "p_fake", "error")  # every output's first columns, in this order since the first release
+VIDEO_FIELDS = ("frame", "frames", "p_fake_max", "fake_fraction")
+STABILITY_FIELDS = ("spread",)
+PROVENANCE_FIELDS = Provenance._fields
 ROW_FORMATS = ("csv", "jsonl")  # written row by row as batches are scored, so a scan resumes from them
 FORMATS = ("table", "csv", "json", "jsonl")
+SCAN_EXTENSIONS = IMAGE_EXTENSIONS | VIDEO_EXTENSIONS
+GENERATED_BY_METADATA = "generated (metadata)"  # count_labels' key for files whose metadata says generated
 
 
 class Row(NamedTuple):
     path: str
     label: str  # real / fake / unsure, or "error"
-    p_fake: float | None
+    p_fake: float | None  # a video's: the mean over its frames
     error: str | None
+    frame: float | None = None  # a frame row (--frames): its instant in seconds; None in a file's own row
+    frames: int | None = None  # a video's row: the frames scored
+    p_fake_max: float | None = None  # a video's row: the highest frame p(fake)
+    fake_fraction: float | None = None  # a video's row: the share of frames whose verdict is "fake"
+    spread: float | None = None  # --stability: max - min of p(fake) over the input and its degraded copies
+    source_type: str | None = None  # --provenance: see mirage_hf.provenance.Provenance
+    c2pa_generator: str | None = None
+    c2pa_signer: str | None = None
+    c2pa_validation: str | None = None
+
+
+_FLOATS = {"p_fake": 4, "p_fake_max": 4, "fake_fraction": 4, "spread": 4, "frame": 3}  # decimals written
+
+
+def columns(stability: bool = False, provenance: bool = False) -> tuple[str, ...]:
+    """The columns a scan writes: the base, the video columns, then those of the options given."""
+    return FIELDS + VIDEO_FIELDS + (STABILITY_FIELDS if stability else ()) + (PROVENANCE_FIELDS if provenance else ())
 
 
 class ScanOutputError(ValueError):
@@ -76,7 +115,8 @@ class PathList(Sequence):
 
 
 def _expand(item: str) -> Iterator[str]:
-    """An INPUT argument as files: a folder's image files (recursive, sorted), a glob's matches, else itself."""
+    """An INPUT argument as files: a folder's image and video files (recursive, sorted), a glob's matches, else
+    itself."""
     is_pattern = not os.path.lexists(item) and any(char in item for char in "*?[")
     for match in (sorted(glob.glob(item, recursive=True)) or [item]) if is_pattern else [item]:
         if not os.path.isdir(match):
@@ -87,7 +127,7 @@ def _expand(item: str) -> Iterator[str]:
             yield from (
                 os.path.join(root, name)
                 for name in sorted(files)
-                if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+                if os.path.splitext(name)[1].lower() in SCAN_EXTENSIONS
             )
 
 
@@ -109,7 +149,7 @@ def _listed(files_from: str) -> Iterator[str]:
 def find_images(inputs: Iterable[str], files_from: str | None = None) -> PathList:
     """The files to score, in input order, each once: the INPUT arguments, then the `files_from` list.
 
-    A folder contributes its image files (by extension, recursively, sorted); a pattern with no literal file of
+    A folder contributes its image and video files (by extension, recursively, sorted); a pattern with no literal file of
     that name is expanded as a glob (`**` recursive); anything else is taken as a file and attempted, so a
     missing or non-image file becomes an error row rather than vanishing. The list is the same in every process
     of a sharded scan.
@@ -138,27 +178,106 @@ def default_num_workers(processes_per_machine: int = 1) -> int:
 # --------------------------------------------------------------------------- scoring
 
 
+@dataclass(frozen=True)
+class MediaOptions:
+    """What a scan scores beyond one p(fake) per image: video sampling (`fps` per second, else `max_frames` per
+    video), a row per frame, the stability copies, and the provenance metadata (`provenance`: a reader such as
+    `functools.partial(read_provenance, c2pa=C2paReader())`, None to read none)."""
+
+    fps: float | None = None
+    max_frames: int = DEFAULT_MAX_FRAMES
+    frame_rows: bool = False
+    stability: bool = False
+    provenance: Callable[[str], Provenance] | None = None
+
+
+class Item(NamedTuple):
+    """What one DataLoader worker decodes: an image, or the frames of a video at `times` (one chunk of it)."""
+
+    path: str
+    times: tuple[float, ...] | None = None  # None: an image
+    first: bool = True  # the video's first chunk: its provenance is read with it
+    last: bool = True  # its last chunk: its row follows
+    error: str | None = None  # why the video cannot be read, found while sampling it
+
+
+def plan_batches(paths: Iterable[str], batch_size: int, media: MediaOptions) -> Iterator[list[Item]]:
+    """The items of `paths` in batches of at most `batch_size` frames (an image is one), in input order.
+
+    Runs in the main process, as the DataLoader's batch sampler: a video's header is read here to sample it."""
+    batch, size = [], 0
+    for path in paths:
+        for item in _items(path, batch_size, media):
+            cost = len(item.times) if item.times else 1
+            if batch and size + cost > batch_size:
+                yield batch
+                batch, size = [], 0
+            batch.append(item)
+            size += cost
+    if batch:
+        yield batch
+
+
+def _items(path: str, chunk: int, media: MediaOptions) -> Iterator[Item]:
+    if not maybe_video(path):
+        yield Item(path)
+        return
+    try:
+        times = sample_times(path, media.fps, media.max_frames)
+    except VideoLoadError as err:
+        yield Item(path, error=err.reason)
+        return
+    if times is None:  # a GIF of one frame
+        yield Item(path)
+        return
+    for start in range(0, len(times), chunk):
+        yield Item(path, tuple(times[start : start + chunk]), start == 0, start + chunk >= len(times))
+
+
+class _Items(torch.utils.data.Dataset):
+    """The DataLoader's dataset: the batch sampler yields the items themselves."""
+
+    def __getitem__(self, item: Item) -> Item:
+        return item
+
+
 class ScanBatch(NamedTuple):
-    paths: list[str]
-    pixel_values: object  # (n_decoded, 3, S, S) tensor, in the order of the decodable paths
-    errors: dict[str, str]  # path -> why it could not be read
-    images: list | None  # the decoded images, for explanation maps only
+    items: list[Item]
+    pixel_values: object  # (frames decoded [x copies], 3, S, S) tensor, in item order, each input then its copies
+    counts: list[int]  # frames decoded per item (0: unreadable)
+    errors: dict[int, str]  # item index -> why it could not be read
+    images: list | None  # the decoded still images, for explanation maps only
+    provenance: dict[int, Provenance]  # item index -> its file's provenance (images and first chunks)
 
 
 class DecodeBatch:
-    """DataLoader collate function: decodes and preprocesses a batch of paths (inside the worker process)."""
+    """DataLoader collate function: decodes and preprocesses a batch of items (inside the worker process)."""
 
-    def __init__(self, preprocess, keep_images: bool = False):
-        self.preprocess, self.keep_images = preprocess, keep_images
+    def __init__(self, preprocess, keep_images: bool = False, media: MediaOptions = MediaOptions()):
+        self.preprocess, self.keep_images, self.media = preprocess, keep_images, media
 
-    def __call__(self, paths: list[str]) -> ScanBatch:
-        images, errors = [], {}
-        for path in paths:
+    def __call__(self, items: list[Item]) -> ScanBatch:
+        inputs, counts, errors, images, provenance = [], [], {}, [], {}
+        for index, item in enumerate(items):
             try:
-                images.append(open_image(path))
+                if item.error is not None:
+                    raise VideoLoadError(item.path, item.error)
+                decoded = [open_image(item.path)] if item.times is None else video_frames(item.path, item.times)
             except ImageLoadError as err:
-                errors[path] = err.reason
-        return ScanBatch(paths, self.preprocess(images), errors, images if self.keep_images else None)
+                errors[index] = err.reason
+                counts.append(0)
+                continue
+            if item.times is None and self.keep_images:
+                images.append(decoded[0])
+            if self.media.provenance is not None and item.first:
+                provenance[index] = self.media.provenance(item.path)
+            inputs += decoded
+            counts.append(len(decoded))
+        if self.media.stability:
+            inputs = with_copies(inputs)
+        return ScanBatch(
+            items, self.preprocess(inputs), counts, errors, images if self.keep_images else None, provenance
+        )
 
 
 def _explain_namer(directory: str):
@@ -185,47 +304,105 @@ def score_batches(
     num_workers: int = 0,
     explain_dir: str | None = None,
     progress: tqdm | None = None,
+    media: MediaOptions = MediaOptions(),
 ) -> Iterator[list[Row]]:
     """Yields the rows of each batch of `paths`, in order; decoding runs in `num_workers` DataLoader workers.
 
-    Unreadable files give "error" rows and a line on stderr. With `explain_dir`, each scored image's overlay is
-    written there as `<input stem>.png` (`-1`, `-2`, ... for repeated stems).
+    A file's row comes after the rows of its frames (`media.frame_rows`). Unreadable files give "error" rows and
+    a line on stderr. With `explain_dir`, each scored still image's overlay is written there as
+    `<input stem>.png` (`-1`, `-2`, ... for repeated stems).
     """
     overlay_path = _explain_namer(explain_dir) if explain_dir else None
     loader = DataLoader(
-        paths,
-        batch_size=batch_size,
+        _Items(),
+        batch_sampler=plan_batches(paths, batch_size, media),
         num_workers=num_workers,
-        collate_fn=DecodeBatch(detector.preprocess, keep_images=overlay_path is not None),
+        collate_fn=DecodeBatch(detector.preprocess, overlay_path is not None, media),
     )
+    per_input = SCORES_PER_INPUT if media.stability else 1
+    video, video_error, video_provenance = None, None, None  # the video being scored, across batches
     for batch in loader:
-        scores = iter(detector.p_fake_from_pixels(batch.pixel_values) if len(batch.pixel_values) else ())
-        rows = []
-        for path in batch.paths:
-            if path in batch.errors:
-                rows.append(Row(path, "error", None, batch.errors[path]))
-                tqdm.write(f"mirage-detect: cannot read {path}: {batch.errors[path]}", file=sys.stderr)
-            else:
-                verdict = detector.verdict(next(scores))
-                rows.append(Row(path, verdict.label, verdict.p_fake, None))
+        pixels = batch.pixel_values
+        scores = detector.p_fake_from_pixels(pixels).reshape(-1, per_input) if len(pixels) else None
+        rows, explained, offset = [], [], 0
+        for index, item in enumerate(batch.items):
+            item_scores = scores[offset : offset + batch.counts[index]] if batch.counts[index] else None
+            offset += batch.counts[index]
+            error, provenance = batch.errors.get(index), batch.provenance.get(index)
+            if item.times is None:
+                if error is None:
+                    verdict = detector.verdicts(item_scores)[0]
+                    rows.append(Row(path=item.path, label=verdict.label, p_fake=verdict.p_fake, error=None,
+                                    spread=verdict.spread, **_fields_of(provenance)))  # fmt: skip
+                    explained.append(item.path)
+                else:
+                    rows.append(_error_row(item.path, error))
+                continue
+            if item.first:
+                video, video_error, video_provenance = VideoScores(), None, provenance
+            video_error = video_error or error
+            if video_error is None:
+                verdicts = detector.verdicts(item_scores)
+                video.add(item_scores, [verdict.label for verdict in verdicts])
+                if media.frame_rows:
+                    rows += [Row(item.path, v.label, v.p_fake, None, frame=t, spread=v.spread)
+                             for t, v in zip(item.times, verdicts)]  # fmt: skip
+            if item.last:
+                rows.append(
+                    _error_row(item.path, video_error)
+                    if video_error
+                    else _video_row(item.path, video, detector, video_provenance)
+                )
         if overlay_path and batch.images:
-            scored = [row.path for row in rows if row.error is None]
-            for path, (_, drawn) in zip(scored, explain_images(detector, batch.images), strict=True):
+            for path, (_, drawn) in zip(explained, explain_images(detector, batch.images), strict=True):
                 drawn.save(overlay_path(path))
         yield rows
         if progress is not None:
-            progress.update(len(rows))
+            progress.update(sum(row.frame is None for row in rows))
+
+
+def _fields_of(provenance: Provenance | None) -> dict:
+    return {} if provenance is None else provenance._asdict()
+
+
+def _error_row(path: str, reason: str) -> Row:
+    tqdm.write(f"mirage-detect: cannot read {path}: {reason}", file=sys.stderr)
+    return Row(path, "error", None, reason)
+
+
+def _video_row(path: str, video: VideoScores, detector: Detector, provenance) -> Row:
+    verdict = video.verdict(detector)
+    return Row(path, verdict.label, verdict.p_fake, None, frames=video.count, p_fake_max=video.p_fake_max,
+               fake_fraction=video.fake_fraction, spread=verdict.spread, **_fields_of(provenance))  # fmt: skip
 
 
 # --------------------------------------------------------------------------- writing and reading rows
 
 
-def _record(row: Row) -> dict:
-    return {**row._asdict(), "p_fake": None if row.p_fake is None else round(row.p_fake, 4)}
+def _value(name: str, value):
+    """A cell's value as json writes it: probabilities rounded to 4 decimals, instants to 3 (ms)."""
+    return round(value, _FLOATS[name]) if value is not None and name in _FLOATS else value
 
 
-def _cells(row: Row) -> list[str]:
-    return [row.path, row.label, "" if row.p_fake is None else f"{row.p_fake:.4f}", row.error or ""]
+def _record(row: Row, fields: Sequence[str]) -> dict:
+    return {name: _value(name, getattr(row, name)) for name in fields}
+
+
+def _cell(name: str, value) -> str:
+    if value is None:
+        return ""
+    return f"{value:.{_FLOATS[name]}f}" if name in _FLOATS else str(value)
+
+
+def _cells(row: Row, fields: Sequence[str]) -> list[str]:
+    return [_cell(name, getattr(row, name)) for name in fields]
+
+
+def _parsed(name: str, text: str):
+    """A csv cell back to its value (the inverse of `_cell`)."""
+    if not text:
+        return None
+    return float(text) if name in _FLOATS else int(text) if name == "frames" else text
 
 
 def _csv_text(records: Iterable[Sequence[str]]) -> str:
@@ -234,38 +411,48 @@ def _csv_text(records: Iterable[Sequence[str]]) -> str:
     return text.getvalue()
 
 
-def _lines(rows: Iterable[Row], fmt: str) -> str:
+def _lines(rows: Iterable[Row], fmt: str, fields: Sequence[str]) -> str:
     """csv or jsonl text of `rows`, every line ending in a newline."""
     if fmt == "jsonl":
-        return "".join(json.dumps(_record(row)) + "\n" for row in rows)
-    return _csv_text(map(_cells, rows))
+        return "".join(json.dumps(_record(row, fields)) + "\n" for row in rows)
+    return _csv_text(_cells(row, fields) for row in rows)
 
 
-def _header(fmt: str) -> str:
-    return _csv_text([FIELDS]) if fmt == "csv" else ""
+def _header(fmt: str, fields: Sequence[str]) -> str:
+    return _csv_text([fields]) if fmt == "csv" else ""
 
 
-def write_rows(rows: Iterable[Row], fmt: str, handle: TextIO, path_width: int = 0) -> None:
+def write_rows(
+    rows: Iterable[Row], fmt: str, handle: TextIO, path_width: int = 0, fields: Sequence[str] = columns()
+) -> None:
     """Streams `rows` to `handle` as table, csv (with header), json (a list of objects) or jsonl.
 
-    The table's path column is `path_width` wide (known before scoring, so the table needs no second pass).
+    The table's path column is `path_width` wide (known before scoring, so the table needs no second pass); its
+    error column comes last, and text columns are as wide as their names.
     """
     if fmt in ROW_FORMATS:
-        handle.write(_header(fmt))
-        handle.writelines(_lines([row], fmt) for row in rows)
+        handle.write(_header(fmt, fields))
+        handle.writelines(_lines([row], fmt, fields) for row in rows)
     elif fmt == "json":
         handle.write("[")
-        handle.writelines(("," if index else "") + "\n  " + json.dumps(_record(row)) for index, row in enumerate(rows))
+        handle.writelines(
+            ("," if index else "") + "\n  " + json.dumps(_record(row, fields)) for index, row in enumerate(rows)
+        )
         handle.write("\n]\n")
     else:
-        widths = (max(path_width, len("path")), len("unsure"), len("p_fake"))
+        shown = [name for name in fields if name != "error"]
+        widths = [max(path_width, len("path")), len("unsure"), *(max(len(name), 6) for name in shown[2:])]
 
-        def line(path, label, p_fake, error):
-            return f"{path:<{widths[0]}}  {label:<{widths[1]}}  {p_fake:>{widths[2]}}  {error}".rstrip() + "\n"
+        def line(cells, error):
+            return (
+                "  ".join(f"{cell:<{width}}" for cell, width in zip(cells, widths)).rstrip()
+                + f"  {error}".rstrip()
+                + "\n"
+            )
 
-        handle.write(line(*FIELDS))
-        handle.write(line(*("-" * width for width in widths), "-----"))
-        handle.writelines(line(*_cells(row)) for row in rows)
+        handle.write(line(shown, "error"))
+        handle.write(line(["-" * width for width in widths], "-----"))
+        handle.writelines(line(_cells(row, shown), row.error or "") for row in rows)
 
 
 def write_output(write, output: str) -> None:
@@ -292,52 +479,113 @@ def repair_tail(path: str) -> bool:
         return True
 
 
-def read_rows(path: str, fmt: str) -> Iterator[Row]:
-    """The rows of a csv or jsonl scan output, read line by line; a line that is not a row raises ScanOutputError."""
-    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as handle:
+def _rows_and_ends(path: str, fmt: str) -> Iterator[tuple[Row | None, int]]:
+    """(row, byte offset of its end) for each row of a csv or jsonl scan output, read line by line; first
+    (None, end of the header) for a csv. A line that is not a row raises ScanOutputError."""
+    with open(path, "rb") as handle:
+        end = 0
+
+        def lines():
+            nonlocal end
+            for line in handle:
+                end += len(line)
+                yield line.decode("utf-8", "surrogateescape")
+
         if fmt == "csv":
-            reader = csv.reader(handle)
+            reader = csv.reader(lines())
             header = next(reader, None)
-            if header is not None and tuple(header) != FIELDS:
-                raise ScanOutputError(f"{path}: header {header} is not a mirage-detect csv header {list(FIELDS)}")
+            if header is not None and not _known_columns(header):
+                raise ScanOutputError(f"{path}: header {header} is not a mirage-detect csv header {list(columns())}")
+            yield None, end
             for cells in reader:
-                if len(cells) != len(FIELDS):
-                    raise ScanOutputError(f"{path}:{reader.line_num}: expected {len(FIELDS)} fields, got {cells}")
-                name, label, p_fake, error = cells
-                yield Row(name, label, float(p_fake) if p_fake else None, error or None)
+                if len(cells) != len(header):
+                    raise ScanOutputError(f"{path}:{reader.line_num}: expected {len(header)} fields, got {cells}")
+                yield Row(**{name: _parsed(name, cell) for name, cell in zip(header, cells)}), end
             return
-        for number, line in enumerate(handle, 1):
+        for number, line in enumerate(lines(), 1):
             try:
                 record = json.loads(line)
-                yield Row(*(record[field] for field in FIELDS))
+                yield Row(*(record[field] for field in FIELDS), **{k: record.get(k) for k in Row._fields[4:]}), end
             except (ValueError, KeyError, TypeError) as err:
                 raise ScanOutputError(f"{path}:{number}: not a mirage-detect row ({err}): {line[:200]!r}") from err
 
 
+def _known_columns(names: Sequence[str]) -> bool:
+    return tuple(names[: len(FIELDS)]) == FIELDS and set(names) <= set(Row._fields)
+
+
+def read_rows(path: str, fmt: str) -> Iterator[Row]:
+    """The rows of a csv or jsonl scan output, read line by line; a line that is not a row raises ScanOutputError."""
+    return (row for row, _ in _rows_and_ends(path, fmt) if row is not None)
+
+
+def output_columns(path: str, fmt: str) -> tuple[str, ...] | None:
+    """The columns of an existing csv or jsonl output (its header, its first row's keys); None when it has none."""
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as handle:
+        first = handle.readline()
+    if not first.strip():
+        return None
+    try:
+        names = tuple(next(csv.reader([first]))) if fmt == "csv" else tuple(json.loads(first))
+    except (ValueError, TypeError) as err:
+        raise ScanOutputError(f"{path}:1: not a mirage-detect row ({err}): {first[:200]!r}") from err
+    if not _known_columns(names):
+        raise ScanOutputError(f"{path}:1: columns {list(names)} are not mirage-detect's {list(columns())}")
+    return names
+
+
+def resume_columns(path: str, fmt: str, wanted: tuple[str, ...]) -> tuple[str, ...]:
+    """The columns to append to the output being resumed: `wanted`, or the four of an output written before
+    videos; any other difference means other options (--stability, --provenance) and raises ScanOutputError."""
+    existing = output_columns(path, fmt)
+    if existing is None or existing == wanted:
+        return wanted
+    if existing == FIELDS:
+        return FIELDS
+    raise ScanOutputError(
+        f"{path} has the columns {list(existing)} but this scan writes {list(wanted)}: resume with the options "
+        "it was started with (--stability, --provenance)"
+    )
+
+
 def resumed_rows(path: str, fmt: str) -> Iterator[Row]:
-    """The rows an interrupted scan left in `path` (none when it does not exist), its cut last line removed."""
+    """The rows an interrupted scan left in `path` (none when it does not exist), its cut last line removed and
+    the frame rows at its end removed too when the row of their video was never written."""
     if not os.path.exists(path):
         return
     if repair_tail(path):
         print(f"mirage-detect: {path}: removed an incomplete last line (interrupted write)", file=sys.stderr)
-    yield from read_rows(path, fmt)
+    kept, orphans = 0, 0
+    for row, end in _rows_and_ends(path, fmt):
+        if row is None or row.frame is None:
+            kept, orphans = end, 0
+        else:
+            orphans += 1
+        if row is not None:
+            yield row
+    if orphans:
+        os.truncate(path, kept)
+        print(f"mirage-detect: {path}: removed {orphans} frame row(s) of a video whose own row was not written; it "
+              "is scored again", file=sys.stderr)  # fmt: skip
 
 
 class RowWriter:
     """Appends csv or jsonl rows to a file or stdout, flushed after every batch: a kill loses at most one batch."""
 
-    def __init__(self, fmt: str, output: str | None, append: bool = False):
-        self.fmt = fmt
+    def __init__(self, fmt: str, output: str | None, append: bool = False, fields: Sequence[str] = columns()):
+        self.fmt, self.fields = fmt, fields
         self.handle = (
             sys.stdout
             if output is None
             else open(output, "a" if append else "w", encoding="utf-8", errors="surrogateescape")
         )
         if output is None or self.handle.tell() == 0:
-            self.handle.write(_header(fmt))
+            self.handle.write(_header(fmt, fields))
 
     def write(self, rows: list[Row]) -> None:
-        text = _lines(rows, self.fmt)
+        text = _lines(rows, self.fmt, self.fields)
         if self.handle is sys.stdout:
             with tqdm.external_write_mode(file=sys.stdout):  # rows and the progress bar share a terminal
                 self.handle.write(text)
@@ -377,20 +625,37 @@ def wait_for_parts(output: str, world: int, poll_seconds: float = 0.5) -> None:
         time.sleep(poll_seconds)
 
 
+def _file_groups(rows: Iterable[Row]) -> Iterator[list[Row]]:
+    """Rows grouped per file: its frame rows, then its own row."""
+    group = []
+    for row in rows:
+        group.append(row)
+        if row.frame is None:
+            yield group
+            group = []
+
+
 def merged_rows(parts: list[str], earlier: Iterable[Row] = ()) -> Iterator[Row]:
-    """The `earlier` rows (a resumed output), then the parts' rows interleaved one by one, which restores input
-    order for the round-robin shards. Part rows already among the earlier ones are dropped: a merge killed after
-    its rename but before the parts were deleted is redone without duplicates."""
+    """The `earlier` rows (a resumed output), then the parts' files interleaved one by one (each with its frame
+    rows), which restores input order for the round-robin shards. Files already among the earlier rows are
+    dropped: a merge killed after its rename but before the parts were deleted is redone without duplicates."""
     seen = set()
     for row in earlier:
-        seen.add(row.path)
+        if row.frame is None:
+            seen.add(row.path)
         yield row
-    for group in itertools.zip_longest(*(read_rows(part, "jsonl") for part in parts)):
-        yield from (row for row in group if row is not None and row.path not in seen)
+    for groups in itertools.zip_longest(*(_file_groups(read_rows(part, "jsonl")) for part in parts)):
+        for group in groups:
+            if group is not None and group[-1].path not in seen:
+                yield from group
 
 
 def count_labels(rows: Iterable[Row], counts: Counter) -> Iterator[Row]:
-    """Passes `rows` through, counting their labels into `counts`."""
+    """Passes `rows` through, counting the labels of the files' own rows into `counts` (frame rows are not
+    counted), and under "generated (metadata)" the files whose provenance says generated."""
     for row in rows:
-        counts[row.label] += 1
+        if row.frame is None:
+            counts[row.label] += 1
+            if row.source_type in GENERATED_SOURCE_TYPES:
+                counts[GENERATED_BY_METADATA] += 1
         yield row

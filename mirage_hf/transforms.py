@@ -204,17 +204,27 @@ def downscale(img: Image.Image, factor: float) -> Image.Image:
     return small.resize((width, height), Image.Resampling.BILINEAR)
 
 
+def corner_crop(img: Image.Image, fraction: float) -> Image.Image:
+    """Keep the bottom-right `fraction` (0 < fraction <= 1) of each side, as a re-post that trims the top and left
+    edges does: unlike a centred crop it also moves the centre and the 8 x 8 JPEG grid."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"crop fraction must be in (0, 1], got {fraction}")
+    width, height = img.size
+    return img.crop((width - max(1, round(width * fraction)), height - max(1, round(height * fraction)), width, height))
+
+
 DEGRADATIONS: dict[str, Callable[[Image.Image, Any], Image.Image]] = {
     "jpeg": jpeg,
     "blur": gaussian_blur,
     "downscale": downscale,
+    "crop": corner_crop,
 }
 # The robustness sweep's settings (the field's usual JPEG / blur / resize flags).
 ROBUSTNESS_SWEEP = {"jpeg": (95, 75, 50, 30), "blur": (1, 2, 3), "downscale": (0.5, 0.25)}
 
 
 def degrade(img: Image.Image, kind: str, value: float) -> Image.Image:
-    """Apply the degradation `kind` ("jpeg", "blur" or "downscale") with its parameter `value`."""
+    """Apply the degradation `kind` ("jpeg", "blur", "downscale" or "crop") with its parameter `value`."""
     if kind not in DEGRADATIONS:
         raise ValueError(f"unknown degradation {kind!r}; expected one of {sorted(DEGRADATIONS)}")
     return DEGRADATIONS[kind](img, value)

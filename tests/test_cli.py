@@ -16,7 +16,7 @@ from PIL import Image
 import mirage_hf.scan
 from mirage_hf.cli import main
 from mirage_hf.inference import Detector
-from mirage_hf.scan import FIELDS
+from mirage_hf.scan import FIELDS, columns
 
 GOOD = [
     "nested/deeper/ok_rgb.png",
@@ -102,13 +102,14 @@ def test_formats_parse(capsys, folder, model_dir):
     expected = jsonl(run(capsys, folder, "--model", model_dir, "--format", "jsonl")[1])
     _, out, _ = run(capsys, folder, "--model", model_dir, "--format", "csv")
     reader = csv.reader(io.StringIO(out))
-    assert next(reader) == list(FIELDS)
+    assert next(reader) == list(columns()) and list(columns()[:4]) == list(FIELDS)  # the old columns come first
     assert [row[:2] for row in reader] == [[r["path"], r["label"]] for r in expected]
     _, out, _ = run(capsys, folder, "--model", model_dir, "--format", "json")
     assert json.loads(out) == expected
-    _, out, _ = run(capsys, folder, "--model", model_dir)  # table
+    _, out, _ = run(capsys, folder, "--model", model_dir)  # table: the error column last
     lines = out.splitlines()
-    assert lines[0].split() == list(FIELDS) and len(lines) == 2 + len(expected)
+    assert lines[0].split() == [name for name in columns() if name != "error"] + ["error"]
+    assert len(lines) == 2 + len(expected)
     label_column = lines[0].index("label")
     for line, record in zip(lines[2:], expected):
         assert line.startswith(record["path"]) and line[label_column:].startswith(record["label"])
@@ -137,7 +138,7 @@ def test_missing_model_usage_errors_and_empty_inputs(capsys, folder, model_dir, 
     assert run(capsys, folder, "--format", "xml")[0] == 1
     (tmp_path / "empty").mkdir()
     code, _, err = run(capsys, tmp_path / "empty")
-    assert code == 2 and "no image files found" in err
+    assert code == 2 and "no image or video files found" in err
 
 
 def test_small_batches_give_the_same_rows_and_decode_lazily(capsys, folder, model_dir, monkeypatch):

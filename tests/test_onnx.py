@@ -14,6 +14,7 @@ from PIL import Image
 from mirage_hf import cli, onnx_export
 from mirage_hf.inference import Detector, verdict_label
 from mirage_hf.onnx_export import export_onnx
+from mirage_hf.scan import columns
 from mirage_hf.scoring import BACKENDS
 
 SIZES = [(40, 36), (33, 45), (61, 29), (30, 30), (97, 41), (35, 70), (1, 1)]  # (width, height), odd ones
@@ -103,7 +104,8 @@ def test_every_backend_gives_the_cli_the_same_rows(capsys, onnx_model_dir, folde
         assert code == 2 and err.count("cannot read") == 2
         runs[backend] = json.loads(out)
         code, csv_out, _ = scan(capsys, *common, "--format", "csv")
-        assert csv_out.splitlines()[0] == "path,label,p_fake,error" and len(csv_out.splitlines()) == len(out.split("{"))
+        header = ",".join(columns())  # path,label,p_fake,error first, then the video columns
+        assert csv_out.splitlines()[0] == header and len(csv_out.splitlines()) == len(out.split("{"))
     reference = runs["torch"]
     threshold = Detector.from_pretrained(onnx_model_dir, device="cpu").threshold
     assert {row["label"] for row in reference} == {"real", "fake", "unsure", "error"}

@@ -94,6 +94,38 @@ def test_batch_gives_a_table_and_a_csv(detector, images):
     assert lines[0] == "file,verdict,p_fake" and lines[1] == f"good.png,{rows[0][1]},{rows[0][2]}"
 
 
+def test_video_tab_gives_the_mean_of_its_frames_and_bad_videos_a_message(detector, tmp_path):
+    from test_video import demo_frames, write_video
+
+    from mirage_hf.video import score_video
+
+    app = space.DetectorApp(lambda: detector)
+    path = write_video(tmp_path / "clip.mp4", demo_frames(24))
+    probabilities, verdict, table = app.detect_video({"path": path})
+    expected, scores, frames = score_video(detector, path, max_frames=space.VIDEO_FRAMES)
+    assert probabilities == pytest.approx({"real": 1 - expected.p_fake, "fake": expected.p_fake})
+    assert verdict.startswith(("Likely", "Unsure")) and f"Mean of {scores.count} frames" in verdict
+    assert [row[0] for row in table] == [round(time, 2) for time, _ in frames] and len(table) == 16
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    assert app.detect_video(str(tmp_path / "empty.mp4")) == (None, "Could not read the video: empty file", None)
+    rows, _ = app.detect_batch([path, str(tmp_path / "empty.mp4")])  # the Batch tab takes videos too
+    assert rows[0][1:] == [expected.label, round(expected.p_fake, 4)] and rows[1][1] == "unreadable: empty file"
+
+
+def test_stability_check_explains_an_unsure_verdict(detector_dir, images):
+    from mirage_hf.stability import STABILITY_COPIES
+    from mirage_hf.transforms import degrade
+
+    detector = Detector.from_pretrained(detector_dir, device="cpu", unsure_margin=0.0)
+    app = space.DetectorApp(lambda: detector)
+    image = Image.open(images["good"]).convert("RGB")
+    p = np.sort(detector.p_fake([image, *(degrade(image, kind, value) for kind, value in STABILITY_COPIES)]))
+    between = float(p[0] + p[1]) / 2
+    text = app.detect(images["good"], threshold=between, stability=True)[1]
+    assert text.startswith("Unsure") and "copies fall on both sides" in text, text
+    assert "Copies agree" in app.detect(images["good"], threshold=float(p[0]) - 0.01, stability=True)[1]
+
+
 def test_space_pins_the_gradio_it_declares():
     sdk_version = SpaceCard.load(space.HERE / "README.md").data.sdk_version
     assert f"gradio=={sdk_version}" in (space.HERE / "requirements.txt").read_text().split()
@@ -135,6 +167,8 @@ def test_predict_through_gradio_client(server, images):
     assert verdict.startswith(("Likely", "Unsure"))
     _, verdict, _ = client.predict(handle_file(images["cut"]), 0.5, False, api_name="/predict")
     assert verdict.startswith("Could not read the image: truncated")
+    _, verdict, _ = client.predict(handle_file(images["good"]), 0.5, False, True, api_name="/predict")  # stability
+    assert "Copies agree" in verdict or "copies fall on both sides" in verdict
     uploads = [handle_file(images["good"]), handle_file(images["notes"])]
     table, csv_path = client.predict(uploads, 0.5, api_name="/predict_batch")
     assert [row[0] for row in table["data"]] == ["good.png", "notes.png"]

@@ -1,5 +1,6 @@
 """Gradio Space for a MiraGe detector: one image with its verdict (and an explanation map where
-`mirage_hf.explain` exists), or a batch of files to a table and a CSV.
+`mirage_hf.explain` exists), one video (its frames' mean p(fake) and a table of frames), or a batch of files to a
+table and a CSV. A stability check also scores re-saved, resized and cropped copies (`mirage_hf.stability`).
 
 The model is `MIRAGE_MODEL` (a Hub id or a local folder), else the first `models:` entry of this Space's
 README.md, which push_to_hub.py writes. It is loaded once, on the first request, on CPU, with ONNX Runtime's int8
@@ -25,14 +26,17 @@ from mirage_hf.inference import Detector
 from mirage_hf.inference import verdict_label as label_at
 from mirage_hf.onnx_runtime import ONNX_DIR, ONNX_FILES
 from mirage_hf.transforms import ImageLoadError, open_image
+from mirage_hf.video import DEFAULT_MAX_FRAMES, STILL_IMAGE, maybe_video, score_video
 
 HERE = Path(__file__).resolve().parent
 EXAMPLES = [HERE / "examples" / "synthetic-real.png", HERE / "examples" / "synthetic-fake.png"]
 MAX_UPLOAD_BYTES = 20 * 2**20
 MAX_PIXELS = 40_000_000  # about 6300 x 6300: larger images are refused before decoding
 MAX_BATCH_FILES = 50
-BATCH_SIZE = 16  # images decoded and scored at a time in the Batch tab, to bound memory
+BATCH_SIZE = 16  # images (or video frames) decoded and scored at a time, to bound memory
+VIDEO_FRAMES = DEFAULT_MAX_FRAMES  # frames scored per video, uniform over its duration
 UNSURE_MARGIN = float(os.environ.get("MIRAGE_UNSURE_MARGIN", "0.1"))
+STABILITY_LABEL = "Also check that re-saved, resized and cropped copies agree (4 passes)"
 BACKEND = os.environ.get("MIRAGE_BACKEND", "auto")
 logger = logging.getLogger(__name__)
 
@@ -79,6 +83,24 @@ def describe(p_fake: float, threshold: float, margin: float) -> str:
     if label == "fake":
         return f"Likely AI-generated: p(fake) = {p_fake:.3f} >= threshold {threshold:.2f}."
     return f"Likely real: p(fake) = {p_fake:.3f} < threshold {threshold:.2f}."
+
+
+def describe_verdict(verdict, threshold: float, margin: float) -> str:
+    """`describe`, and with stability the copies' spread, or why they make a confident score "unsure"."""
+    text = describe(verdict.p_fake, threshold, margin)
+    if verdict.stable is None:
+        return text
+    if not verdict.stable:
+        return (
+            f"Unsure: p(fake) = {verdict.p_fake:.3f}, but its re-saved, resized or cropped copies fall on both "
+            f"sides of the threshold {threshold:.2f} (spread {verdict.spread:.3f})."
+        )
+    return f"{text} Copies agree (spread {verdict.spread:.3f})."
+
+
+def file_path(source) -> str | None:
+    """The path of an upload: a path, or Gradio's file payload."""
+    return source.get("path") if isinstance(source, dict) else source
 
 
 def explanation(detector: Detector, image):
@@ -131,7 +153,7 @@ class DetectorApp:
         )
         return gr.Slider(value=round(detector.threshold, 2)), text
 
-    def detect(self, image, threshold=None, explain=False):
+    def detect(self, image, threshold=None, explain=False, stability=False):
         """(label confidences, verdict text, explanation overlay if asked for and available) for one image."""
         try:
             image = read_image(image)
@@ -139,10 +161,34 @@ class DetectorApp:
             return None, f"Could not read the image: {err.reason}", None
         detector = self.detector()
         threshold = detector.threshold if threshold is None else float(threshold)
-        p = float(detector.p_fake([image])[0])
+        verdict = detector([image], stability, threshold)[0]
         overlay = explanation(self.explainer(), image) if explain else None
-        text = f"{describe(p, threshold, detector.unsure_margin)} (backend: {detector.backend})"
-        return {"real": 1.0 - p, "fake": p}, text, overlay
+        text = f"{describe_verdict(verdict, threshold, detector.unsure_margin)} (backend: {detector.backend})"
+        return {"real": 1.0 - verdict.p_fake, "fake": verdict.p_fake}, text, overlay
+
+    def detect_video(self, video, threshold=None, stability=False):
+        """(label confidences, verdict text, table of frames) for one video: the mean p(fake) of its frames at
+        instants uniform over its duration, judged like an image's."""
+        path = file_path(video)
+        if path is None:
+            return None, "Could not read the video: no video was given", None
+        if os.path.isfile(path) and os.path.getsize(path) > MAX_UPLOAD_BYTES:
+            return None, f"Could not read the video: the file is larger than {MAX_UPLOAD_BYTES // 2**20} MB", None
+        detector = self.detector()
+        threshold = detector.threshold if threshold is None else float(threshold)
+        try:
+            verdict, scores, frames = score_video(
+                detector, path, max_frames=VIDEO_FRAMES, stability=stability, batch_size=BATCH_SIZE, threshold=threshold
+            )
+        except ImageLoadError as err:
+            return None, f"Could not read the video: {err.reason}", None
+        text = (
+            f"{describe_verdict(verdict, threshold, detector.unsure_margin)} Mean of {scores.count} frames; highest "
+            f"frame p(fake) {scores.p_fake_max:.3f}; {scores.fake_fraction:.0%} of the frames called fake "
+            f"(backend: {detector.backend})."
+        )
+        table = [[round(time, 2), frame.label, round(frame.p_fake, 4)] for time, frame in frames]
+        return {"real": 1.0 - verdict.p_fake, "fake": verdict.p_fake}, text, table
 
     def detect_batch(self, files, threshold=None):
         """(rows of file, verdict, p_fake; CSV path) for several files; unreadable ones say why."""
@@ -157,7 +203,10 @@ class DetectorApp:
             for path in files[start : start + BATCH_SIZE]:
                 rows.append([Path(path).name, None, None])
                 try:
-                    readable.append((rows[-1], read_image(path)))
+                    if maybe_video(path) and (verdict := self._video_or_none(detector, path, threshold)):
+                        rows[-1][1:] = [verdict.label, round(verdict.p_fake, 4)]
+                    else:
+                        readable.append((rows[-1], read_image(path)))
                 except ImageLoadError as err:
                     rows[-1][1] = f"unreadable: {err.reason}"
             if readable:
@@ -167,6 +216,16 @@ class DetectorApp:
         with open(csv_path, "w", newline="") as handle:
             csv.writer(handle).writerows([["file", "verdict", "p_fake"], *rows])
         return rows, str(csv_path)
+
+    @staticmethod
+    def _video_or_none(detector: Detector, path: str, threshold: float):
+        """A video's verdict in the Batch tab; None for a GIF of one frame, which is an image."""
+        try:
+            return score_video(detector, path, max_frames=VIDEO_FRAMES, batch_size=BATCH_SIZE, threshold=threshold)[0]
+        except ImageLoadError as err:
+            if err.reason == STILL_IMAGE:
+                return None
+            raise
 
 
 def build_demo(detector_factory=load_detector) -> gr.Blocks:
@@ -191,6 +250,7 @@ def build_demo(detector_factory=load_detector) -> gr.Blocks:
                         label="Also show where the detector looked (32 extra passes: slow on CPU)",
                         visible=importlib.util.find_spec("mirage_hf.explain") is not None,
                     )
+                    stability = gr.Checkbox(False, label=STABILITY_LABEL)
                     button = gr.Button("Detect", variant="primary")
                     gr.Examples(
                         [[str(path)] for path in EXAMPLES],
@@ -205,13 +265,31 @@ def build_demo(detector_factory=load_detector) -> gr.Blocks:
             # preprocess=False: the handler gets the uploaded file's path unopened (see the module docstring).
             button.click(
                 app.detect,
-                [image, threshold, explain],
+                [image, threshold, explain, stability],
                 [probabilities, verdict, overlay],
                 api_name="predict",
                 preprocess=False,
             )
+        with gr.Tab("Video"):
+            with gr.Row():
+                with gr.Column():
+                    video = gr.Video(sources=["upload"], label="Video", elem_id="video", height=320)
+                    video_stability = gr.Checkbox(False, label=STABILITY_LABEL)
+                    video_button = gr.Button("Detect video", variant="primary")
+                with gr.Column():
+                    video_probabilities = gr.Label(num_top_classes=2, label="Probabilities", show_heading=False)
+                    video_verdict = gr.Textbox(label="Verdict", elem_id="video-verdict", interactive=False)
+                    frame_table = gr.Dataframe(
+                        headers=["second", "verdict", "p_fake"], label="Frames", interactive=False
+                    )
+            video_button.click(
+                app.detect_video,
+                [video, threshold, video_stability],
+                [video_probabilities, video_verdict, frame_table],
+                api_name="predict_video",
+            )
         with gr.Tab("Batch"):
-            files = gr.File(file_count="multiple", file_types=["image"], type="filepath", label="Images")
+            files = gr.File(file_count="multiple", file_types=["image", "video"], type="filepath", label="Files")
             batch_button = gr.Button("Detect all", variant="primary")
             table = gr.Dataframe(headers=["file", "verdict", "p_fake"], label="Verdicts", interactive=False)
             download = gr.File(label="CSV", interactive=False)
