@@ -8,6 +8,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -280,9 +281,16 @@ def prepare_data(cfg: TrainConfig, accelerator):
     return clip_path, train_set, calibration_set, eval_set
 
 
+def make_accelerator(**options) -> Accelerator:
+    """An Accelerator that joins the processes of `accelerate launch --multi_gpu` (torchrun) on a machine without
+    GPUs too, through gloo: accelerate would otherwise run each of them alone, on all the data."""
+    several_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(cpu=several_processes and not torch.cuda.is_available(), **options)
+
+
 def train(cfg: TrainConfig) -> dict:
     """Builds data and model, trains for `max_steps` or `num_epochs`, then calibrates, evaluates and exports."""
-    accelerator = Accelerator(
+    accelerator = make_accelerator(
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         log_with=cfg.log_with or None,
@@ -509,7 +517,7 @@ class Evaluation:
 
 def evaluate_only(cfg: TrainConfig) -> dict:
     """Evaluates a trained model folder or Hub id (`--eval_only --model ...`); exports nothing."""
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    accelerator = make_accelerator(mixed_precision=cfg.mixed_precision)
     configure_logging()
     scorer = load_scorer(cfg.model, cfg.backend, device=accelerator.device, compile=cfg.compile)
     image_processor = AutoImageProcessor.from_pretrained(cfg.model)

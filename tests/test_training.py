@@ -238,30 +238,96 @@ def test_corrupt_images_are_reported_by_path_and_skipped(tmp_path, caplog):
     assert "broken.png" in caplog.text
 
 
-def test_two_process_training_through_accelerate_launch_scores_each_sample_once(tmp_path):
-    """DDP on 2 CPU processes (gloo): training runs, and every evaluation image is counted exactly once."""
+# train.py under `accelerate launch`, recording per rank the world size and the files it trained on and scored.
+RECORDING_TRAIN_PY = """
+import json, sys
+from accelerate import PartialState
+from mirage_hf import evaluation, training
+
+seen = {"train": [], "eval": []}
+train_collate, shard = training.SeededCollator.__call__, evaluation._shard
+
+def record_train(self, rows):
+    seen["train"] += [row["image"]["path"] for row in rows]
+    return train_collate(self, rows)
+
+def record_eval(dataset, accelerator):
+    part = shard(dataset, accelerator)
+    seen["eval"].append([image["path"] for image in part["image"]])
+    return part
+
+training.SeededCollator.__call__, evaluation._shard = record_train, record_eval
+training.main(sys.argv[2:])
+state = PartialState()  # the state the run set up
+with open(f"{sys.argv[1]}.rank{state.process_index}.json", "w") as record:
+    json.dump({"world_size": state.num_processes, **seen}, record)
+"""
+
+
+def launch_two_processes(tmp_path, record: Path, *args) -> list[dict]:
+    """`accelerate launch --multi_gpu` with 2 processes of train.py (torchrun underneath, gloo on CPU, as the
+    scan test does); returns what each rank recorded."""
     import subprocess
 
-    from mirage_hf.synthetic import make_synthetic_genimage
-
-    root = make_synthetic_genimage(
-        tmp_path / "data", generators=["upsampler"], n_train_per_class=16, n_val_per_class=5, image_size=16
-    )
-    extra = next((root / "upsampler" / "val" / "nature").glob("*.png"))
-    (extra.parent / "extra.png").write_bytes(extra.read_bytes())  # 11 images: an odd count cannot split evenly
+    script = tmp_path / "recording_train.py"
+    script.write_text(RECORDING_TRAIN_PY)
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "train.py", "--config", "demo",
-        "--output_dir", str(tmp_path / "out"), "--dataset", f"genimage:{root}", *TINY, "--max_steps", "3",
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
+        "--dynamo_backend", "no", str(script), str(record), *map(str, args),
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
         command, cwd=Path(__file__).parent.parent, env=env, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr[-4000:]
+    return [json.loads(Path(f"{record}.rank{rank}.json").read_text()) for rank in range(2)]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_process_training_and_eval_only_each_rank_on_its_own_shard(tmp_path):
+    """DDP on 2 CPU processes (gloo): each rank trains on its own batches and scores its own part of the test set,
+    and every evaluation image is counted exactly once; the same for --eval_only."""
+    from mirage_hf.synthetic import make_synthetic_genimage
+
+    root = make_synthetic_genimage(
+        tmp_path / "data", generators=["upsampler"], n_train_per_class=40, n_val_per_class=5, image_size=16
+    )
+    extra = next((root / "upsampler" / "val" / "nature").glob("*.png"))
+    (extra.parent / "extra.png").write_bytes(extra.read_bytes())  # 11 images: an odd count cannot split evenly
+    val_files = sorted(str(path) for path in (root / "upsampler" / "val").rglob("*.png"))
+    data = ["--dataset", f"genimage:{root}", *TINY]
+
+    # one epoch of 72 training images (80 less 8 held out for calibration): 4 steps of 2 x 8 images
+    ranks = launch_two_processes(
+        tmp_path, tmp_path / "train", "--config", "demo", "--output_dir", tmp_path / "out", *data,
+        "--max_steps", "None", "--num_epochs", "1", "--eval_every", "2",
+    )  # fmt: skip
+    assert [rank["world_size"] for rank in ranks] == [2, 2]
+    trained = [rank["train"] for rank in ranks]
+    assert [len(files) for files in trained] == [4 * 8, 4 * 8]
+    assert len(set(trained[0]) | set(trained[1])) == 64  # no image on both ranks
+    # every pass over the test set (steps 2 and 4, final) or the held-out images: each rank scores its own part
+    passes = [first + second for first, second in zip(ranks[0]["eval"], ranks[1]["eval"], strict=True)]
+    assert all(len(set(both)) == len(both) for both in passes)
+    assert [sorted(both) == val_files for both in passes].count(True) == 3
     written = json.loads((tmp_path / "out" / "eval_results.json").read_text())
+    assert written["clean"]["all"]["n"] == 11 and written["clean"]["all"]["n_real"] == 6
+
+    args = ["--eval_only", "--model", tmp_path / "out" / "model", "--output_dir", tmp_path / "eval", *data]
+    ranks = launch_two_processes(tmp_path, tmp_path / "eval_only", *args)
+    assert [rank["world_size"] for rank in ranks] == [2, 2] and not ranks[0]["train"] and not ranks[1]["train"]
+    (first,), (second,) = ranks[0]["eval"], ranks[1]["eval"]
+    assert sorted(first + second) == val_files and {len(first), len(second)} == {5, 6}
+    written = json.loads((tmp_path / "eval" / "eval_results.json").read_text())
     assert written["clean"]["all"]["n"] == 11
-    assert written["clean"]["all"]["n_real"] == 6
 
 
 def test_the_ablation_ladder_trains_every_rung_and_prints_one_table(tmp_path, capsys):
