@@ -44,6 +44,7 @@ from .scan import (
     ScanOutputError,
     count_labels,
     default_num_workers,
+    done_marker,
     find_images,
     foreign_parts,
     merged_rows,
@@ -314,8 +315,8 @@ def _scan_shard(args, detector: Detector, paths: PathList, state, media: MediaOp
     every part (after the rows of a resumed --output) into --output. Returns the counts on the main process."""
     rank, world, output = state.process_index, state.num_processes, args.output
     part = part_path(output, rank, world)
-    if os.path.exists(part + ".done"):
-        os.remove(part + ".done")
+    if os.path.exists(done_marker(part)):
+        os.remove(done_marker(part))
     resume_output = args.resume and os.path.exists(output)
     fields = resume_columns(output, args.format, _fields(args)) if resume_output else _fields(args)
     if args.resume:
@@ -341,7 +342,7 @@ def _scan_shard(args, detector: Detector, paths: PathList, state, media: MediaOp
                 writer.write(rows)
     finally:
         writer.close()
-    open(part + ".done", "w").close()
+    open(done_marker(part), "w").close()
     if not state.is_main_process:
         return None
     wait_for_parts(output, world)
@@ -352,7 +353,7 @@ def _scan_shard(args, detector: Detector, paths: PathList, state, media: MediaOp
     write_output(lambda handle: write_rows(count_labels(rows, counts), args.format, handle, width, fields), output)
     for part in parts:
         os.remove(part)
-        os.remove(part + ".done")
+        os.remove(done_marker(part))
     return counts
 
 

@@ -108,7 +108,7 @@ class MiraGeConfig(PreTrainedConfig):
         self.id2label = dict(ID2LABEL)
         self.label2id = dict(LABEL2ID)
         if self.class_names is None:
-            self.class_names = ["real", "fake"]
+            self.class_names = list(ID2LABEL.values())
         # Built here rather than through `sub_configs_defaults`, which transformers 5.17 lacks.
         if not isinstance(self.clip_config, CLIPConfig):
             self.clip_config = CLIPConfig(**(self.clip_config or {}))

@@ -28,10 +28,11 @@ from datasets import (
     load_dataset,
 )
 
+from .configuration_mirage import ID2LABEL, LABEL2ID
 from .transforms import IMAGE_EXTENSIONS
 
-LABEL_NAMES = ("real", "fake")
-REAL, FAKE = 0, 1
+LABEL_NAMES = tuple(ID2LABEL[index] for index in sorted(ID2LABEL))  # the model's fixed label set, in id order
+REAL, FAKE = LABEL2ID["real"], LABEL2ID["fake"]
 # Folder and value names per convention: GenImage uses nature/ai, CNNSpot/UFD use 0_real/1_fake.
 LABEL_ALIASES = {"real": REAL, "nature": REAL, "0_real": REAL, "fake": FAKE, "ai": FAKE, "1_fake": FAKE}
 FEATURES = Features(

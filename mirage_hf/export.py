@@ -2,7 +2,7 @@
 
 The folder holds what `pipeline("image-classification", model=folder)` needs (weights as safetensors,
 config with `auto_map`, the remote-code files, the image processor set to the model's `config.preprocess`) and
-optionally `eval_results.json`.
+optionally its evaluation results (`EVAL_RESULTS_FILE`).
 It is written beside the target and renamed over it, so a reader never sees half a model.
 """
 
@@ -15,6 +15,9 @@ from accelerate.utils import extract_model_from_parallel
 from .atomic import atomic_write
 from .modeling_mirage import MiraGeModel
 from .transforms import image_processor_for
+
+EVAL_RESULTS_FILE = "eval_results.json"  # the results a model folder (and a training run's folder) holds
+BACKEND_EVAL_RESULTS_FILE = "eval_results_{backend}.json"  # what `--eval_only --backend ...` measured, in ONNX_DIR
 
 
 def mirage_core(model) -> MiraGeModel:
@@ -46,5 +49,5 @@ def export_model(model, image_processor, output_dir, eval_results: dict | None =
         model.save_pretrained(staging)
         image_processor_for(image_processor, model.config.preprocess).save_pretrained(staging)
         if eval_results is not None:
-            (staging / "eval_results.json").write_text(json.dumps(eval_results, indent=2, allow_nan=False) + "\n")
+            (staging / EVAL_RESULTS_FILE).write_text(json.dumps(eval_results, indent=2, allow_nan=False) + "\n")
     return output_dir

@@ -23,8 +23,8 @@ from transformers.models.auto.image_processing_auto import AutoImageProcessor  #
 
 from . import __version__
 from .configuration_mirage import MiraGeConfig
+from .export import BACKEND_EVAL_RESULTS_FILE, EVAL_RESULTS_FILE
 from .metrics import format_comparison_table, format_table
-from .onnx_export import EVAL_RESULTS_FILE
 from .onnx_runtime import INFO_FILE, ONNX_DIR, ONNX_FILES
 from .transforms import preprocessing_mismatch
 
@@ -38,7 +38,7 @@ MODEL_FILES = (
     "*.safetensors",
     "model.safetensors.index.json",
     "*.py",
-    "eval_results.json",
+    EVAL_RESULTS_FILE,
 )
 REQUIRED_MODEL_FILES = ("config.json", "preprocessor_config.json", "configuration_mirage.py", "modeling_mirage.py")
 CARD_METRICS = {
@@ -211,7 +211,7 @@ PyTorch model's), `logit_diff` and `p_fake`. With `mirage-hf` installed:
 
 {ONNX_SNIPPET.format(repo_id=repo_id, file=file)}
 """
-    cost_path = onnx_dir / EVAL_RESULTS_FILE.format(backend="onnx-int8")
+    cost_path = onnx_dir / BACKEND_EVAL_RESULTS_FILE.format(backend="onnx-int8")
     if not quantized:
         return text
     if results is None or not cost_path.is_file():
@@ -335,7 +335,7 @@ LIMITATIONS = """## Limitations
 
 def _model_card(model_dir: Path, repo_id: str, license, base_model, datasets, space_repo_id) -> ModelCard:
     config = json.loads((model_dir / "config.json").read_text())
-    results_path = model_dir / "eval_results.json"
+    results_path = model_dir / EVAL_RESULTS_FILE
     results = json.loads(results_path.read_text()) if results_path.exists() else None
     eval_dataset = results["eval_dataset"] if results else ""
     license = choose_license(eval_dataset, license)

@@ -284,6 +284,8 @@ def load_detection_metric(**load_kwargs):
 
     ``evaluate.load("accuracy")`` fetches from the Hub and fails offline (hf-notes.md section 6).
     """
-    import evaluate  # deferred: importing evaluate pulls in datasets, slow for callers that only need numpy
-
+    try:
+        import evaluate  # optional (in [dev]), and deferred: it pulls in datasets, slow for callers of numpy only
+    except ImportError as error:
+        raise ImportError("load_detection_metric needs the evaluate package: pip install evaluate") from error
     return evaluate.load(str(EVALUATE_MODULE_DIR), **load_kwargs)

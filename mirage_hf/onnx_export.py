@@ -28,7 +28,6 @@ from .atomic import atomic_write
 from .onnx_runtime import INFO_FILE, ONNX_DIR, ONNX_FILES, OnnxModel, require_onnx
 from .scoring import SCORE_FIELDS, TorchScorer
 
-EVAL_RESULTS_FILE = "eval_results_{backend}.json"  # what `train.py --eval_only --backend ...` measured, in ONNX_DIR
 OPSET = 18
 FP32_TOLERANCE = 1e-4  # max |p(fake) difference| from PyTorch that an fp32 export may have
 

@@ -606,6 +606,11 @@ def part_path(output: str, rank: int, world: int) -> str:
     return f"{output}.part-{rank:05d}-of-{world:05d}.jsonl"
 
 
+def done_marker(part: str) -> str:
+    """The empty file a process writes beside its part when the part is complete (what `wait_for_parts` awaits)."""
+    return part + ".done"
+
+
 def foreign_parts(output: str, world: int) -> list[str]:
     """Part files of `output` left by a run with another number of processes."""
     return sorted(
@@ -618,7 +623,7 @@ def wait_for_parts(output: str, world: int, poll_seconds: float = 0.5) -> None:
     past any process-group timeout, and a dead process ends the whole launch anyway."""
     pending = [part_path(output, rank, world) for rank in range(world)]
     announced = False
-    while pending := [part for part in pending if not os.path.exists(part + ".done")]:
+    while pending := [part for part in pending if not os.path.exists(done_marker(part))]:
         if not announced:
             print(f"mirage-detect: waiting for {len(pending)} other shard(s) to finish", file=sys.stderr)
             announced = True

@@ -22,6 +22,7 @@ from transformers.hf_argparser import string_to_bool
 from .calibration import METHODS
 from .configuration_mirage import PREPROCESS_MODES, MiraGeConfig
 from .scoring import check_backend_options
+from .transforms import ROBUSTNESS_SWEEP
 
 PRESETS = files("mirage_hf") / "configs"  # package data: found by name from any directory, in a wheel too
 NONE_WORDS = ("None", "null")
@@ -150,7 +151,14 @@ class TrainConfig(ModelOptions):
     # --- evaluation --------------------------------------------------------------------------------
     eval_only: bool = False
     model: str | None = option(None, "For --eval_only: a trained MiraGe folder or Hub id.")
-    robustness: bool = option(False, "Also evaluate under JPEG 95/75/50/30, blur 1/2/3 and downscale 0.5/0.25.")
+    robustness: bool = option(
+        False,
+        "Also evaluate under "
+        + "; ".join(
+            f"{kind} {', '.join(f'{value:g}' for value in values)}" for kind, values in ROBUSTNESS_SWEEP.items()
+        )
+        + ".",
+    )
     calibrate: Literal[METHODS] | None = option(
         "balanced_accuracy",
         'After training, choose the threshold on held-out data: "balanced_accuracy", "target_fpr" or None.',

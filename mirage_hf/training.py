@@ -34,11 +34,10 @@ from .checkpoints import (
 )
 from .data import check_binary_labels, load_data
 from .evaluation import evaluate, predict
-from .export import export_model, mirage_core
+from .export import BACKEND_EVAL_RESULTS_FILE, EVAL_RESULTS_FILE, export_model, mirage_core
 from .lora import add_lora
 from .metrics import format_comparison_table, format_table, to_jsonable
 from .modeling_mirage import MiraGeForImageClassification
-from .onnx_export import EVAL_RESULTS_FILE
 from .onnx_runtime import ONNX_DIR
 from .scoring import as_scorer, load_scorer
 from .synthetic import make_synthetic_genimage
@@ -503,10 +502,10 @@ class Evaluation:
                 print(report.summary())
             out = Path(cfg.output_dir)
             out.mkdir(parents=True, exist_ok=True)
-            (out / "eval_results.json").write_text(json.dumps(summary, indent=2) + "\n")
+            (out / EVAL_RESULTS_FILE).write_text(json.dumps(summary, indent=2) + "\n")
             onnx_dir = Path(cfg.model or "", ONNX_DIR)
             if cfg.backend != "torch" and onnx_dir.is_dir():  # next to the graph it measures, for the model card
-                (onnx_dir / EVAL_RESULTS_FILE.format(backend=cfg.backend)).write_text(
+                (onnx_dir / BACKEND_EVAL_RESULTS_FILE.format(backend=cfg.backend)).write_text(
                     json.dumps(summary, indent=2) + "\n"
                 )
             if export:

@@ -2,8 +2,12 @@
 package's modules import each other without a circle."""
 
 import ast
+import configparser
+import importlib.metadata
 import inspect
 import pickle
+import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -89,3 +93,59 @@ def test_the_package_imports_without_a_circle():
 
     for name in sorted(graph):
         visit(name)
+
+
+def string_constants(tree: ast.AST) -> list[str]:
+    return [node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and isinstance(node.value, str)]
+
+
+SOURCES = [*PACKAGE.glob("*.py"), PACKAGE.parent / "space" / "app.py"]
+
+
+def test_each_fact_has_one_home():
+    """The label set, the results file's name, the shard marker, the version and the robustness sweep are each
+    written once; everything else refers to that place."""
+    trees = {path: ast.parse(path.read_text()) for path in SOURCES}
+    for literal in ("eval_results.json", "eval_results_{backend}.json", ".done"):
+        homes = [path.name for path, tree in trees.items() if literal in string_constants(tree)]
+        assert len(homes) == 1, (literal, homes)
+
+    def spells_label_set(node) -> bool:
+        values = node.values if isinstance(node, ast.Dict) else getattr(node, "elts", None)
+        return values is not None and [getattr(value, "value", None) for value in values] == ["real", "fake"]
+
+    homes = [path.name for path, tree in trees.items() if any(map(spells_label_set, ast.walk(tree)))]
+    assert homes == ["configuration_mirage.py"]
+
+    setup = configparser.ConfigParser()
+    setup.read(PACKAGE.parent / "setup.cfg")
+    assert setup["metadata"]["version"] == "attr: mirage_hf.__version__"
+
+    from mirage_hf.train_config import build_parser
+    from mirage_hf.transforms import ROBUSTNESS_SWEEP
+
+    sweep_help = next(action.help for action in build_parser()._actions if action.dest == "robustness")
+    for kind, values in ROBUSTNESS_SWEEP.items():
+        assert f"{kind} {', '.join(f'{value:g}' for value in values)}" in sweep_help
+
+
+def test_what_the_package_imports_is_declared_and_evaluate_is_optional():
+    """Every third-party module imported at the top of a package module is an install requirement; `evaluate`,
+    which only `load_detection_metric` uses, is optional (in [dev])."""
+    setup = configparser.ConfigParser()
+    setup.read(PACKAGE.parent / "setup.cfg")
+    requirement = lambda line: re.split(r"[<>=!~\[; ]", line.strip(), maxsplit=1)[0].lower().replace("_", "-")  # noqa: E731
+    required = {requirement(line) for line in setup["options"]["install_requires"].split("\n") if line.strip()}
+    dev = {requirement(line) for line in setup["options.extras_require"]["dev"].split("\n") if line.strip()}
+    distributions = importlib.metadata.packages_distributions()
+    imported = set()
+    for path in PACKAGE.glob("*.py"):
+        for node in ast.parse(path.read_text()).body:  # module level only: a deferred import is optional
+            if isinstance(node, ast.Import):
+                imported.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                imported.add(node.module.split(".")[0])
+    third_party = imported - set(sys.stdlib_module_names) - {"mirage_hf", "__future__"}
+    declared = {name: {d.lower().replace("_", "-") for d in distributions.get(name, [name])} for name in third_party}
+    assert {name for name, dists in declared.items() if not dists & required} == set()
+    assert "scipy" in required and "evaluate" not in required and "evaluate" in dev

@@ -3,6 +3,7 @@
 import json
 import math
 import socket
+import sys
 import warnings
 
 import numpy as np
@@ -180,3 +181,10 @@ def test_local_evaluate_module_offline_matches(monkeypatch):
     got = metric.compute(threshold=0.3)
     assert_same(got, detection_metrics(labels, p_fake, 0.3))
     assert set(METRIC_KEYS) <= set(got)
+
+
+def test_without_evaluate_the_local_module_says_what_to_install(monkeypatch):
+    """`evaluate` is optional: without it, `load_detection_metric` says which package to install."""
+    monkeypatch.setitem(sys.modules, "evaluate", None)  # what an environment without evaluate gives
+    with pytest.raises(ImportError, match="pip install evaluate"):
+        load_detection_metric()

@@ -102,3 +102,12 @@ def test_the_wheel_ships_the_top_level_space_as_mirage_hf_space(installed, tmp_p
     script = "import runpy; app = runpy.run_module('mirage_hf.space.app'); print(app['__file__'], app['EXAMPLES'][0].is_file())"
     location, example_found = run([sys.executable, "-c", script], cwd=tmp_path, env=env).split()
     assert Path(location).is_relative_to(site / "mirage_hf" / "space") and example_found == "True"
+
+
+def test_the_wheel_carries_the_licence_and_the_package_version(installed):
+    site, _ = installed
+    (dist_info,) = site.glob("mirage_hf-*.dist-info")
+    import mirage_hf
+
+    assert "Apache License" in (dist_info / "licenses" / "LICENSE").read_text()
+    assert dist_info.name == f"mirage_hf-{mirage_hf.__version__}.dist-info"
