@@ -58,7 +58,7 @@ from .scan import (
     write_rows,
 )
 from .scan import columns as output_fields
-from .scoring import BACKENDS, check_backend_options
+from .scoring import BACKENDS, ModelNotFound, check_backend_options
 from .stability import STABILITY_COPIES
 from .transforms import IMAGE_EXTENSIONS, PREPROCESS_MODES
 from .video import DEFAULT_MAX_FRAMES, VIDEO_EXTENSIONS
@@ -410,6 +410,9 @@ def main(argv: list[str] | None = None) -> int:
             unsure_margin=args.unsure_margin,
             compile=args.compile,
         )
+    except ModelNotFound as err:
+        print(f"{PROG}: {err}", file=sys.stderr)
+        return 1
     except (ImportError, OSError, ValueError, RuntimeError) as err:
         where = "" if os.path.isdir(model) else " (no such local folder, so it was tried as a Hub id)"
         print(f"{PROG}: cannot load the model {model!r}{where}: {err}", file=sys.stderr)

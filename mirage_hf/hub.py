@@ -423,6 +423,8 @@ def stage_model_repo(
     """Writes `out_dir/model` (the model files and README.md model card) and `out_dir/space` (the Gradio Space
     for `repo_id`); returns `out_dir`. `out_dir` must be new or empty, so that nothing stale is pushed."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"no model folder {str(model_dir)!r}")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"staging folder {out_dir} is not empty; choose a new one")
     card = _model_card(model_dir, repo_id, license, base_model, datasets, space_repo_id)
@@ -499,15 +501,18 @@ def main(argv=None) -> None:
     parser.add_argument("--staging_dir", help="New or empty folder to stage into (default: a new temporary one).")
     parser.add_argument("--dry_run", action="store_true", help="Stage and print the Hub calls without making them.")
     args = parser.parse_args(argv)
-    staged = stage_model_repo(
-        args.model_dir,
-        args.staging_dir or tempfile.mkdtemp(prefix="mirage-push-"),
-        args.repo_id,
-        space_repo_id=args.space_repo_id,
-        license=args.license,
-        base_model=args.base_model,
-        datasets=args.datasets,
-    )
+    try:
+        staged = stage_model_repo(
+            args.model_dir,
+            args.staging_dir or tempfile.mkdtemp(prefix="mirage-push-"),
+            args.repo_id,
+            space_repo_id=args.space_repo_id,
+            license=args.license,
+            base_model=args.base_model,
+            datasets=args.datasets,
+        )
+    except (OSError, ValueError) as error:  # no such folder, a licence to choose, a used staging folder: one line
+        raise SystemExit(f"{parser.prog}: {error}") from None
     print(f"staged in {staged}")
     if args.dry_run:
         calls = planned_calls(staged, args.repo_id, args.space_repo_id, args.private)

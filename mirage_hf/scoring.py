@@ -7,8 +7,11 @@ arrays. `TorchScorer` runs a MiraGe model, `mirage_hf.onnx_runtime.OnnxModel` an
 which options a backend cannot honour.
 """
 
+import os
+
 import numpy as np
 import torch
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from .export import mirage_core
 from .modeling_mirage import MiraGeForImageClassification
@@ -78,10 +81,26 @@ def as_scorer(model):
     return model if isinstance(model, (TorchScorer, OnnxModel)) else TorchScorer(model)
 
 
+class ModelNotFound(FileNotFoundError):
+    """A detector named by a path that is not a folder here and cannot be a Hub id either."""
+
+
+def check_model_name(name_or_path) -> None:
+    """Raises `ModelNotFound` for a name that is neither a folder nor shaped like a Hub id, before the Hub is asked
+    (which would answer "Repo id must be in the form ...")."""
+    if os.path.isdir(name_or_path):
+        return
+    try:
+        validate_repo_id(str(name_or_path))
+    except HFValidationError:
+        raise ModelNotFound(f"no model folder {str(name_or_path)!r} (and the name is not a Hub id)") from None
+
+
 def load_scorer(name_or_path, backend: str = "torch", device=None, dtype=None, compile: bool = False):
     """The scorer for a detector folder or Hub id: its weights (safetensors only) in PyTorch, or one of its exported
     graphs in ONNX Runtime ("onnx" fp32, "onnx-int8" quantized). Default device: CUDA where available, else CPU."""
     check_backend_options(backend, dtype=dtype, compile=compile)
+    check_model_name(name_or_path)
     if backend != "torch":
         return OnnxModel.from_pretrained(name_or_path, backend, onnx_providers(device))
     model = MiraGeForImageClassification.from_pretrained(

@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +40,7 @@ from .lora import add_lora
 from .metrics import format_comparison_table, format_table, to_jsonable
 from .modeling_mirage import MiraGeForImageClassification
 from .onnx_runtime import ONNX_DIR
-from .scoring import as_scorer, load_scorer
+from .scoring import ModelNotFound, as_scorer, load_scorer
 from .synthetic import make_synthetic_genimage
 from .tiny import save_tiny_clip
 from .train_config import TrainConfig
@@ -529,11 +530,15 @@ def evaluate_only(cfg: TrainConfig) -> dict:
 def main(argv=None) -> dict:
     from .train_config import parse_args
 
-    cfg = parse_args(argv)
+    prog = Path(sys.argv[0]).name or "train.py"
+    try:
+        cfg = parse_args(argv)
+    except (FileNotFoundError, ValueError) as error:  # no such preset, options that do not fit: a usage error
+        raise SystemExit(f"{prog}: {error}") from None
     try:
         return evaluate_only(cfg) if cfg.eval_only else train(cfg)
-    except ClipUnavailable as error:  # a set-up problem, not a bug: one line instead of a chained traceback
-        raise SystemExit(f"train.py: {error}") from None
+    except (ClipUnavailable, ModelNotFound) as error:  # a set-up problem, not a bug: one line, not a traceback
+        raise SystemExit(f"{prog}: {error}") from None
 
 
 def script() -> None:
