@@ -6,6 +6,8 @@ with the checkpoint's own tokenizer and stored in the config, so the saved model
 """
 
 import torch
+from huggingface_hub import constants
+from huggingface_hub.utils import get_session
 from transformers import AutoTokenizer, CLIPConfig, PreTrainedConfig
 
 from .configuration_mirage import MiraGeConfig
@@ -52,6 +54,17 @@ def _loading_class(cls):
         "__qualname__": cls.__qualname__,
     }
     return type(cls.__name__, (cls,), namespace)
+
+
+def offline_if_hub_unreachable(timeout: float = 5.0) -> None:
+    """One request to the Hub; if it fails, this process goes offline, where a cached checkpoint still loads and a
+    missing one fails at once (huggingface_hub would retry an unreachable Hub for about 20 s, a line per try)."""
+    if constants.HF_HUB_OFFLINE:
+        return
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout)
+    except Exception:  # any failure to answer (httpx's or httpx2's errors, by huggingface_hub version)
+        constants.HF_HUB_OFFLINE = True  # what HF_HUB_OFFLINE=1 sets; read by huggingface_hub and transformers
 
 
 def clip_config_dict(name_or_path) -> dict:

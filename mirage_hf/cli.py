@@ -30,9 +30,9 @@ from collections import Counter
 
 import torch
 from tqdm import tqdm
-from transformers.utils import logging as hf_logging
 
 from .inference import Detector, check_unsure_margin
+from .progress import hide_library_bars, progress_bar
 from .provenance import C2paReader, read_provenance
 from .scan import (
     FORMATS,
@@ -250,7 +250,9 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace, world
 def _progress_bar(args, total: int, done: int, desc: str | None = None, quiet: bool | None = None) -> tqdm:
     """Images per second and ETA on stderr; none for --quiet or a single batch."""
     show = not (args.quiet if quiet is None else quiet) and total - done > args.batch_size
-    return tqdm(total=total, initial=done, unit="img", desc=desc, file=sys.stderr, disable=not show, smoothing=0.1)
+    return progress_bar(
+        total=total, initial=done, unit="img", desc=desc, file=sys.stderr, disable=not show, smoothing=0.1
+    )
 
 
 def _num_workers(args, todo: int, processes_per_machine: int = 1) -> int:
@@ -399,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
                   "with that number of processes", file=sys.stderr)  # fmt: skip
             return 1
 
-    hf_logging.disable_progress_bar()  # the weight-loading bar is noise in a command-line tool
+    hide_library_bars()  # the weight-loading bar is noise in a command-line tool
     try:
         detector = Detector.from_pretrained(
             model,

@@ -10,9 +10,9 @@ from accelerate.utils import gather_object
 from datasets import IterableDataset
 from datasets.distributed import split_dataset_by_node
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from .metrics import per_subset_metrics
+from .progress import progress_bar
 from .scoring import as_scorer
 from .transforms import ROBUSTNESS_SWEEP, BadImageReport, DetectionCollator, degrade
 
@@ -53,7 +53,7 @@ def predict(model, dataset, preprocess, accelerator, batch_size=64, num_workers=
         collate_fn=DetectionCollator(preprocess),
     )  # fmt: skip
     labels, diffs, p_fakes, subsets, failures = [], [], [], [], BadImageReport()
-    progress = tqdm(loader, desc=desc, disable=not accelerator.is_local_main_process, leave=False)
+    progress = progress_bar(loader, desc=desc, disable=not accelerator.is_local_main_process, leave=False)
     with accelerator.autocast():
         for batch in progress:
             failures.add(batch["failed"])

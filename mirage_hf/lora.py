@@ -6,6 +6,7 @@ the LoRA matrices and the trained prompts, and `merge_and_unload()` gives back a
 """
 
 import re
+import warnings
 
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
@@ -50,4 +51,6 @@ def mirage_lora_config(
 
 def add_lora(model: MiraGeModel, **lora_options) -> PeftModel:
     """Wraps `model` in a `PeftModel` with LoRA on CLIP projections (see `mirage_lora_config` for options)."""
-    return get_peft_model(model, mirage_lora_config(model, **lora_options))
+    with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing: not the user's
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        return get_peft_model(model, mirage_lora_config(model, **lora_options))

@@ -16,15 +16,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.logging import get_logger
+from accelerate.logging import MultiProcessAdapter
+from accelerate.state import PartialState
 from accelerate.utils import set_seed
 from datasets import IterableDataset
 from torch.utils.data import DataLoader, Subset
-from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 from transformers.models.auto.image_processing_auto import AutoImageProcessor  # top-level: torchvision-only in 5.17
 
-from .building import clip_config_dict
+from .building import clip_config_dict, offline_if_hub_unreachable
 from .calibration import calibrate
 from .checkpoints import (
     frozen_base_fingerprint,
@@ -40,6 +40,7 @@ from .lora import add_lora
 from .metrics import format_comparison_table, format_table, to_jsonable
 from .modeling_mirage import MiraGeForImageClassification
 from .onnx_runtime import ONNX_DIR
+from .progress import hide_library_bars, progress_bar
 from .scoring import ModelNotFound, as_scorer, load_scorer
 from .synthetic import make_synthetic_genimage
 from .tiny import save_tiny_clip
@@ -52,7 +53,18 @@ from .transforms import (
     scoring_preprocessor,
 )
 
-logger = get_logger("mirage_hf")
+
+class RunLogger(MultiProcessAdapter):
+    """accelerate's logger (the main process only, unless told otherwise) that names the rank only where there are
+    several: "[RANK 0]" in front of every line of a one-process run tells a user nothing."""
+
+    def process(self, msg, kwargs):
+        kwargs.setdefault("stacklevel", 2)
+        state = PartialState()
+        return (f"[RANK {state.process_index}] {msg}" if state.num_processes > 1 else msg), kwargs
+
+
+logger = RunLogger(logging.getLogger("mirage_hf"), {})
 
 # ------------------------------------------------------------------------------------------- building
 
@@ -64,6 +76,8 @@ class ClipUnavailable(OSError):
 def resolve_clip(cfg: TrainConfig) -> str:
     """The CLIP checkpoint to build on; "tiny-random" is written once into the output folder."""
     if cfg.clip_model != "tiny-random":
+        if not Path(cfg.clip_model).is_dir():
+            offline_if_hub_unreachable()
         try:
             clip_config_dict(cfg.clip_model)  # not CLIP: fail before any data work
         except OSError as error:
@@ -220,7 +234,7 @@ class TrainingLog:
     def __init__(self, accelerator, cfg: TrainConfig, total_steps: int, state: TrainState):
         self.accelerator, self.log_every = accelerator, cfg.log_every
         self.losses, self.bad_images = LossWindow(), BadImageReport()
-        self.bar = tqdm(
+        self.bar = progress_bar(
             total=total_steps, initial=state.global_step, desc="train", disable=not accelerator.is_local_main_process
         )
 
@@ -241,7 +255,9 @@ class TrainingLog:
 
 
 def configure_logging():
-    """Progress messages (rank 0 only, through accelerate's logger); the libraries' INFO chatter stays hidden."""
+    """Progress messages (rank 0 only, through accelerate's logger); the libraries' INFO chatter and their loading
+    and saving bars (transformers' "Loading weights", "Writing model shards") stay hidden."""
+    hide_library_bars()
     base = logging.getLogger("mirage_hf")
     base.setLevel(logging.INFO)
     if not base.handlers:
@@ -511,6 +527,8 @@ class Evaluation:
                 )
             if export:
                 export_model(model, self.image_processor, self.model_dir, eval_results=summary)
+                print(f"model written to {self.model_dir}")
+            print(f"results written to {out / EVAL_RESULTS_FILE}")
         accelerator.wait_for_everyone()
         return summary
 

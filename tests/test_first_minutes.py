@@ -1,10 +1,20 @@
 """A user's first minutes: usage errors in one line, no output a user cannot act on, and the end of a run saying
 where its files are."""
 
+import io
+import os
+import socket
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
 import pytest
+from conftest import TINY_TRAIN_ARGS as TINY
 from PIL import Image
 
 from mirage_hf import cli, hub, training
+from mirage_hf.progress import progress_bar
 
 
 def one_line_exit(main, argv) -> str:
@@ -36,3 +46,51 @@ def test_usage_errors_are_one_line_naming_what_to_change(detector_dir, tmp_path,
     capsys.readouterr()
     assert cli.main([str(tmp_path / "photo.png"), "--model", missing]) == 1
     assert capsys.readouterr().err.splitlines() == [f"mirage-detect: {expected}"]
+
+
+def test_progress_bars_write_plain_lines_where_stderr_is_not_a_terminal():
+    log = io.StringIO()  # a file or a pipe: not a terminal
+    outer = progress_bar(total=3, desc="train", file=log)
+    for _ in progress_bar(range(5), desc="eval", file=log, leave=False):  # a nested bar, cleared when done
+        pass
+    outer.update(3)
+    outer.close()
+    lines = log.getvalue().splitlines()
+    assert "\r" not in log.getvalue() and "\x1b" not in log.getvalue()
+    assert lines[0].startswith("train:   0%") and lines[-1].startswith("train: 100%") and len(lines) <= 4
+
+
+@pytest.mark.slow
+def test_a_run_shows_nothing_a_user_cannot_act_on_and_ends_saying_where_its_files_are(tmp_path, capfd):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        training.main(["--config", "demo", "--output_dir", str(tmp_path / "run"), *TINY, "--max_steps", "2"])
+        training.main(
+            ["--eval_only", "--model", str(tmp_path / "run" / "model"), "--output_dir", str(tmp_path / "eval")]
+        )
+    out, err = capfd.readouterr()
+    for noise in ("Loading weights", "Writing model shards", "[RANK", "\r"):
+        assert noise not in out + err, noise
+    assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]
+    lines = out.splitlines()
+    assert f"model written to {tmp_path / 'run' / 'model'}" in lines
+    assert lines.index(f"results written to {tmp_path / 'run' / 'eval_results.json'}") < len(lines) - 1
+    assert lines[-1] == f"results written to {tmp_path / 'eval' / 'eval_results.json'}"
+
+
+def test_an_unreachable_hub_fails_at_once_without_a_line_per_retry(tmp_path):
+    """Not offline by setting, but the Hub does not answer: one request, then the offline message."""
+    with socket.socket() as sock:  # a port with nothing listening: the connection is refused
+        sock.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update(HF_ENDPOINT=endpoint, HF_HOME=str(tmp_path / "hf"))
+    train_py = Path(__file__).resolve().parent.parent / "train.py"
+    command = [sys.executable, str(train_py), "--clip_model", "someone/clip", "--output_dir", str(tmp_path)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "Retrying" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "train.py: clip_model 'someone/clip' is not a local folder and could not be fetched from the Hub "
+        "(offline or unreachable, and not in the cache). Download it once where the Hub is reachable "
+        "(`hf download someone/clip`), or point at a local copy: --clip_model /path/to/clip"
+    ]

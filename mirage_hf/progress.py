@@ -1,0 +1,48 @@
+"""Progress bars: tqdm's on a terminal; where stderr is a file or a pipe (a log, CI, `2> run.log`), plain lines now
+and then instead of carriage-return redraws that a log shows as one endless line."""
+
+import re
+import sys
+
+import datasets
+from tqdm import std
+from tqdm.auto import tqdm
+from tqdm.autonotebook import tqdm as display_tqdm  # already imported by tqdm.auto: the notebook's, or std's
+from transformers.utils import logging as hf_logging
+
+IN_NOTEBOOK = display_tqdm is not std.tqdm
+
+PLAIN_LINE_SECONDS = 30.0  # at most one line per bar this often, besides its last
+CONTROL = re.compile(r"\x1b\[[0-9;]*[A-Za-z]|\r")  # cursor moves (nested bars) and redraws
+
+
+class PlainLines:
+    """A stream for tqdm that writes each redraw of a bar as a whole line, without control characters."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        for line in CONTROL.sub("\n", text).splitlines():
+            if line.strip():
+                self.stream.write(line.rstrip() + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def progress_bar(*args, **kwargs) -> tqdm:
+    """`tqdm(*args, **kwargs)`, writing plain lines every `PLAIN_LINE_SECONDS` where stderr is not a terminal
+    (a notebook keeps its widget)."""
+    stream = kwargs.get("file") or sys.stderr
+    if not IN_NOTEBOOK and not stream.isatty():
+        kwargs.update(file=PlainLines(stream), mininterval=PLAIN_LINE_SECONDS, ascii=True)
+    return tqdm(*args, **kwargs)
+
+
+def hide_library_bars() -> None:
+    """Hides the bars a user cannot act on: transformers' "Loading weights" and "Writing model shards"; and where
+    stderr is not a terminal, datasets' (filtering, mapping), which redraw with carriage returns."""
+    hf_logging.disable_progress_bar()
+    if not IN_NOTEBOOK and not sys.stderr.isatty():
+        datasets.disable_progress_bars()
