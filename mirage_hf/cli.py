@@ -31,7 +31,7 @@ from collections import Counter
 import torch
 from tqdm import tqdm
 
-from .inference import Detector, check_unsure_margin
+from .inference import DEFAULT_UNSURE_MARGIN, Detector, check_unsure_margin
 from .progress import hide_library_bars, progress_bar
 from .provenance import C2paReader, read_provenance
 from .scan import (
@@ -154,8 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--unsure_margin",
         type=_margin,
-        default=0.05,
-        help="label 'unsure' when p(fake) is within this distance of the calibrated threshold (default 0.05)",
+        default=DEFAULT_UNSURE_MARGIN,
+        help="label 'unsure' when p(fake) is within this distance of the calibrated threshold "
+        f"(default {DEFAULT_UNSURE_MARGIN})",
     )
     sampling = parser.add_mutually_exclusive_group()
     sampling.add_argument(

@@ -39,6 +39,9 @@ def verdict_label(p_fake: float, threshold: float, unsure_margin: float = 0.0) -
     return "fake" if p_fake >= threshold else "real"
 
 
+DEFAULT_UNSURE_MARGIN = 0.05  # mirage-detect's and the Space's band around the threshold
+
+
 def check_unsure_margin(unsure_margin: float) -> float:
     """`unsure_margin` if it is a usable band half-width, [0, 0.5); ValueError otherwise (the CLI's too)."""
     if not 0.0 <= unsure_margin < 0.5:

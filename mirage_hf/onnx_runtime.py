@@ -73,6 +73,7 @@ class OnnxModel:
     def from_pretrained(cls, name_or_path, backend: str = "onnx", providers=None):
         """Loads `onnx/model.onnx` ("onnx") or `onnx/model_quantized.onnx` ("onnx-int8") from a folder or Hub id."""
         config = MiraGeConfig.from_pretrained(name_or_path)
+        config.name_or_path = str(name_or_path)  # as a PyTorch model's: what it was loaded as (the Space names it)
         paths = {}
         for name in (ONNX_FILES[backend], INFO_FILE):
             paths[name] = cached_file(name_or_path, f"{ONNX_DIR}/{name}", _raise_exceptions_for_missing_entries=False)

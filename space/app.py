@@ -22,7 +22,7 @@ import gradio as gr
 from huggingface_hub import SpaceCard
 from transformers.utils import cached_file
 
-from mirage_hf.inference import Detector
+from mirage_hf.inference import DEFAULT_UNSURE_MARGIN, Detector
 from mirage_hf.inference import verdict_label as label_at
 from mirage_hf.onnx_runtime import ONNX_DIR, ONNX_FILES
 from mirage_hf.transforms import ImageLoadError, open_image
@@ -35,7 +35,7 @@ MAX_PIXELS = 40_000_000  # about 6300 x 6300: larger images are refused before d
 MAX_BATCH_FILES = 50
 BATCH_SIZE = 16  # images (or video frames) decoded and scored at a time, to bound memory
 VIDEO_FRAMES = DEFAULT_MAX_FRAMES  # frames scored per video, uniform over its duration
-UNSURE_MARGIN = float(os.environ.get("MIRAGE_UNSURE_MARGIN", "0.1"))
+UNSURE_MARGIN = float(os.environ.get("MIRAGE_UNSURE_MARGIN", DEFAULT_UNSURE_MARGIN))
 STABILITY_LABEL = "Also check that re-saved, resized and cropped copies agree (4 passes)"
 BACKEND = os.environ.get("MIRAGE_BACKEND", "auto")
 logger = logging.getLogger(__name__)
@@ -146,7 +146,7 @@ class DetectorApp:
     def model_info(self):
         """On page load: the slider at the model's calibrated threshold, and a line about the model."""
         detector = self.detector()
-        name = getattr(detector.model.config, "_name_or_path", "") or "model"
+        name = detector.model.config.name_or_path or "model"
         text = (
             f"Model `{name}` on backend `{detector.backend}`: calibrated threshold {detector.threshold:.3f}, "
             f"unsure band {detector.unsure_margin:.2f}."

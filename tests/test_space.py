@@ -236,7 +236,14 @@ def test_space_prefers_the_int8_graph_says_which_backend_answered_and_explains_w
     app = space.DetectorApp()
     probabilities, verdict, overlay = app.detect(images["good"], explain=True)
     assert app.detector().backend == "onnx-int8" and verdict.endswith("(backend: onnx-int8)")
-    assert "backend `onnx-int8`" in app.model_info()[1]
+    assert f"Model `{model_dir}` on backend `onnx-int8`" in app.model_info()[1]  # named on either backend
     torch_p = float(app.explainer().p_fake([Image.open(images["good"]).convert("RGB")])[0])
     assert app.explainer().backend == "torch" and probabilities["fake"] == pytest.approx(torch_p, abs=0.02)
     assert (overlay.size == (40, 48)) if HAS_EXPLAIN else overlay is None
+
+
+def test_the_space_and_mirage_detect_share_one_default_unsure_band():
+    from mirage_hf.cli import build_parser
+
+    assert "MIRAGE_UNSURE_MARGIN" not in os.environ  # the Space read its default at import
+    assert space.UNSURE_MARGIN == build_parser().get_default("unsure_margin")
