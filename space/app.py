@@ -14,8 +14,10 @@ import csv
 import importlib.util
 import logging
 import os
+import shutil
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import gradio as gr
@@ -36,6 +38,7 @@ MAX_BATCH_FILES = 50
 BATCH_SIZE = 16  # images (or video frames) decoded and scored at a time, to bound memory
 VIDEO_FRAMES = DEFAULT_MAX_FRAMES  # frames scored per video, uniform over its duration
 UNSURE_MARGIN = float(os.environ.get("MIRAGE_UNSURE_MARGIN", DEFAULT_UNSURE_MARGIN))
+BATCH_CSV_SECONDS = 600  # a batch's CSV outlives its request long enough for Gradio to copy it, then goes
 STABILITY_LABEL = "Also check that re-saved, resized and cropped copies agree (4 passes)"
 BACKEND = os.environ.get("MIRAGE_BACKEND", "auto")
 logger = logging.getLogger(__name__)
@@ -124,6 +127,16 @@ class DetectorApp:
         self.factories = {"scoring": detector_factory, "torch": torch_detector_factory}
         self._detectors = {}
         self._lock = threading.Lock()
+        self._batch_files = tempfile.TemporaryDirectory(prefix="mirage-batch-")  # removed with the app
+
+    def _new_csv_path(self) -> Path:
+        """A new folder for one batch's CSV, in the app's temporary folder; batches older than
+        `BATCH_CSV_SECONDS` are removed first."""
+        root = Path(self._batch_files.name)
+        for old in root.iterdir():
+            if time.time() - old.stat().st_mtime >= BATCH_CSV_SECONDS:
+                shutil.rmtree(old, ignore_errors=True)
+        return Path(tempfile.mkdtemp(dir=root)) / "verdicts.csv"
 
     def _load(self, kind: str) -> Detector:
         with self._lock:
@@ -212,7 +225,7 @@ class DetectorApp:
             if readable:
                 for (row, _), p in zip(readable, detector.p_fake([image for _, image in readable])):
                     row[1:] = [label_at(float(p), threshold, detector.unsure_margin), round(float(p), 4)]
-        csv_path = Path(tempfile.mkdtemp(prefix="mirage-batch-")) / "verdicts.csv"
+        csv_path = self._new_csv_path()
         with open(csv_path, "w", newline="") as handle:
             csv.writer(handle).writerows([["file", "verdict", "p_fake"], *rows])
         return rows, str(csv_path)

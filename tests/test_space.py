@@ -247,3 +247,20 @@ def test_the_space_and_mirage_detect_share_one_default_unsure_band():
 
     assert "MIRAGE_UNSURE_MARGIN" not in os.environ  # the Space read its default at import
     assert space.UNSURE_MARGIN == build_parser().get_default("unsure_margin")
+
+
+def test_the_batch_tab_removes_its_temporary_folders(detector, images, tmp_path, monkeypatch):
+    """Each batch's CSV lives in the app's own temporary folder: old batches go, and the folder goes with the app."""
+    import gc
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(space, "BATCH_CSV_SECONDS", 0)  # every earlier batch is old enough to go
+    app = space.DetectorApp(lambda: detector)
+    for _ in range(3):
+        rows, csv_path = app.detect_batch([images["good"]])
+        assert Path(csv_path).read_text().splitlines()[1].startswith("good.png,")
+    assert [path.name for path in tmp_path.rglob("*.csv")] == ["verdicts.csv"]
+    del app
+    gc.collect()
+    assert not list(tmp_path.iterdir())
