@@ -24,6 +24,7 @@ from transformers.models.auto.image_processing_auto import AutoImageProcessor  #
 from . import __version__
 from .configuration_mirage import MiraGeConfig
 from .export import BACKEND_EVAL_RESULTS_FILE, EVAL_RESULTS_FILE
+from .inference import DEFAULT_UNSURE_MARGIN
 from .metrics import format_comparison_table, format_table
 from .onnx_runtime import INFO_FILE, ONNX_DIR, ONNX_FILES
 from .transforms import preprocessing_mismatch
@@ -47,6 +48,7 @@ CARD_METRICS = {
     "roc_auc": "ROC AUC",
     "tpr_at_5_fpr": "TPR at 5% FPR",
 }
+CARD_DECIMALS = 4  # metric values in the card's model-index (0.8600000000000001 reads as 0.86)
 NON_COMMERCIAL_DATA = {"genimage": "GenImage"}  # data set keyword -> name; their licence is CC BY-NC-SA 4.0
 TAGS = ["mirage", "ai-generated-image-detection", "deepfake-detection", "clip", "prompt-learning", "mirage-hf"]
 
@@ -117,7 +119,7 @@ def _eval_results(results: dict) -> list[EvalResult]:
             dataset_split=results.get("eval_split"),
             metric_type=metric,
             metric_name=label,
-            metric_value=metrics[metric],
+            metric_value=round(metrics[metric], CARD_DECIMALS),
         )
         for subset, metrics in results["clean"].items()
         for metric, label in CARD_METRICS.items()
@@ -148,7 +150,7 @@ detector = pipeline("image-classification", model="{repo_id}")
 # or verdicts with an "unsure" band around the calibrated threshold:
 from mirage_hf.inference import Detector
 
-Detector.from_pretrained("{repo_id}", unsure_margin=0.1)(images)  # [Verdict(label, p_fake), ...]
+Detector.from_pretrained("{repo_id}", unsure_margin={DEFAULT_UNSURE_MARGIN})(images)  # [Verdict(label, p_fake), ...]
 ```
 """
 
