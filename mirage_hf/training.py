@@ -109,16 +109,29 @@ def build_model(cfg: TrainConfig, clip_path: str):
     return model
 
 
+SYNTHETIC_DIR = "synthetic-data"  # in a run's output folder
+SYNTHETIC_STAMP = "options.json"  # the generator options a synthetic-data folder was made with
+
+
+def made_with(root: Path, options: dict) -> bool:
+    """Whether `root` holds a generated data set made with `options`."""
+    stamp = root / SYNTHETIC_STAMP
+    return stamp.is_file() and json.loads(stamp.read_text()) == options
+
+
 def resolve_dataset(cfg: TrainConfig, source: str) -> str:
-    """ "synthetic" becomes a generated GenImage-layout folder (made once, deterministic for the seed)."""
+    """ "synthetic" becomes a generated GenImage-layout folder (made once, deterministic for the options). With
+    --eval_only, the folder of the run that trained the model is used when it was made with the same options."""
     if source != "synthetic":
         return source
-    root = Path(cfg.output_dir) / "synthetic-data"
-    stamp = root / "options.json"
     options = {"seed": cfg.seed, **cfg.synthetic}
-    if not stamp.exists() or json.loads(stamp.read_text()) != options:
+    trained_with = Path(cfg.model or "").parent / SYNTHETIC_DIR
+    if cfg.eval_only and made_with(trained_with, options):
+        return f"genimage:{trained_with}"
+    root = Path(cfg.output_dir) / SYNTHETIC_DIR
+    if not made_with(root, options):
         make_synthetic_genimage(root, **options)
-        stamp.write_text(json.dumps(options))
+        (root / SYNTHETIC_STAMP).write_text(json.dumps(options))
     return f"genimage:{root}"
 
 

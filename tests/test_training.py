@@ -146,14 +146,14 @@ def test_a_corrupt_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
     assert "resumed from step 2" in caplog.text
 
 
-def test_eval_only_with_the_robustness_sweep(tmp_path):
+def test_eval_only_with_the_robustness_sweep_on_the_generated_data_the_model_was_trained_with(tmp_path):
     run(tmp_path / "train", "--max_steps", "2")
-    results = main([
-        "--eval_only", "--model", str(tmp_path / "train" / "model"), "--output_dir", str(tmp_path / "eval"),
-        "--dataset", f"genimage:{tmp_path / 'train' / 'synthetic-data'}", "--robustness", "--num_workers", "0",
-    ])  # fmt: skip
+    results = run(
+        tmp_path / "eval", "--eval_only", "--model", str(tmp_path / "train" / "model"), "--robustness"
+    )  # the README's form: the demo preset, another output folder
     assert {"clean", "jpeg95", "jpeg30", "blur3", "downscale0.25"} <= set(results)
-    assert (tmp_path / "eval" / "eval_results.json").exists()
+    assert results["clean"]["all"]["n"] == 32 and (tmp_path / "eval" / "eval_results.json").exists()
+    assert not (tmp_path / "eval" / "synthetic-data").exists()  # the training run's copy, not a new one
 
 
 def test_the_preprocessing_a_model_was_calibrated_with_is_stored_and_scores_it_by_default(tmp_path):
