@@ -388,10 +388,13 @@ def main(argv: list[str] | None = None) -> int:
     media = MediaOptions(args.fps, args.max_frames, args.frames, args.stability, provenance)
 
     started = time.perf_counter()
-    paths = find_images(args.inputs, args.files_from)
+    empty_folders = []
+    paths = find_images(args.inputs, args.files_from, on_empty_folder=empty_folders.append)
     if not paths:
         print(f"{PROG}: no image or video files found in {' '.join(args.inputs) or args.files_from}", file=sys.stderr)
         return 2
+    for folder in empty_folders:  # the scan goes on with the other inputs, but says what it found nothing in
+        print(f"{PROG}: no image or video files in {folder}", file=sys.stderr)
     state = None
     if world > 1:
         from accelerate import PartialState

@@ -114,21 +114,23 @@ class PathList(Sequence):
             start = end
 
 
-def _expand(item: str) -> Iterator[str]:
+def _expand(item: str, on_empty_folder: Callable[[str], None] | None = None) -> Iterator[str]:
     """An INPUT argument as files: a folder's image and video files (recursive, sorted), a glob's matches, else
-    itself."""
+    itself. A folder named as the argument that holds none is passed to `on_empty_folder`."""
     is_pattern = not os.path.lexists(item) and any(char in item for char in "*?[")
     for match in (sorted(glob.glob(item, recursive=True)) or [item]) if is_pattern else [item]:
         if not os.path.isdir(match):
             yield match
             continue
+        found = False
         for root, dirs, files in os.walk(match):
             dirs.sort()
-            yield from (
-                os.path.join(root, name)
-                for name in sorted(files)
-                if os.path.splitext(name)[1].lower() in SCAN_EXTENSIONS
-            )
+            for name in sorted(files):
+                if os.path.splitext(name)[1].lower() in SCAN_EXTENSIONS:
+                    found = True
+                    yield os.path.join(root, name)
+        if not found and not is_pattern and on_empty_folder is not None:
+            on_empty_folder(match)
 
 
 def _listed(files_from: str) -> Iterator[str]:
@@ -146,13 +148,16 @@ def _listed(files_from: str) -> Iterator[str]:
             lines.close()
 
 
-def find_images(inputs: Iterable[str], files_from: str | None = None) -> PathList:
+def find_images(
+    inputs: Iterable[str], files_from: str | None = None, on_empty_folder: Callable[[str], None] | None = None
+) -> PathList:
     """The files to score, in input order, each once: the INPUT arguments, then the `files_from` list.
 
     A folder contributes its image and video files (by extension, recursively, sorted); a pattern with no literal file of
     that name is expanded as a glob (`**` recursive); anything else is taken as a file and attempted, so a
-    missing or non-image file becomes an error row rather than vanishing. The list is the same in every process
-    of a sharded scan.
+    missing or non-image file becomes an error row rather than vanishing, and a folder named as an argument that
+    holds no image or video files is passed to `on_empty_folder`. The list is the same in every process of a
+    sharded scan.
     """
     seen = set()
 
@@ -163,7 +168,7 @@ def find_images(inputs: Iterable[str], files_from: str | None = None) -> PathLis
                 seen.add(key)
                 yield path
 
-    candidates = itertools.chain.from_iterable(map(_expand, inputs))
+    candidates = itertools.chain.from_iterable(_expand(item, on_empty_folder) for item in inputs)
     if files_from is not None:
         candidates = itertools.chain(candidates, _listed(files_from))
     return PathList(unique(candidates))

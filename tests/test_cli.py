@@ -90,6 +90,17 @@ def test_mixed_folder_scores_every_good_file_and_reports_every_bad_one(capsys, f
         assert f"cannot read {folder / name}: {rows[name]['error']}" in err
 
 
+def test_a_folder_named_outright_that_holds_no_images_is_reported(capsys, folder, model_dir, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "readme.txt").write_text("no image here")
+    good = folder / GOOD[0]
+    code, out, err = run(capsys, tmp_path / "empty", good, tmp_path / "texts", "--model", model_dir, "--format", "csv")
+    assert code == 0 and len(out.splitlines()) == 2  # the header and the one image: the scan goes on
+    assert f"mirage-detect: no image or video files in {tmp_path / 'empty'}\n" in err
+    assert f"mirage-detect: no image or video files in {tmp_path / 'texts'}\n" in err
+
+
 def test_glob_of_good_files_exits_0_and_named_files_are_always_tried(capsys, folder, model_dir):
     """The CLI expands quoted globs itself (`**` recursive); a file named outright is read whatever its suffix."""
     code, out, _ = run(capsys, folder / "**" / "ok_*", "--model", model_dir, "--format", "jsonl")
