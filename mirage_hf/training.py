@@ -259,7 +259,8 @@ class TrainingLog:
         if self.losses.steps and (last or step % self.log_every == 0):
             terms = self.losses.pop_means()
             self.accelerator.log({f"train/{k}": v for k, v in terms.items()} | {"train/lr": lr}, step=step)
-            self.bar.set_postfix({k.removeprefix("loss_") or "loss": f"{v:.3f}" for k, v in terms.items()})
+            postfix = {k.removeprefix("loss_") or "loss": f"{v:.3f}" for k, v in terms.items()}
+            self.bar.set_postfix(postfix, refresh=False)  # shown at the bar's next redraw, not as a line of its own
 
     def close(self):
         self.bar.close()
