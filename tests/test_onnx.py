@@ -172,6 +172,24 @@ def test_missing_or_stale_export_and_missing_dependencies_are_clear(
     assert json.loads((stale / "onnx" / "export_info.json").read_text())["decision_threshold"] != 0.9  # untouched
 
 
+def test_an_fp32_graph_that_differs_from_pytorch_is_refused_and_the_old_export_kept(
+    onnx_model_dir, tmp_path, monkeypatch
+):
+    """The export measures its fp32 graph against PyTorch and refuses one beyond FP32_TOLERANCE (here every graph:
+    the tolerance is set below zero), leaving the earlier export in place."""
+    model_dir = tmp_path / "model"
+    shutil.copytree(onnx_model_dir, model_dir)
+    before = (model_dir / "onnx" / "export_info.json").read_text()
+    assert (
+        max(json.loads(before)["max_abs_p_fake_difference_from_pytorch_on_random_pixels"].values())
+        <= CLOSE["onnx-int8"]
+    )
+    monkeypatch.setattr(onnx_export, "FP32_TOLERANCE", -1.0)
+    with pytest.raises(RuntimeError, match=r"fp32 graph differs from PyTorch by .* not written"):
+        export_onnx(model_dir, quantize=False)
+    assert (model_dir / "onnx" / "export_info.json").read_text() == before
+
+
 def test_reexport_replaces_the_folder_whole(onnx_model_dir, tmp_path):
     model_dir = tmp_path / "model"
     shutil.copytree(onnx_model_dir, model_dir)
