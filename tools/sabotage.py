@@ -3,7 +3,7 @@ tests that claim it: every one of them must fail. A test that stays green while 
 nothing (issue 20).
 
     python tools/sabotage.py              # every sabotage; writes docs/sabotage.md
-    python tools/sabotage.py -k calib     # the sabotages whose name contains "calib" (prints only)
+    python tools/sabotage.py -k calib     # the sabotages whose name contains "calib" (prints only; repeatable)
     python tools/sabotage.py --list
 
 A sabotage is a small text patch of one file (the text as it is, the text it becomes), or a change of the tests'
@@ -205,7 +205,7 @@ def copy_repository(target: Path) -> None:
 
 
 def run_tests(copy: Path, tests, env_changes: dict) -> tuple[dict[str, str], str]:
-    """Runs `tests` in `copy`; returns ({node id: passed|failed|error|skipped}, the tail of pytest's output)."""
+    """Runs `tests` in `copy`; returns ({node id: "passed" or "failed/error/skipped: why"}, the tail of the output)."""
     report = copy / ".sabotage-junit.xml"
     report.unlink(missing_ok=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONPATH": str(copy)}
@@ -220,10 +220,19 @@ def run_tests(copy: Path, tests, env_changes: dict) -> tuple[dict[str, str], str
     if report.exists():
         for case in ElementTree.parse(report).iter("testcase"):
             node = case.get("classname").replace(".", "/") + ".py::" + case.get("name")
-            kinds = {child.tag for child in case}
-            outcomes[node] = next((k for k in ("failure", "error", "skipped") if k in kinds), "passed")
-    outcomes = {node: {"failure": "failed"}.get(kind, kind) for node, kind in outcomes.items()}
+            outcomes[node] = "passed"
+            for child in case:
+                if child.tag in ("failure", "error", "skipped"):
+                    kind = {"failure": "failed"}.get(child.tag, child.tag)
+                    outcomes[node] = f"{kind}: {first_line(child.get('message', ''))}"
+                    break
     return outcomes, output[-3000:]
+
+
+def first_line(message: str, limit: int = 110) -> str:
+    """Why a test failed, in one short line for the table."""
+    line = next((line.strip() for line in message.splitlines() if line.strip()), "")
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def check_imports_the_copy(copy: Path) -> None:
@@ -255,7 +264,7 @@ def verdict(outcomes: dict[str, str], tests) -> tuple[str, list[tuple[str, str]]
     rows = [(test, outcomes.get(test, "not run")) for test in tests]
     if any(outcome == "not run" for _, outcome in rows):
         return "tests did not run", rows
-    if all(outcome in ("failed", "error") for _, outcome in rows):
+    if all(outcome.startswith(("failed", "error")) for _, outcome in rows):
         return "caught", rows
     return "SURVIVED", rows
 
@@ -286,15 +295,17 @@ def write_report(lines: list[str], command: str, started: float, failures: int) 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("-k", dest="keyword", help="only the sabotages whose name contains this")
+    parser.add_argument(
+        "-k", dest="keywords", action="append", help="only the sabotages whose name contains this (repeatable)"
+    )
     parser.add_argument("--list", action="store_true", help="list the sabotages and the tests that claim them")
     args = parser.parse_args(argv)
-    chosen = [s for s in SABOTAGES if args.keyword is None or args.keyword in s.name]
+    chosen = [s for s in SABOTAGES if args.keywords is None or any(word in s.name for word in args.keywords)]
     if args.list or not chosen:
         for sabotage in SABOTAGES:
             print(f"{sabotage.name}: {sabotage.breaks}\n    " + "\n    ".join(sabotage.tests))
         return 0 if chosen else 1
-    started, command = time.monotonic(), "python tools/sabotage.py" + (f" -k {args.keyword}" if args.keyword else "")
+    started, command = time.monotonic(), " ".join(["python tools/sabotage.py", *(argv or sys.argv[1:])])
     claimed = list(dict.fromkeys(test for sabotage in chosen for test in sabotage.tests))
     lines, failures = [], 0
     with tempfile.TemporaryDirectory(prefix="mirage-sabotage-") as folder:
@@ -302,7 +313,7 @@ def main(argv=None) -> int:
         copy_repository(copy)
         check_imports_the_copy(copy)
         baseline, output = run_tests(copy, claimed, {})
-        broken = {test: outcome for test, outcome in baseline.items() if outcome not in ("passed", "skipped")}
+        broken = {test: outcome for test, outcome in baseline.items() if not outcome.startswith(("passed", "skipped"))}
         missing = [test for test in claimed if test not in baseline]
         print(f"baseline: {len(baseline)} claimed tests, {sum(o == 'passed' for o in baseline.values())} passed")
         if broken or missing:
@@ -322,12 +333,13 @@ def main(argv=None) -> int:
                 status, rows = verdict(outcomes, sabotage.tests)
             failures += status != "caught"
             for test, outcome in rows:
-                print(f"{sabotage.name:28s} {test:100s} {outcome:8s} {status}")
-                lines.append(f"| {sabotage.name} | {sabotage.breaks} | `{test}` | {outcome} | {status} |")
+                print(f"{status:8s} {sabotage.name:28s} {test}\n         {outcome}")
+                cell = outcome.replace("|", "\\|").replace("`", "'")
+                lines.append(f"| {sabotage.name} | {sabotage.breaks} | `{test}` | {cell} | {status} |")
             if status != "caught" and status != "patch did not apply":
                 print(output, file=sys.stderr)
     print(f"{len(chosen) - failures} of {len(chosen)} sabotages caught")
-    if args.keyword is None:
+    if args.keywords is None:
         write_report(lines, command, started, failures)
         print(f"wrote {REPORT.relative_to(ROOT)}")
     return 1 if failures else 0
