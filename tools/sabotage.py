@@ -236,6 +236,7 @@ def first_line(message: str, limit: int = 110) -> str:
 
 
 def check_imports_the_copy(copy: Path) -> None:
+    """Stops unless the tests would import the copy's `mirage_hf` (not an installed or editable one elsewhere)."""
     env = {**os.environ, "PYTHONPATH": str(copy)}
     found = subprocess.run(
         [sys.executable, "-c", "import mirage_hf; print(mirage_hf.__file__)"],
@@ -287,8 +288,8 @@ def write_report(lines: list[str], command: str, started: float, failures: int) 
         "- Baseline (no sabotage): every claimed test passed (or skipped where the machine lacks what it needs)",
         f"- Result: {'every sabotage caught' if failures == 0 else f'{failures} sabotage(s) not caught'}",
         "",
-        "| sabotage | what it breaks | test | result | sabotage caught |",
-        "|---|---|---|---|---|",
+        "| sabotage | what it breaks | patched | test | result | sabotage caught |",
+        "|---|---|---|---|---|---|",
     ]
     REPORT.write_text("\n".join(head + lines) + "\n")
 
@@ -335,7 +336,8 @@ def main(argv=None) -> int:
             for test, outcome in rows:
                 print(f"{status:8s} {sabotage.name:28s} {test}\n         {outcome}")
                 cell = outcome.replace("|", "\\|").replace("`", "'")
-                lines.append(f"| {sabotage.name} | {sabotage.breaks} | `{test}` | {cell} | {status} |")
+                where = f"`{sabotage.path}`" if sabotage.path else "environment: " + ", ".join(sabotage.env)
+                lines.append(f"| {sabotage.name} | {sabotage.breaks} | {where} | `{test}` | {cell} | {status} |")
             if status != "caught" and status != "patch did not apply":
                 print(output, file=sys.stderr)
     print(f"{len(chosen) - failures} of {len(chosen)} sabotages caught")
