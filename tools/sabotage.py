@@ -17,6 +17,7 @@ start Python processes with an environment of their own import the installed pac
 """
 
 import argparse
+import configparser
 import datetime
 import os
 import platform
@@ -118,7 +119,7 @@ SABOTAGES = [
         "space-serves-every-file",
         "the Space serves any file on the machine",
         ("tests/test_reliability.py::test_files_outside_the_allowed_paths_are_not_served",),
-        "mirage_hf/space/app.py",
+        "space/app.py",
         "    app = DetectorApp(detector_factory)\n",
         '    app = DetectorApp(detector_factory)\n    gr.set_static_paths(["/"])\n',
     ),
@@ -235,15 +236,33 @@ def first_line(message: str, limit: int = 110) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
+def mapped_packages(copy: Path) -> dict[str, str]:
+    """setup.cfg's `package_dir` mapping ({"mirage_hf.space": "space"}): packages that live outside mirage_hf/."""
+    parser = configparser.ConfigParser()
+    parser.read(copy / "setup.cfg")
+    lines = parser.get("options", "package_dir", fallback="").splitlines()
+    return dict(tuple(part.strip() for part in line.split("=", 1)) for line in lines if "=" in line)
+
+
+def lay_out_like_the_install(copy: Path) -> None:
+    """Links each mapped package into place (mirage_hf/space -> space), as the installed wheel has it, so that the
+    copy's own file is imported, not the editable install's."""
+    for package, folder in mapped_packages(copy).items():
+        link = copy.joinpath(*package.split("."))
+        if not link.exists():
+            link.symlink_to(copy / folder, target_is_directory=True)
+
+
 def check_imports_the_copy(copy: Path) -> None:
-    """Stops unless the tests would import the copy's `mirage_hf` (not an installed or editable one elsewhere)."""
+    """Stops unless the tests would import the copy's packages (not an installed or editable one elsewhere)."""
     env = {**os.environ, "PYTHONPATH": str(copy)}
-    found = subprocess.run(
-        [sys.executable, "-c", "import mirage_hf; print(mirage_hf.__file__)"],
-        cwd=copy, env=env, check=True, capture_output=True, text=True,
-    ).stdout.strip()  # fmt: skip
-    if not Path(found).resolve().is_relative_to(copy.resolve()):
-        sys.exit(f"sabotage: the tests would import {found}, not the copy's mirage_hf")
+    for package in ("mirage_hf", *mapped_packages(copy)):
+        found = subprocess.run(
+            [sys.executable, "-c", f"import {package} as p; print(p.__file__)"],
+            cwd=copy, env=env, check=True, capture_output=True, text=True,
+        ).stdout.strip()  # fmt: skip
+        if not os.path.abspath(found).startswith(str(copy)):
+            sys.exit(f"sabotage: the tests would import {found}, not the copy's {package}")
 
 
 def sabotage_copy(copy: Path, sabotage: Sabotage) -> str | None:
@@ -312,6 +331,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="mirage-sabotage-") as folder:
         copy = Path(folder)
         copy_repository(copy)
+        lay_out_like_the_install(copy)
         check_imports_the_copy(copy)
         baseline, output = run_tests(copy, claimed, {})
         broken = {test: outcome for test, outcome in baseline.items() if not outcome.startswith(("passed", "skipped"))}
