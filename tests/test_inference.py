@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from conftest import with_threshold
 from PIL import Image
 from transformers import pipeline
 
@@ -10,17 +11,6 @@ from mirage_hf.inference import Detector
 def images(n=6):
     rng = np.random.default_rng(0)
     return [Image.fromarray(rng.integers(0, 255, (40 + i, 36, 3), dtype=np.uint8)) for i in range(n)]
-
-
-def with_threshold(detector_dir, folder, threshold: float):
-    """A copy of the test detector whose calibrated threshold is `threshold`."""
-    import json
-    import shutil
-
-    folder = shutil.copytree(detector_dir, folder)
-    config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, "decision_threshold": threshold}))
-    return folder
 
 
 def test_detector_agrees_with_the_pipeline_decision(detector_dir, tmp_path):

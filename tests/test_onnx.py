@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import with_threshold
 from PIL import Image
 
 from mirage_hf import cli, onnx_export
@@ -30,12 +31,8 @@ def images(seed=0):
 def onnx_model_dir(detector_dir, tmp_path_factory):
     """A copy of the test detector, its threshold moved into the middle of its scores, exported by the console
     script's main()."""
-    model_dir = tmp_path_factory.mktemp("onnx") / "model"
-    shutil.copytree(detector_dir, model_dir)
-    scores = np.sort(Detector.from_pretrained(model_dir, device="cpu").p_fake(images() + images(1)))
-    config = json.loads((model_dir / "config.json").read_text())
-    config["decision_threshold"] = float(np.median(scores))
-    (model_dir / "config.json").write_text(json.dumps(config))
+    scores = Detector.from_pretrained(detector_dir, device="cpu").p_fake(images() + images(1))
+    model_dir = with_threshold(detector_dir, tmp_path_factory.mktemp("onnx") / "model", float(np.median(scores)))
     assert onnx_export.main([str(model_dir)]) == 0
     return model_dir
 
