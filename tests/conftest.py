@@ -130,6 +130,18 @@ def detector_dir(clip_dir, tmp_path_factory):
     return export_model(model, AutoImageProcessor.from_pretrained(clip_dir), tmp_path_factory.mktemp("run") / "model")
 
 
+def with_threshold(model_dir, folder, threshold: float) -> Path:
+    """A copy of the detector folder `model_dir` at `folder`, its calibrated threshold set to `threshold` (placed
+    between a test's scores, so that its decisions fall on both sides)."""
+    import json
+    import shutil
+
+    folder = Path(shutil.copytree(model_dir, folder))
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "decision_threshold": threshold}))
+    return folder
+
+
 @pytest.fixture
 def pixel_values():
     return torch.randn(4, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(0))

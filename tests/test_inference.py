@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from conftest import with_threshold
 from PIL import Image
 from transformers import pipeline
 
@@ -12,11 +13,15 @@ def images(n=6):
     return [Image.fromarray(rng.integers(0, 255, (40 + i, 36, 3), dtype=np.uint8)) for i in range(n)]
 
 
-def test_detector_agrees_with_the_pipeline_decision(detector_dir):
-    detector = Detector.from_pretrained(detector_dir, device="cpu")
-    verdicts = detector(images())
-    piped = pipeline("image-classification", model=str(detector_dir))(images(), top_k=1)
+def test_detector_agrees_with_the_pipeline_decision(detector_dir, tmp_path):
+    """The threshold is moved between the scores, so both sides are compared: `pipeline()` reads the calibrated
+    logits, the Detector p(fake), and they must call the same images fake."""
+    scores = np.sort(Detector.from_pretrained(detector_dir, device="cpu").p_fake(images()))
+    folder = with_threshold(detector_dir, tmp_path / "model", float(scores[2] + scores[3]) / 2)
+    verdicts = Detector.from_pretrained(folder, device="cpu")(images())
+    piped = pipeline("image-classification", model=str(folder))(images(), top_k=1)
     assert [v.label for v in verdicts] == [rows[0]["label"] for rows in piped]
+    assert sorted(v.label for v in verdicts) == ["fake"] * 3 + ["real"] * 3
     assert all(0.0 <= v.p_fake <= 1.0 for v in verdicts)
 
 
@@ -63,8 +68,15 @@ def test_bf16_paths_match_fp32_within_bf16_precision(detector_dir):
 
 @pytest.mark.slow
 def test_compiled_path_matches_the_plain_path(detector_dir):
+    """Equal scores, and the compiled detector really ran compiled graphs (dynamo's counters)."""
+    from torch._dynamo.utils import counters
+
     plain = Detector.from_pretrained(detector_dir, device="cpu")
     compiled = Detector.from_pretrained(detector_dir, device="cpu", compile=True)
     batch = images(3)
-    np.testing.assert_allclose(compiled.p_fake(batch), plain.p_fake(batch), atol=1e-5)
-    np.testing.assert_allclose(compiled.p_fake(batch[:2]), plain.p_fake(batch[:2]), atol=1e-5)
+    expected = plain.p_fake(batch), plain.p_fake(batch[:2])
+    torch._dynamo.reset()
+    counters.clear()
+    np.testing.assert_allclose(compiled.p_fake(batch), expected[0], atol=1e-5)
+    np.testing.assert_allclose(compiled.p_fake(batch[:2]), expected[1], atol=1e-5)
+    assert counters["stats"]["unique_graphs"] >= 1, dict(counters)

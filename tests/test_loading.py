@@ -48,11 +48,19 @@ def test_from_clip_loads_every_clip_weight_and_initialises_the_context(clip_dir,
     assert model.config.prompt_token_ids[0][:-3] == model.config.prompt_token_ids[1][:-3]
 
 
-def test_from_pretrained_leaves_prompts_finite_and_small(clip_dir, make_model):
-    model = make_model("mirage")
-    for name, param in model.prompt_learner.named_parameters():
+def test_from_pretrained_leaves_prompts_finite_and_small(clip_dir, make_model, tmp_path):
+    """`from_clip` loads the CLIP checkpoint with `from_pretrained`, which must initialise the prompts the checkpoint
+    lacks (small values, not leftover memory); `from_pretrained` of the saved detector gives back those prompts,
+    not a fresh initialisation."""
+    built = make_model("mirage")
+    assert 0.005 < built.prompt_learner.text_prompts[1].std() < 0.05  # the deep prompts' init, std 0.02
+    built.save_pretrained(tmp_path)
+    loaded = MiraGeForImageClassification.from_pretrained(tmp_path)
+    expected = dict(built.prompt_learner.named_parameters())
+    for name, param in loaded.prompt_learner.named_parameters():
         assert torch.isfinite(param).all(), name
         assert param.abs().max() < 5.0, name
+        assert torch.equal(param, expected[name]), name
 
 
 def test_from_clip_without_tokenizer_is_a_clear_error(tmp_path):

@@ -105,16 +105,26 @@ def test_a_few_steps_on_separable_data_lower_the_loss(make_model, mode):
 
 
 def test_activation_checkpointing_gives_the_same_loss_and_gradients(make_model):
+    """Same loss and gradients, and the encoder layers really are recomputed in the backward pass (without
+    checkpointing no layer runs there), so the equality is not that of two identical runs."""
     pixels, labels = separable_batch(4)
-    results = []
+    results, recomputed, calls = [], [], []
     for checkpointing in (False, True):
         model = make_model("maple")
         model.train()
         if checkpointing:
             model.activation_checkpointing_enable()
+        layers = [*model.clip.text_model.encoder.layers, *model.clip.vision_model.encoder.layers]
+        # Hooks inside each layer (its MLP): recent transformers keep the layer's own hooks out of the recompute.
+        hooks = [layer.mlp.register_forward_pre_hook(lambda *_: calls.append(1)) for layer in layers]
         loss = model(pixels, labels=labels).loss
+        calls.clear()
         loss.backward()
+        recomputed.append(len(calls))
+        for hook in hooks:
+            hook.remove()
         results.append((loss.detach(), model.prompt_learner.text_prompts[1].grad.clone()))
+    assert recomputed == [0, len(layers)]
     torch.testing.assert_close(results[0][0], results[1][0])
     torch.testing.assert_close(results[0][1], results[1][1])
 
@@ -190,31 +200,44 @@ def test_wrong_image_size_is_a_clear_error(make_model):
         model(torch.randn(2, 3, 32, 32))
 
 
+def threshold_between(p_fake: torch.Tensor) -> float:
+    """A threshold halfway between the two middle scores, so that half the inputs fall on each side of it."""
+    middle = p_fake.sort().values[len(p_fake) // 2 - 1 : len(p_fake) // 2 + 1]
+    assert middle[0] < middle[1], "the scores must differ for a threshold between them to exist"
+    return middle.mean().item()
+
+
 def test_calibration_moves_the_decision(make_model, pixel_values):
+    """The threshold lies between the inputs' calibrated scores, so calibration must call some of them fake that
+    the uncalibrated logits call real (or the reverse): logits that ignored the calibration would not."""
     model = make_model("mirage").eval()
     with torch.no_grad():
-        raw = model(pixel_values).logits
-        model.config.decision_threshold = 0.8
+        raw = model(pixel_values).logits  # temperature 1, threshold 0.5: the uncalibrated logits
+        p_raw = torch.sigmoid((raw[:, 1] - raw[:, 0]) / 2.0)
         model.config.calibration_temperature = 2.0
+        model.config.decision_threshold = threshold_between(p_raw)
         shifted = model(pixel_values).logits
-    p_raw = torch.sigmoid((raw[:, 1] - raw[:, 0]) / 2.0)
     decided_fake = shifted.softmax(-1)[:, 1] >= 0.5
-    assert torch.equal(decided_fake, p_raw >= 0.8)
+    assert torch.equal(decided_fake, p_raw >= model.config.decision_threshold)
+    assert decided_fake.sum() == 2 and not torch.equal(decided_fake, raw[:, 1] >= raw[:, 0])
 
 
 @pytest.mark.parametrize("mode", ["mirage", "linear_probe"])
 def test_output_carries_the_raw_logit_difference_and_the_calibrated_p_fake(make_model, pixel_values, mode):
-    """The one calibrated probability every consumer reads, next to the ranking score that no temperature moves."""
+    """The one calibrated probability every consumer reads, next to the ranking score that no temperature moves;
+    the calibrated logits decide at the threshold, which lies between the inputs' scores."""
     model = make_model(mode).eval()
-    model.config.calibration_temperature, model.config.decision_threshold = 0.4, 0.7
     with torch.no_grad():
         logits, _, _ = model.detect(pixel_values)
+        z = logits[:, 1] - logits[:, 0]
+        model.config.calibration_temperature = 0.4
+        model.config.decision_threshold = threshold_between(torch.sigmoid(z / 0.4))
         out = model(pixel_values)
-    z = logits[:, 1] - logits[:, 0]
     assert out.logit_diff.shape == out.p_fake.shape == (4,) and out.p_fake.dtype == torch.float32
     torch.testing.assert_close(out.logit_diff, z)
     torch.testing.assert_close(out.p_fake, torch.sigmoid(z / 0.4))
-    assert torch.equal(out.logits.softmax(-1)[:, 1] >= 0.5, out.p_fake >= 0.7)
+    decided_fake = out.logits.softmax(-1)[:, 1] >= 0.5
+    assert torch.equal(decided_fake, out.p_fake >= model.config.decision_threshold) and decided_fake.sum() == 2
 
 
 # ------------------------------------------------------------------------------------------------- loss

@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import with_threshold
 from PIL import Image
 
 from mirage_hf import cli, onnx_export
@@ -30,12 +31,8 @@ def images(seed=0):
 def onnx_model_dir(detector_dir, tmp_path_factory):
     """A copy of the test detector, its threshold moved into the middle of its scores, exported by the console
     script's main()."""
-    model_dir = tmp_path_factory.mktemp("onnx") / "model"
-    shutil.copytree(detector_dir, model_dir)
-    scores = np.sort(Detector.from_pretrained(model_dir, device="cpu").p_fake(images() + images(1)))
-    config = json.loads((model_dir / "config.json").read_text())
-    config["decision_threshold"] = float(np.median(scores))
-    (model_dir / "config.json").write_text(json.dumps(config))
+    scores = Detector.from_pretrained(detector_dir, device="cpu").p_fake(images() + images(1))
+    model_dir = with_threshold(detector_dir, tmp_path_factory.mktemp("onnx") / "model", float(np.median(scores)))
     assert onnx_export.main([str(model_dir)]) == 0
     return model_dir
 
@@ -58,6 +55,21 @@ def test_export_writes_the_hub_layout_with_a_dynamic_batch_and_no_text_tower(onn
         assert not [init.name for init in graph.initializer if "text" in init.name], "the text tower is exported"
 
 
+def integer_weights(graph) -> list[str]:
+    return [init.name for init in graph.initializer if init.data_type == onnx.TensorProto.INT8]
+
+
+def test_the_quantized_graph_holds_int8_weights_and_integer_matmuls(onnx_model_dir):
+    """The int8 graph is quantized, not a copy of the fp32 one: its matmul weights are int8 initializers, read by
+    integer matmuls on dynamically quantized activations; the fp32 graph has neither."""
+    fp32, int8 = (onnx.load(onnx_model_dir / "onnx" / name).graph for name in ("model.onnx", "model_quantized.onnx"))
+    assert not integer_weights(fp32) and not {node.op_type for node in fp32.node} & {"MatMulInteger"}
+    matmuls = sum(node.op_type == "MatMul" for node in fp32.node)
+    int8_ops = [node.op_type for node in int8.node]
+    assert int8_ops.count("MatMulInteger") >= matmuls // 2 and "DynamicQuantizeLinear" in int8_ops
+    assert len(integer_weights(int8)) >= int8_ops.count("MatMulInteger")
+
+
 @pytest.mark.parametrize("backend", ["onnx", "onnx-int8"])
 def test_onnx_scores_equal_pytorch_on_odd_image_sizes(onnx_model_dir, backend):
     torch_detector = Detector.from_pretrained(onnx_model_dir, device="cpu")
@@ -68,6 +80,9 @@ def test_onnx_scores_equal_pytorch_on_odd_image_sizes(onnx_model_dir, backend):
     assert np.ptp(reference) > 0.02, "the scores must differ for the comparison to mean anything"
     np.testing.assert_allclose(detector.p_fake(batch), reference, rtol=0, atol=CLOSE[backend])
     np.testing.assert_allclose(detector.p_fake(batch[:1]), reference[:1], rtol=0, atol=CLOSE[backend])  # batch 1
+    if backend == "onnx-int8":  # int8 rounding moves the scores a little: it is not the fp32 graph
+        fp32_graph = Detector.from_pretrained(onnx_model_dir, device="cpu", backend="onnx").p_fake(batch)
+        assert not np.array_equal(detector.p_fake(batch), fp32_graph)
 
     # The calibrated logits keep the PyTorch model's semantics: softmax >= 0.5 is the decision at the threshold.
     pixel_values = torch_detector.preprocess(batch)
@@ -152,6 +167,22 @@ def test_missing_or_stale_export_and_missing_dependencies_are_clear(
     assert onnx_export.main([str(stale)]) == 1
     assert "pip install 'mirage-hf[onnx]'" in capsys.readouterr().err
     assert json.loads((stale / "onnx" / "export_info.json").read_text())["decision_threshold"] != 0.9  # untouched
+
+
+def test_an_fp32_graph_that_differs_from_pytorch_is_refused_and_the_old_export_kept(
+    onnx_model_dir, tmp_path, monkeypatch
+):
+    """The export measures its fp32 graph against PyTorch and refuses one beyond FP32_TOLERANCE (here every graph:
+    the tolerance is set below zero), leaving the earlier export in place."""
+    model_dir = tmp_path / "model"
+    shutil.copytree(onnx_model_dir, model_dir)
+    before = (model_dir / "onnx" / "export_info.json").read_text()
+    recorded = json.loads(before)["max_abs_p_fake_difference_from_pytorch_on_random_pixels"]
+    assert recorded["onnx"] <= onnx_export.FP32_TOLERANCE  # what the export measured and accepted
+    monkeypatch.setattr(onnx_export, "FP32_TOLERANCE", -1.0)
+    with pytest.raises(RuntimeError, match=r"fp32 graph differs from PyTorch by .* not written"):
+        export_onnx(model_dir, quantize=False)
+    assert (model_dir / "onnx" / "export_info.json").read_text() == before
 
 
 def test_reexport_replaces_the_folder_whole(onnx_model_dir, tmp_path):

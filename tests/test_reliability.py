@@ -517,6 +517,22 @@ def test_a_burst_of_concurrent_requests_all_get_answers(server, uploads):
     assert len({verdict for name, verdict in answers if name == "good"}) == 1  # same image, same answer
 
 
+def upload_request(server: str, path: str) -> urllib.request.Request:
+    """A POST of the file at `path` to the Space's upload route, as any HTTP client can send it."""
+    boundary = uuid.uuid4().hex
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{Path(path).name}"\r\n'
+            "Content-Type: image/png\r\n\r\n"
+        ).encode()
+        + Path(path).read_bytes()
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    return urllib.request.Request(
+        f"{server}/gradio_api/upload", data=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    )
+
+
 @pytest.mark.slow
 def test_oversized_uploads_are_refused_with_a_readable_message(space, server, uploads, detector):
     from gradio_client import Client, handle_file
@@ -525,20 +541,8 @@ def test_oversized_uploads_are_refused_with_a_readable_message(space, server, up
     with pytest.raises(ValueError, match="exceeds the maximum file size of 20971520 bytes"):
         Client(server, verbose=False).predict(handle_file(uploads["heavy"]), 0.5, False, api_name="/predict")
     # ... and the server refuses any other uploader with 413 and a message.
-    boundary = uuid.uuid4().hex
-    body = (
-        (
-            f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="heavy.png"\r\n'
-            "Content-Type: image/png\r\n\r\n"
-        ).encode()
-        + Path(uploads["heavy"]).read_bytes()
-        + f"\r\n--{boundary}--\r\n".encode()
-    )
-    request = urllib.request.Request(
-        f"{server}/gradio_api/upload", data=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
-    )
     with pytest.raises(urllib.error.HTTPError) as refused:
-        urllib.request.urlopen(request, timeout=60)
+        urllib.request.urlopen(upload_request(server, uploads["heavy"]), timeout=60)
     assert refused.value.code == 413 and b"size" in refused.value.read().lower()
     # A file that reaches the handler some other way (examples, a launch without max_file_size) gets the
     # app's own message, at the real 20 MB limit.
@@ -547,13 +551,22 @@ def test_oversized_uploads_are_refused_with_a_readable_message(space, server, up
     assert app.detect(uploads["huge"])[1].startswith("Could not read the image: too large: 7000x7000 pixels")
 
 
+FILE_ROUTE = "/gradio_api/file="  # where Gradio serves files by path
+
+
 @pytest.mark.slow
 def test_files_outside_the_allowed_paths_are_not_served(space, server, uploads):
+    """Only what was uploaded is served: an uploaded copy of good.png comes back whole on the route that refuses
+    the original and every other file (so the refusals are not those of a route that serves nothing)."""
+    with urllib.request.urlopen(upload_request(server, uploads["good"]), timeout=60) as response:
+        (uploaded,) = json.loads(response.read())
+    with urllib.request.urlopen(f"{server}{FILE_ROUTE}{uploaded}", timeout=10) as response:
+        assert response.status == 200 and response.read() == Path(uploads["good"]).read_bytes()
     refused = [
         "/etc/passwd", "../../../../etc/passwd", "%2Fetc%2Fpasswd", uploads["good"],  # exists, never uploaded
         space.__file__, str(ROOT / "tests" / "conftest.py"),
     ]  # fmt: skip
     for path in refused:
         with pytest.raises(urllib.error.HTTPError) as error:
-            urllib.request.urlopen(f"{server}/gradio_api/file={path}", timeout=10)
+            urllib.request.urlopen(f"{server}{FILE_ROUTE}{path}", timeout=10)
         assert error.value.code in (403, 404), (path, error.value.code)

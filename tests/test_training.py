@@ -331,6 +331,9 @@ def test_two_process_training_and_eval_only_each_rank_on_its_own_shard(tmp_path)
 
 
 def test_the_ablation_ladder_trains_every_rung_and_prints_one_table(tmp_path, capsys):
+    """One table of five rungs, each exported model trained as its mode says: no prompts (zero_shot), a linear
+    head (linear_probe), the shallow context only (coop), deep prompts (maple, mirage), and mirage's loss moving
+    its prompts elsewhere than maple's cross-entropy from the same start. (Every rung also trains the demo's LoRA.)"""
     from mirage_hf.ladder import run_ladder
 
     results = run_ladder(
@@ -341,11 +344,39 @@ def test_the_ablation_ladder_trains_every_rung_and_prints_one_table(tmp_path, ca
     assert "ablation ladder: accuracy" in printed and all(mode in printed for mode in results)
     assert json.loads((tmp_path / "ladder_results.json").read_text())["mirage"]["clean"]["mean"]["n"] > 0
 
+    models = {mode: MiraGeForImageClassification.from_pretrained(tmp_path / mode / "model") for mode in results}
+    assert [model.config.mode for model in models.values()] == list(results)
+    assert [len(model.prompt_learner.text_prompts) for model in models.values()] == [0, 0, 1, 2, 2]
+    assert [model.classifier is not None for model in models.values()] == [False, True, False, False, False]
+    for mode in ("coop", "maple", "mirage"):
+        learner = models[mode].prompt_learner
+        words = learner.token_ids[0, 1 : 1 + models[mode].config.n_ctx]  # the context starts as these words
+        start = models[mode].clip.text_model.embeddings.token_embedding(words)
+        assert not torch.allclose(learner.text_prompts[0], start), f"{mode} did not train its context"
+    maple, mirage = (models[mode].prompt_learner.state_dict() for mode in ("maple", "mirage"))
+    assert all(not torch.equal(maple[key], mirage[key]) for key in maple), "mirage trained like maple"
 
-def test_ufd_layout_in_bf16(tmp_path):
-    """The UFD protocol's code path (<set>/<class>/{0_real,1_fake}) with bf16 autocast on CPU."""
+
+def test_ufd_layout_in_bf16(tmp_path, monkeypatch):
+    """The UFD protocol's code path (<set>/<class>/{0_real,1_fake}) with bf16 autocast on CPU: every training
+    forward computes the encoder layers in bfloat16."""
     from PIL import Image
 
+    import mirage_hf.training as training
+    from mirage_hf.export import mirage_core
+
+    dtypes = []
+    build_model = training.build_model
+
+    def build_and_watch(cfg, clip_path):
+        model = build_model(cfg, clip_path)
+        core = mirage_core(model)
+        core.clip.vision_model.encoder.layers[0].mlp.register_forward_hook(
+            lambda module, args, output: dtypes.append(output.dtype) if core.training else None
+        )
+        return model
+
+    monkeypatch.setattr(training, "build_model", build_and_watch)
     rng = np.random.default_rng(0)
     for split in ("train", "test"):
         for label, folder in enumerate(["0_real", "1_fake"]):
@@ -359,3 +390,4 @@ def test_ufd_layout_in_bf16(tmp_path):
         "--mixed_precision", "bf16", "--train_subsets", "null",
     )  # fmt: skip
     assert results["clean"]["progan"]["n"] == 24
+    assert dtypes == [torch.bfloat16] * 3  # one training forward per step
