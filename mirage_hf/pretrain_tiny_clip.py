@@ -148,9 +148,16 @@ def save(model, tokenizer, processor, out: Path, facts: dict) -> dict:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     processor.save_pretrained(out)
-    facts = {**facts, **zero_shot(model, tokenizer, processor, n=facts["n_eval"]), "sha256": sha256(out / "model.safetensors")}
+    facts = {
+        **facts,
+        **zero_shot(model, tokenizer, processor, n=facts["n_eval"]),
+        "sha256": sha256(out / "model.safetensors"),
+    }
     (out / "pretraining.json").write_text(json.dumps(facts, indent=2) + "\n")
-    text = {k: (", ".join(f"{g} {v}" for g, v in facts[k].items()) if isinstance(facts[k], dict) else facts[k]) for k in facts}
+    text = {
+        k: (", ".join(f"{g} {v}" for g, v in facts[k].items()) if isinstance(facts[k], dict) else facts[k])
+        for k in facts
+    }
     (out / "README.md").write_text(CARD.format(**ARCHITECTURE, **text))
     return facts
 
