@@ -73,10 +73,16 @@ def pretrain(steps: int, seed: int, batch_scenes: int, learning_rate: float, log
 
 
 @torch.no_grad()
+def class_anchors(model, tokenizer) -> torch.Tensor:
+    """The L2-normalised text features of the real and the fake class prompt, (2, projection_dim)."""
+    anchors = model.get_text_features(**tokenizer(list(CLASS_PROMPTS), padding=True, return_tensors="pt"))
+    return torch.nn.functional.normalize(getattr(anchors, "pooler_output", anchors), dim=-1)
+
+
+@torch.no_grad()
 def fake_scores(model, tokenizer, processor, images: list[np.ndarray]) -> np.ndarray:
     """cos(image, "a photo of a fake.") - cos(image, "a photo of a real."): the zero-shot ranking score."""
-    anchors = model.get_text_features(**tokenizer(list(CLASS_PROMPTS), padding=True, return_tensors="pt"))
-    anchors = torch.nn.functional.normalize(getattr(anchors, "pooler_output", anchors), dim=-1)
+    anchors = class_anchors(model, tokenizer)
     feats = model.get_image_features(pixel_values=pixel_values(images, processor))
     feats = torch.nn.functional.normalize(getattr(feats, "pooler_output", feats), dim=-1)
     return (feats @ (anchors[1] - anchors[0])).numpy()
@@ -89,8 +95,7 @@ def zero_shot(model, tokenizer, processor, n: int = 200, seed: int = 12345) -> d
     from .synthetic import GENERATORS, synthetic_dataset
 
     size = ARCHITECTURE["image_size"]
-    anchors = model.get_text_features(**tokenizer(list(CLASS_PROMPTS), padding=True, return_tensors="pt"))
-    anchors = torch.nn.functional.normalize(getattr(anchors, "pooler_output", anchors), dim=-1)
+    anchors = class_anchors(model, tokenizer)
     report = {"anchor_cosine": round(float(anchors[0] @ anchors[1]), 3), "pretraining_auc": {}, "demo_auc": {}}
     for i, maker in enumerate(PRETRAINING_GENERATORS):
         rng = np.random.default_rng([seed, i])
