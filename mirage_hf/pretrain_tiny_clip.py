@@ -24,9 +24,9 @@ from transformers import CLIPModel, get_cosine_schedule_with_warmup
 from .caption_world import PRETRAINING_GENERATORS, captioned_pairs, content_scene, render, vocabulary
 from .tiny import PROMPT_WORDS, tiny_clip_config, tiny_image_processor, tiny_tokenizer
 
-ARCHITECTURE = dict(image_size=32, patch_size=8, hidden_size=64, num_layers=4, projection_dim=32)
+ARCHITECTURE = dict(image_size=32, patch_size=4, hidden_size=64, num_layers=4, projection_dim=32)
 CLASS_PROMPTS = ("a photo of a real.", "a photo of a fake.")  # MiraGe's zero-shot prompts (ctx_init + class name)
-DEFAULTS = dict(steps=4000, seed=0, batch_scenes=32, learning_rate=1e-3)
+DEFAULTS = dict(steps=3000, seed=0, batch_scenes=32, learning_rate=1e-3)
 
 
 def words() -> list[str]:
