@@ -27,7 +27,7 @@ def summarise_seeds(runs: list[dict]) -> dict:
     """Per subset and metric, [mean, standard deviation] over the seeds' per-subset results."""
     return {
         subset: {
-            metric: [float(np.mean(values)), float(np.std(values, ddof=1))]
+            metric: [float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0]
             for metric in runs[0][subset]
             for values in [[run[subset][metric] for run in runs]]
             if all(isinstance(value, float) for value in values)
