@@ -222,6 +222,8 @@ def to_jsonable(obj):
 
 
 def _cell(value, key: str) -> str:
+    if isinstance(value, list):  # [mean, standard deviation] over seeds
+        return f"{100.0 * value[0]:.1f} ± {100.0 * value[1]:.1f}"
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     if key in COUNT_KEYS:

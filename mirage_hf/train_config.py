@@ -71,7 +71,8 @@ class TrainConfig(ModelOptions):
 
     clip_model: str = option(
         "tiny-random",
-        'CLIP checkpoint (Hub id or folder); "tiny-random" builds a tiny random CLIP locally (demo, tests).',
+        'CLIP checkpoint (Hub id or folder); "tiny-pretrained": the tiny CLIP shipped in the package (demo); '
+        '"tiny-random": a tiny random CLIP built locally (tests that need only shapes).',
     )
     lora_r: int = option(0, "LoRA rank on the CLIP projections of lora_projections (0 = prompts only, the paper's).")
     lora_alpha: int = 16

@@ -43,7 +43,7 @@ from .onnx_runtime import ONNX_DIR
 from .progress import hide_library_bars, progress_bar
 from .scoring import ModelNotFound, as_scorer, load_scorer
 from .synthetic import make_synthetic_genimage
-from .tiny import save_tiny_clip
+from .tiny import PRETRAINED_TINY_CLIP, save_tiny_clip
 from .train_config import TrainConfig
 from .transforms import (
     BadImageReport,
@@ -74,7 +74,10 @@ class ClipUnavailable(OSError):
 
 
 def resolve_clip(cfg: TrainConfig) -> str:
-    """The CLIP checkpoint to build on; "tiny-random" is written once into the output folder."""
+    """The CLIP checkpoint to build on; "tiny-pretrained" is the folder shipped in the package, "tiny-random" is
+    written once into the output folder."""
+    if cfg.clip_model == "tiny-pretrained":
+        return str(PRETRAINED_TINY_CLIP)
     if cfg.clip_model != "tiny-random":
         if not Path(cfg.clip_model).is_dir():
             offline_if_hub_unreachable()

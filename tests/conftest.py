@@ -16,8 +16,9 @@ from mirage_hf.tiny import save_tiny_clip, tiny_clip_config  # noqa: F401  (re-e
 IMAGE_SIZE = 30
 DATA_DIR = Path(__file__).resolve().parent / "data"
 
-# A few-second train.py run: tiny CLIP, tiny generated data, LoRA so that something learns.
+# A few-second train.py run: tiny random CLIP (shapes only), tiny generated data, LoRA so that something learns.
 TINY_TRAIN_ARGS = [
+    "--clip_model", "tiny-random",
     "--tiny_clip", "{image_size: 16, patch_size: 4, hidden_size: 32, num_layers: 2, projection_dim: 16}",
     "--synthetic", "{generators: [upsampler, diffusion], n_train_per_class: 24, n_val_per_class: 8, image_size: 16}",
     "--prompt_depth", "2", "--batch_size", "8", "--eval_batch_size", "16", "--num_workers", "0",

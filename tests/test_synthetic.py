@@ -29,7 +29,8 @@ def test_layout_and_labels_through_load_genimage(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == sorted(GENERATORS)
     assert {p.name for p in (root / "gridder" / "val").iterdir()} == {"ai", "nature"}
     train, val = load_genimage(root, "train"), load_genimage(root, "val")
-    assert class_counts(train) == {"real": 16, "fake": 16} and class_counts(val) == {"real": 8, "fake": 8}
+    n = len(GENERATORS)
+    assert class_counts(train) == {"real": 4 * n, "fake": 4 * n} and class_counts(val) == {"real": 2 * n, "fake": 2 * n}
     assert subset_names(val) == sorted(GENERATORS)
     for row in train:
         path = Path(row["image"]["path"])
@@ -38,7 +39,7 @@ def test_layout_and_labels_through_load_genimage(tmp_path):
         assert open_image(row["image"]).size == (32, 32)
     # a rerun with fewer images leaves no stale files behind
     make_synthetic_genimage(tmp_path, n_train_per_class=1, n_val_per_class=1, image_size=32)
-    assert class_counts(load_genimage(tmp_path, "train")) == {"real": 4, "fake": 4}
+    assert class_counts(load_genimage(tmp_path, "train")) == {"real": n, "fake": n}
 
 
 def test_synthetic_dataset_schema_and_balance():
@@ -65,7 +66,7 @@ def blockiness(g):  # 2x pixel repetition: differences inside 2-pixel blocks van
     return d[:, :, 1::2].mean(axis=(1, 2)) / (d[:, :, 0::2].mean(axis=(1, 2)) + 1e-6)
 
 
-def laplacian_energy(g):  # over-smoothing removes fine detail
+def laplacian_energy(g):  # over-smoothing (or interpolating) removes fine detail
     lap = 4 * g[:, 1:-1, 1:-1] - g[:, :-2, 1:-1] - g[:, 2:, 1:-1] - g[:, 1:-1, :-2] - g[:, 1:-1, 2:]
     return np.abs(lap).mean(axis=(1, 2))
 
@@ -80,7 +81,10 @@ def flatness(g):  # posterisation leaves runs of identical pixels
     return (np.diff(g, axis=2) == 0).mean(axis=(1, 2))
 
 
-STATISTICS = {"upsampler": blockiness, "diffusion": laplacian_energy, "gridder": seam_contrast, "banding": flatness}
+STATISTICS = {
+    "upsampler": blockiness, "resampler": laplacian_energy, "diffusion": laplacian_energy, "gridder": seam_contrast,
+    "banding": flatness,
+}  # fmt: skip
 
 
 def fit_threshold(x, y):

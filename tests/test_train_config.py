@@ -47,7 +47,7 @@ def test_the_command_line_overrides_the_preset_which_overrides_the_defaults():
     cfg = parse_args(["--config", "genimage_sd14", "--learning_rate", "0.01"])
     assert cfg.clip_model == "openai/clip-vit-large-patch14"  # preset over default
     assert cfg.learning_rate == 0.01 and cfg.mixed_precision == "bf16"  # command line over preset
-    assert parse_args([]).clip_model == "tiny-random"  # the demo preset by default
+    assert parse_args([]).clip_model == "tiny-pretrained"  # the demo preset by default
 
 
 def test_inconsistent_options_fail_before_any_work():

@@ -62,6 +62,17 @@ def test_the_wheel_ships_the_presets_and_finds_them_by_name_anywhere(installed, 
     assert run([sys.executable, "-c", check], cwd=tmp_path, env=env).strip() == "{'mode': 'coop'}"
 
 
+def test_the_wheel_ships_the_pretrained_tiny_clip_and_the_demo_finds_it(installed, tmp_path):
+    site, env = installed
+    script = (
+        "import json; from mirage_hf.training import resolve_clip; from mirage_hf.train_config import parse_args; "
+        "from mirage_hf.pretrain_tiny_clip import sha256; from pathlib import Path; p = Path(resolve_clip(parse_args([]))); "
+        "print(json.dumps([str(p), sha256(p / 'model.safetensors'), json.loads((p / 'pretraining.json').read_text())['sha256']]))"
+    )
+    folder, actual, card = json.loads(run([sys.executable, "-c", script], cwd=tmp_path, env=env))
+    assert Path(folder).is_relative_to(site) and actual == card
+
+
 def test_mirage_train_then_mirage_push_from_an_installed_wheel(installed, tmp_path):
     """A pip user's path: train the demo (tiny options) to an exported model, then stage its repo and Space."""
     site, env = installed
