@@ -50,6 +50,7 @@ from .adapter import (
     save_detector_adapter,
 )
 from .calibration import MIN_PER_CLASS, calibrate
+from .cli import _Parser as UsageParser
 from .data import FAKE, REAL, load_data
 from .evaluation import evaluate, predict
 from .export import mirage_core
@@ -454,8 +455,6 @@ def adapt(
         raise AdaptError(f"{detector} is an adapter; adapt its base detector instead (adapters do not stack)")
     report = BadImageReport()
     fakes, reals = readable(fakes, report), readable(reals, report)
-    if report.count:
-        say(report.summary())
     if not fakes:
         raise AdaptError("no readable image of the new generator" + (f" ({report.summary()})" if report.count else ""))
     check_not_the_same_images(fakes, reals)
@@ -469,8 +468,7 @@ def adapt(
     image_processor = AutoImageProcessor.from_pretrained(detector)
     preprocess = Preprocessor(image_processor, model.config.preprocess)
     name = options.generator or NEW_GENERATOR
-    for row in fakes + reals:
-        row["subset"] = name
+    fakes, reals = [dict(row, subset=name) for row in fakes], [dict(row, subset=name) for row in reals]
     train_fakes, held_fakes = split_holdout(fakes, options.holdout, options.seed)
     train_reals, held_reals = split_holdout(reals, options.holdout, options.seed) if reals else ([], [])
     holdout = held_fakes + held_reals
@@ -529,7 +527,7 @@ def adapt(
             "holdout_fakes": len(held_fakes),
             "holdout_reals": len(held_reals),
             "unreadable": report.count,
-            "unreadable_examples": [f"{source}: {reason}" for source, reason in report.examples],
+            "unreadable_summary": report.summary(),
         },  # fmt: skip
         "options": {**dataclasses.asdict(options), "steps": steps},
         "preprocess": model.config.preprocess,
@@ -572,7 +570,7 @@ def summary_tables(results: dict) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     defaults = AdaptOptions()
-    parser = argparse.ArgumentParser(
+    parser = UsageParser(
         prog=PROG,
         description="Adapt a trained MiraGe detector to a new generator from a few of its images; writes an adapter "
         "folder that from_pretrained, pipeline() and mirage-detect load, unless the detector forgets the "
@@ -618,22 +616,31 @@ def default_output(detector: str) -> str:
     return f"{detector.rstrip('/')}-adapter" if os.path.isdir(detector) else f"{detector.split('/')[-1]}-adapter"
 
 
-def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def check_args(parser, args) -> AdaptOptions:
+    """Usage errors that argparse cannot see, before any model is loaded; the options of a valid command line."""
     if not (args.fakes or args.files_from or args.dataset):
         parser.error("give the new generator's images: --fakes, --files_from or --dataset")
     output = args.output or default_output(args.detector)
     if os.path.exists(output) and not args.overwrite:
         parser.error(f"--output {output!r} exists; pass --overwrite to replace it")
     try:
-        options = AdaptOptions(
+        return AdaptOptions(
             steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
             anchor_weight=args.anchor_weight, distill_weight=args.distill_weight, holdout=args.holdout,
             lora_r=args.lora_r, max_forgetting=args.max_forgetting, generator=args.generator, seed=args.seed,
         )  # fmt: skip
     except ValueError as error:
         parser.error(str(error))
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        options = check_args(parser, args)
+    except SystemExit as exit_:  # --help (0) or a usage error (1), as a return code
+        return exit_.code
+    output = args.output or default_output(args.detector)
     try:
         fakes = image_rows(find_images(args.fakes, args.files_from), FAKE, "")
         reals = image_rows(find_images(args.reals, args.reals_from), REAL, "") if args.reals or args.reals_from else []
@@ -651,6 +658,8 @@ def main(argv=None) -> int:
         print(f"{PROG}: {error}", file=sys.stderr)
         return 1
     results = adaptation.results
+    if results["images"]["unreadable"]:
+        print(f"{PROG}: {results['images']['unreadable_summary']}", file=sys.stderr)
     print(summary_tables(results))
     for note in results["warnings"]:
         print(f"{PROG}: warning: {note}", file=sys.stderr)

@@ -280,7 +280,7 @@ p(fake) at the threshold.
 {format_table(results["clean"], title=title)}
 ```
 """
-    conditions = {name: value for name, value in results.items() if isinstance(value, dict) and name != "calibration"}
+    conditions = {name: value for name, value in results.items() if isinstance(value, dict) and "mean" in value}
     if len(conditions) > 1:
         text += f"""
 Robustness (the same images JPEG-compressed, blurred or downscaled):

@@ -94,13 +94,19 @@ def build_model(cfg: TrainConfig, clip_path: str):
     return model
 
 
+def synthetic_options(cfg: TrainConfig) -> dict:
+    """What the "synthetic" data is generated with (`make_synthetic_genimage`); eval_results.json records it, so
+    that `mirage-adapt` can regenerate the evaluation data."""
+    return {"seed": cfg.seed, **cfg.synthetic}
+
+
 def resolve_dataset(cfg: TrainConfig, source: str) -> str:
     """ "synthetic" becomes a generated GenImage-layout folder (made once, deterministic for the seed)."""
     if source != "synthetic":
         return source
     root = Path(cfg.output_dir) / "synthetic-data"
     stamp = root / "options.json"
-    options = {"seed": cfg.seed, **cfg.synthetic}
+    options = synthetic_options(cfg)
     if not stamp.exists() or json.loads(stamp.read_text()) != options:
         make_synthetic_genimage(root, **options)
         stamp.write_text(json.dumps(options))
@@ -472,6 +478,7 @@ class Evaluation:
                 "backend": cfg.backend,
                 "eval_dataset": cfg.eval_dataset or cfg.dataset,
                 "eval_split": cfg.eval_split,
+                "synthetic": synthetic_options(cfg) if (cfg.eval_dataset or cfg.dataset) == "synthetic" else None,
                 "preprocess": self.preprocess.mode,
                 "threshold": config.decision_threshold,
                 "temperature": config.calibration_temperature,
