@@ -33,6 +33,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
+from transformers.utils import logging as hf_logging
 
 from mirage_hf.adapt import AdaptOptions, adapt, base_eval_results, eval_subsets, image_rows
 from mirage_hf.atomic import atomic_write
@@ -215,6 +216,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    hf_logging.disable_progress_bar()
     report = timing(args) if args.timing else kshot(args)
     default = "results_adapt_timing.json" if args.timing else "results_adapt_kshot.json"
     output = Path(args.output or Path(__file__).parent / default)

@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 from transformers.models.auto.image_processing_auto import AutoImageProcessor  # top-level: torchvision-only in 5.17
 from transformers.utils import cached_file
+from transformers.utils import logging as hf_logging
 
 from .adapter import (
     ADAPT_RESULTS_NAME,
@@ -204,9 +205,9 @@ def reference_rows(detector: str, source: str | None, split: str | None, workdir
         ds = load_data(source, split=split or "val")
         return list(ds), f"{source} [{split or 'val'}]"
     eval_results = base_eval_results(detector)
-    if eval_results is None:
+    if eval_results is None or "eval_dataset" not in eval_results:
         raise AdaptError(
-            f"{detector} has no eval_results.json, so the data it was evaluated on is unknown: pass --reference "
+            f"{detector} has no eval_results.json naming its evaluation data, so that data is unknown: pass --reference "
             "<data the detector knows> to measure forgetting, or --force to adapt without measuring it"
         )
     subsets, dataset, eval_split = eval_subsets(eval_results), eval_results["eval_dataset"], eval_results["eval_split"]
@@ -641,6 +642,7 @@ def main(argv=None) -> int:
     except SystemExit as exit_:  # --help (0) or a usage error (1), as a return code
         return exit_.code
     output = args.output or default_output(args.detector)
+    hf_logging.disable_progress_bar()  # the weight-loading bar is noise in a command-line tool
     try:
         fakes = image_rows(find_images(args.fakes, args.files_from), FAKE, "")
         reals = image_rows(find_images(args.reals, args.reals_from), REAL, "") if args.reals or args.reals_from else []
