@@ -16,7 +16,8 @@ detector's eval_results.json and the demo preset, so the script runs unchanged o
 
 `--timing`: one `mirage-adapt` run in a fresh process, as a user runs it, on a ViT-B/16-sized detector with random
 weights (speed and memory do not depend on their values) at 224 px: 64 fake and 64 real JPEGs (512 x 384), a
-reference set of 32 + 32, the given steps; wall time, time per training step and peak RSS (VmHWM).
+reference set of 32 + 32, `--timing_steps` training steps; wall time, the adaptation's own time and peak RSS
+(VmHWM). `--timing_model tiny` checks the script in seconds.
 """
 
 import argparse
@@ -38,6 +39,7 @@ from transformers.utils import logging as hf_logging
 from mirage_hf.adapt import AdaptOptions, adapt, base_eval_results, eval_subsets, image_rows
 from mirage_hf.atomic import atomic_write
 from mirage_hf.data import FAKE, REAL
+from mirage_hf.tiny import tiny_clip_config
 from mirage_hf.train_config import load_preset
 
 METHODS = {"guarded": {}, "plain": {"anchor_weight": 0.0, "distill_weight": 0.0}}
@@ -168,11 +170,20 @@ def timing(args) -> dict:
     sys.path.insert(0, str(Path(__file__).parent))
     from scan import VIT_B16, save_detector, write_jpegs
 
+    clip_config, depth, model_name = {
+        "vit-b16": (VIT_B16, 9, "ViT-B/16-sized MiraGe, random weights, 224 px, prompt depth 9"),
+        "tiny": (tiny_clip_config(image_size=224, patch_size=32), 2, "tiny MiraGe (checks the script)"),
+    }[args.timing_model]
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
-        detector = save_detector(VIT_B16, scratch / "vit-b16", prompt_depth=9)
-        for name, count in (("fakes", 64), ("reals", 64), ("reference/0_real", 32), ("reference/1_fake", 32)):
-            write_jpegs(scratch / name, count, distinct=count)
+        detector = save_detector(clip_config, scratch / "detector", prompt_depth=depth)
+        for name, count, size in (
+            ("fakes", 64, (512, 384)),
+            ("reals", 64, (384, 512)),
+            ("reference/0_real", 32, (384, 512)),
+            ("reference/1_fake", 32, (512, 384)),
+        ):
+            write_jpegs(scratch / name, count, size, distinct=count)  # one seed: fakes and reals differ by shape
         report, log = scratch / "rss.txt", scratch / "adapt.log"
         command = [sys.executable, "-c", RSS_PROBE, str(report), detector, "--fakes", str(scratch / "fakes"),
                    "--reals", str(scratch / "reals"), "--reference", str(scratch / "reference"), "--steps",
@@ -180,15 +191,17 @@ def timing(args) -> dict:
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
         started = time.perf_counter()
         with open(log, "w") as handle:
-            subprocess.run(command, env=env, check=True, stdout=handle, stderr=subprocess.STDOUT)
+            code = subprocess.run(command, env=env, stdout=handle, stderr=subprocess.STDOUT).returncode
+        if code != 0:
+            raise SystemExit(f"mirage-adapt exited with {code}:\n{log.read_text()[-3000:]}")
         wall = time.perf_counter() - started
         results = json.loads((scratch / "adapter" / "adapt_results.json").read_text())
         peak_mib = int(report.read_text()) / 1024
         adapter_mib = (scratch / "adapter" / "mirage_adapter.safetensors").stat().st_size / 2**20
     steps = results["options"]["steps"]
     row = {
-        "model": "ViT-B/16-sized MiraGe, random weights, 224 px, prompt depth 9", "threads": args.threads,
-        "images": "64 fakes + 64 reals (512 x 384 JPEG), reference 32 + 32", "steps": steps,
+        "model": model_name, "threads": args.threads,
+        "images": "64 fakes (512 x 384 JPEG) + 64 reals (384 x 512), reference 32 + 32", "steps": steps,
         "batch_size": results["options"]["batch_size"], "wall_seconds": wall,
         "adapt_seconds": results["seconds"], "peak_rss_mib": peak_mib, "adapter_mib": adapter_mib,
         "adapter_fraction": results["adapter_fraction"],
@@ -207,7 +220,8 @@ def parse_args(argv=None):
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", choices=tuple(METHODS), default=list(METHODS))
     parser.add_argument("--timing", action="store_true", help="time one ViT-B/16-sized adaptation instead")
-    parser.add_argument("--timing_steps", type=int, default=20, help="training steps of the timed run")
+    parser.add_argument("--timing_steps", type=int, default=10, help="training steps of the timed run")
+    parser.add_argument("--timing_model", choices=("vit-b16", "tiny"), default="vit-b16")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the timed run (default 2)")
     parser.add_argument("--output", help="JSON report (default benchmarks/results_adapt_kshot.json, or "
                         "benchmarks/results_adapt_timing.json with --timing)")  # fmt: skip
