@@ -126,7 +126,7 @@ def machine() -> dict:
     }  # fmt: skip
 
 
-def kshot(args) -> dict:
+def kshot(args, output: Path) -> dict:
     detector = str(Path(args.run) / "model")
     data = Path(args.run) / "synthetic-data"
     eval_results = base_eval_results(detector)
@@ -134,13 +134,16 @@ def kshot(args) -> dict:
         raise SystemExit(f"no demo run in {args.run}: run `python train.py` first")
     trained = args.trained or load_preset(args.preset)["train_subsets"]
     generators = [name for name in eval_subsets(eval_results) if name not in trained]
-    runs = []
-    for method in args.methods:
-        for generator in generators:
-            for k in args.shots:
-                for seed in args.seeds:
-                    runs.append(one_run(detector, data, generator, k, seed, method, trained))
-                    run = runs[-1]
+    report = {"command": " ".join(sys.argv), "machine": machine(), "trained": trained, "generators": generators,
+              "rows": [], "runs": []}  # fmt: skip
+    for generator in generators:
+        for k in args.shots:
+            for seed in args.seeds:
+                for method in args.methods:  # paired: a cut-short run still compares the methods on the same draws
+                    run = one_run(detector, data, generator, k, seed, method, trained)
+                    report["runs"].append(run)
+                    report["rows"] = summarise(report["runs"])
+                    write_report(report, output)
                     print(
                         f"{method:8s} {generator:10s} k={k:4d} seed={seed}: fake acc "
                         f"{100 * run['new']['fake_accuracy']['before']:.1f} -> "
@@ -148,10 +151,8 @@ def kshot(args) -> dict:
                         f"{run['max_old_drop']:.1f}, {run['seconds']:.0f} s",
                         file=sys.stderr,
                     )
-    rows = summarise(runs)
-    print(markdown(rows))
-    return {"command": " ".join(sys.argv), "machine": machine(), "trained": trained, "generators": generators,
-            "rows": rows, "runs": runs}  # fmt: skip
+    print(markdown(report["rows"]))
+    return report
 
 
 RSS_PROBE = """
@@ -228,14 +229,17 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def write_report(report: dict, output: Path) -> None:
+    with atomic_write(output) as staging:
+        staging.write_text(json.dumps(report, indent=2) + "\n")
+
+
 def main(argv=None):
     args = parse_args(argv)
     hf_logging.disable_progress_bar()
-    report = timing(args) if args.timing else kshot(args)
     default = "results_adapt_timing.json" if args.timing else "results_adapt_kshot.json"
     output = Path(args.output or Path(__file__).parent / default)
-    with atomic_write(output) as staging:
-        staging.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(timing(args) if args.timing else kshot(args, output), output)
     print(f"written to {output}", file=sys.stderr)
 
 
