@@ -4,6 +4,9 @@
     python train.py && python benchmarks/adapt_kshot.py                 # the k-shot grid on outputs/demo
     python benchmarks/adapt_kshot.py --shots 8 --seeds 0 --methods guarded   # a quick look
     python benchmarks/adapt_kshot.py --timing                            # one adaptation of a ViT-B/16-sized model
+    # the grid in three processes, one per new generator, then one report:
+    python benchmarks/adapt_kshot.py --generators banding --output /tmp/banding.json   # (and the others)
+    python benchmarks/adapt_kshot.py --merge /tmp/banding.json /tmp/diffusion.json /tmp/gridder.json
 
 The grid: the demo detector (`python train.py`, trained on the demo preset's `train_subsets`) is adapted to each
 generator it was evaluated on but not trained on, with k fakes of that generator and k real images (both drawn
@@ -134,6 +137,8 @@ def kshot(args, output: Path) -> dict:
         raise SystemExit(f"no demo run in {args.run}: run `python train.py` first")
     trained = args.trained or load_preset(args.preset)["train_subsets"]
     generators = [name for name in eval_subsets(eval_results) if name not in trained]
+    if args.generators:  # one part of the grid (several processes share a machine's cores); --merge joins them
+        generators = [name for name in generators if name in args.generators]
     report = {"command": " ".join(sys.argv), "machine": machine(), "trained": trained, "generators": generators,
               "rows": [], "runs": []}  # fmt: skip
     for generator in generators:
@@ -220,6 +225,8 @@ def parse_args(argv=None):
     parser.add_argument("--shots", type=int, nargs="+", default=[8, 32, 128])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", choices=tuple(METHODS), default=list(METHODS))
+    parser.add_argument("--generators", nargs="+", help="only these new generators (one part of the grid)")
+    parser.add_argument("--merge", nargs="+", metavar="REPORT", help="join the reports of parts of the grid")
     parser.add_argument("--timing", action="store_true", help="time one ViT-B/16-sized adaptation instead")
     parser.add_argument("--timing_steps", type=int, default=10, help="training steps of the timed run")
     parser.add_argument("--timing_model", choices=("vit-b16", "tiny"), default="vit-b16")
@@ -227,6 +234,18 @@ def parse_args(argv=None):
     parser.add_argument("--output", help="JSON report (default benchmarks/results_adapt_kshot.json, or "
                         "benchmarks/results_adapt_timing.json with --timing)")  # fmt: skip
     return parser.parse_args(argv)
+
+
+def merge(parts: list[str]) -> dict:
+    """One report from the reports of parts of the grid (`--generators`), its rows recomputed from their runs."""
+    reports = [json.loads(Path(part).read_text()) for part in parts]
+    runs = [run for report in reports for run in report["runs"]]
+    merged = {**reports[0], "command": [report["command"] for report in reports], "runs": runs}
+    merged["generators"] = list(dict.fromkeys(g for report in reports for g in report["generators"]))
+    merged["machine"] = [report["machine"] for report in reports]
+    merged["rows"] = summarise(runs)
+    print(markdown(merged["rows"]))
+    return merged
 
 
 def write_report(report: dict, output: Path) -> None:
@@ -239,7 +258,11 @@ def main(argv=None):
     hf_logging.disable_progress_bar()
     default = "results_adapt_timing.json" if args.timing else "results_adapt_kshot.json"
     output = Path(args.output or Path(__file__).parent / default)
-    write_report(timing(args) if args.timing else kshot(args, output), output)
+    if args.merge:
+        report = merge(args.merge)
+    else:
+        report = timing(args) if args.timing else kshot(args, output)
+    write_report(report, output)
     print(f"written to {output}", file=sys.stderr)
 
 
