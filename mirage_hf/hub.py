@@ -30,7 +30,7 @@ from .onnx_runtime import INFO_FILE, ONNX_DIR, ONNX_FILES
 from .transforms import preprocessing_mismatch
 
 PACKAGE = files("mirage_hf")
-SPACE_TEMPLATE = PACKAGE / "space"  # package data: the Space's app, requirements, card and examples
+SPACE_TEMPLATE = files("mirage_hf.space")  # space/ (package data): the Space's app, requirements, card and examples
 SPACE_FILES = ("app.py", "requirements.txt", "examples")
 NOT_IN_SPACE_COPY = ("__pycache__", "*.pyc", "space", "configs")  # the Space's own copy of mirage_hf needs neither
 MODEL_FILES = (

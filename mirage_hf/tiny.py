@@ -67,10 +67,12 @@ def tiny_image_processor(image_size: int = 30) -> CLIPImageProcessorPil:
 
 
 def save_tiny_clip(path: str | os.PathLike, seed: int = 0, **config_options) -> str:
-    """Writes a random tiny CLIP (weights, tokenizer, image processor) to `path` and returns it."""
-    torch.manual_seed(seed)
+    """Writes a random tiny CLIP (weights, tokenizer, image processor) to `path` and returns it. Its weights come
+    from `seed` alone, and the caller's random state is left as it was (a run is the same whether it built one)."""
     config = tiny_clip_config(**config_options)
-    CLIPModel(config).save_pretrained(path)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        CLIPModel(config).save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     tiny_image_processor(config.vision_config.image_size).save_pretrained(path)
     return str(path)

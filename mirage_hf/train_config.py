@@ -72,10 +72,14 @@ class TrainConfig(ModelOptions):
         "tiny-random",
         'CLIP checkpoint (Hub id or folder); "tiny-random" builds a tiny random CLIP locally (demo, tests).',
     )
-    lora_r: int = option(0, "LoRA rank on CLIP attention (0 = prompts only, the paper's setting).")
+    lora_r: int = option(0, "LoRA rank on the CLIP projections of lora_projections (0 = prompts only, the paper's).")
     lora_alpha: int = 16
     lora_towers: list[str] = field(default_factory=lambda: ["vision"])
-    lora_projections: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    lora_projections: list[str] = option(
+        lambda: ["q_proj", "v_proj"],
+        "Projections that get LoRA: q_proj, k_proj, v_proj, out_proj, fc1, fc2.",
+        factory=True,
+    )
     tiny_clip: dict = option(
         dict,
         'Options of the "tiny-random" CLIP (image_size, patch_size, hidden_size, num_layers, projection_dim).',

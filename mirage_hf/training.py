@@ -295,7 +295,7 @@ def train(cfg: TrainConfig) -> dict:
         project_dir=cfg.output_dir,
     )
     configure_logging()
-    set_seed(cfg.seed)
+    set_seed(cfg.seed)  # once, first: what follows draws the same numbers whether or not it builds files
     clip_path, train_set, calibration_set, eval_set = prepare_data(cfg, accelerator)
     model = build_model(cfg, clip_path)
     image_processor = AutoImageProcessor.from_pretrained(clip_path)

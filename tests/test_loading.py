@@ -181,6 +181,27 @@ def test_adapter_holds_only_trainable_weights_and_rebuilds_the_model(make_model,
     torch.testing.assert_close(logits(rebuilt_on, pixel_values), logits(model, pixel_values))
 
 
+@pytest.mark.parametrize(
+    "towers, projections",
+    [(("vision", "text"), ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")), (("vision",), ("fc2",))],
+)
+def test_lora_reaches_exactly_the_named_projections_of_attention_and_mlp(make_model, towers, projections):
+    """One LoRA module per named projection per layer of each chosen tower (the MLP's fc1/fc2 included), none
+    elsewhere; the tiny CLIP has 3 layers per tower."""
+    import collections
+
+    model = add_lora(make_model("mirage"), r=2, towers=towers, projections=projections)
+    adapted = [name.split(".") for name, module in model.named_modules() if hasattr(module, "lora_A")]
+    per_projection = collections.Counter(parts[-1] for parts in adapted)
+    assert per_projection == {projection: 3 * len(towers) for projection in projections}
+    assert {parts[parts.index("clip") + 1] for parts in adapted} == {f"{tower}_model" for tower in towers}
+
+
+def test_a_lora_projection_that_matches_no_module_is_an_error_naming_the_option(make_model):
+    with pytest.raises(ValueError, match=r"lora_projections.*'fc3'.*fc1"):
+        add_lora(make_model("mirage"), r=2, projections=("q_proj", "fc3"))
+
+
 def test_lora_save_load_and_merge_give_identical_logits(make_model, clip_dir, pixel_values, tmp_path):
     from peft import PeftModel
 

@@ -47,6 +47,17 @@ def test_training_exports_a_pipeline_model_and_per_generator_results(tmp_path, c
     assert (tmp_path / "model" / "eval_results.json").exists()
 
 
+def test_rerunning_in_the_same_folder_gives_the_same_numbers(tmp_path):
+    """The second run finds the tiny CLIP and the generated data already written, and still starts from the same
+    seed: the same weights and the same results."""
+    first = run(tmp_path, "--max_steps", "3")
+    first_state = trainable_state(tmp_path)
+    second = run(tmp_path, "--max_steps", "3")
+    assert second == first
+    for name, value in trainable_state(tmp_path).items():
+        torch.testing.assert_close(value, first_state[name], rtol=0, atol=0, msg=name)
+
+
 def test_the_test_split_never_influences_temperature_threshold_or_weights(tmp_path):
     """The oracle-threshold check: identical training data, evaluated three times on its test split, and the same
     again on that split with every label swapped. Anything chosen on the test split would flip; the exported

@@ -85,3 +85,20 @@ def test_mirage_train_then_mirage_push_from_an_installed_wheel(installed, tmp_pa
     )
     space_env = {**env, "PYTHONPATH": str(space), "MIRAGE_MODEL": str(tmp_path / "staged" / "model")}
     assert run([sys.executable, "-c", detect], cwd=space, env=space_env).startswith(("Likely", "Unsure"))
+
+
+def test_the_wheel_ships_the_top_level_space_as_mirage_hf_space(installed, tmp_path):
+    """One copy of the Space, `space/` in the checkout (as deployed); the wheel carries it as `mirage_hf.space`, and
+    `python -m mirage_hf.space.app` finds it there from a directory far from the checkout."""
+    site, env = installed
+    assert not (ROOT / "mirage_hf" / "space").exists()
+
+    def files_under(folder: Path) -> set[str]:
+        return {
+            p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+        }
+
+    assert files_under(site / "mirage_hf" / "space") == files_under(ROOT / "space")
+    script = "import runpy; app = runpy.run_module('mirage_hf.space.app'); print(app['__file__'], app['EXAMPLES'][0].is_file())"
+    location, example_found = run([sys.executable, "-c", script], cwd=tmp_path, env=env).split()
+    assert Path(location).is_relative_to(site / "mirage_hf" / "space") and example_found == "True"
