@@ -314,3 +314,19 @@ def test_the_space_names_the_adapter_and_its_base(adapted, monkeypatch):
     detector = Detector.from_pretrained(folder, device="cpu")
     info = space.DetectorApp(lambda: detector).model_info()[1]
     assert f"`{folder}`" in info and "adapter on the base detector" in info
+
+
+def test_images_from_a_file_list_and_from_a_labelled_data_set(detector_dir, world, tmp_path):
+    listing = tmp_path / "fakes.txt"
+    listing.write_text("".join(f"{path}\n" for path in sorted(folder_of(world, FAKE, "val").glob("*.png"))[:5]))
+    labelled = tmp_path / "labelled"
+    shutil.copytree(folder_of(world, FAKE), labelled / "fake")
+    shutil.copytree(folder_of(world, REAL), labelled / "real")
+    output = tmp_path / "out"
+    code, _, err = cli(
+        detector_dir, "--files_from", listing, "--dataset", labelled, "--reference", f"genimage:{world}", "--steps",
+        1, "--batch_size", 4, "--output", output, "--force", "-q",
+    )  # fmt: skip
+    assert code == 0, err
+    images = json.loads((output / ADAPT_RESULTS_NAME).read_text())["images"]
+    assert (images["fakes"], images["reals"]) == (17, 12)  # 5 listed + 12 of the data set's fakes; its 12 reals
