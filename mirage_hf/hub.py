@@ -22,10 +22,11 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers.models.auto.image_processing_auto import AutoImageProcessor  # top-level: torchvision-only in 5.17
 
 from . import __version__
+from .adapter import ADAPT_RESULTS_NAME, ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, DETECTOR
 from .configuration_mirage import MiraGeConfig
 from .export import BACKEND_EVAL_RESULTS_FILE, EVAL_RESULTS_FILE
 from .inference import DEFAULT_UNSURE_MARGIN
-from .metrics import format_comparison_table, format_table
+from .metrics import format_before_after, format_comparison_table, format_table
 from .onnx_runtime import INFO_FILE, ONNX_DIR, ONNX_FILES
 from .transforms import preprocessing_mismatch
 
@@ -281,7 +282,7 @@ p(fake) at the threshold.
 {format_table(results["clean"], title=title)}
 ```
 """
-    conditions = {name: value for name, value in results.items() if isinstance(value, dict) and name != "calibration"}
+    conditions = {name: value for name, value in results.items() if isinstance(value, dict) and "mean" in value}
     if len(conditions) > 1:
         text += f"""
 Robustness (the same images JPEG-compressed, blurred or downscaled):
@@ -376,6 +377,143 @@ the pixels the model was calibrated on.
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
 
 
+ADAPTER_FILES = (
+    ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, ADAPT_RESULTS_NAME, "config.json", "preprocessor_config.json"
+)  # fmt: skip
+
+
+def is_adapter_folder(folder) -> bool:
+    """Whether `folder` holds an adapter on a trained detector (`mirage-adapt`'s output)."""
+    path = Path(folder) / ADAPTER_CONFIG_NAME
+    return path.is_file() and json.loads(path.read_text()).get("base_kind") == DETECTOR
+
+
+def _adapter_usage(repo_id: str) -> str:
+    return f"""## How to use
+
+The adapter holds only what adaptation changed; the `mirage-hf` package loads it on top of its base detector
+(downloaded at the recorded revision, and refused if its weights' sha256 differs):
+
+```python
+import mirage_hf  # registers MiraGe with the Auto classes and teaches from_pretrained to read adapters
+from transformers import pipeline
+
+detector = pipeline("image-classification", model="{repo_id}")
+detector("photo.jpg")  # [{{'label': 'fake', 'score': ...}}, {{'label': 'real', 'score': ...}}]
+```
+
+or `mirage-detect photos/ --model {repo_id}`, or `MiraGeForImageClassification.from_pretrained("{repo_id}")`
+(`from_adapter(folder, base_model=...)` puts a local copy of the downloaded folder on a local copy of the base).
+It ships no model code: without `mirage-hf`, `trust_remote_code` cannot load it.
+"""
+
+
+def adapter_card(
+    adapter_dir, repo_id: str | None = None, license: str | None = None, name: str | None = None
+) -> ModelCard:
+    """The model card of an adapter folder: its base detector (card metadata `base_model`, as PEFT adapters
+    have), the before/after tables `mirage-adapt` measured, the method, the calibration and any `--force`.
+    `name` defaults to the repo's or the folder's."""
+    adapter_dir = Path(adapter_dir)
+    results = json.loads((adapter_dir / ADAPT_RESULTS_NAME).read_text())
+    adapter = json.loads((adapter_dir / ADAPTER_CONFIG_NAME).read_text())
+    base, revision = adapter["base_model_name_or_path"], adapter["base_model_revision"]
+    name = name or (repo_id or adapter_dir.name).split("/")[-1]
+    on_hub = _is_hub_id(base)
+    data = ModelCardData(
+        model_name=name,
+        license=license,
+        library_name="transformers",
+        pipeline_tag="image-classification",
+        tags=[*TAGS, "mirage-adapter"],
+        base_model=base if on_hub else None,
+        base_model_relation="adapter" if on_hub else None,
+    )
+    base_text = f"[{base}](https://huggingface.co/{base})" if on_hub else f"`{Path(base).name}` (a local folder)"
+    images, options = results["images"], results["options"]
+    trained = "prompts and couplings" + (f" and a rank-{options['lora_r']} LoRA" if options.get("lora_r") else "")
+    forced = ""
+    if results.get("forced"):
+        forced = (
+            "\n> **Written with `--force`.** The forgetting guard refused this adapter: "
+            + "; ".join(results["refused"])
+            + ". Check the tables below before using it.\n"
+        )
+    tables = [
+        f"Reference data `{_dataset_label(results['reference'].split(' [')[0])}` (what the base detector was "
+        "evaluated on; the old generators):\n\n```\n"
+        + format_before_after(results["before"]["reference"], results["after"]["reference"])
+        + "\n```"
+        if results["before"]["reference"]
+        else "No reference data: forgetting was not measured."
+    ]
+    if results["before"]["holdout"]:
+        tables.append(
+            f"Held-out images of `{results['generator']}` ({images['holdout_fakes']} fakes, {images['holdout_reals']} "
+            "reals; never trained on):\n\n```\n"
+            + format_before_after(results["before"]["holdout"], results["after"]["holdout"])
+            + "\n```"
+        )
+    change = results["forgetting"]["change"]
+    worst_text = f"; the largest change here is {min(change.values()):+.1f} points" if change else ""
+    calibration = results["calibration"]
+    calibration_rule = calibration["rule"]
+    body = f"""# {name}
+
+An adapter for the MiraGe detector {base_text} (revision `{revision or "local"}`, weights sha256
+`{adapter["base_model_sha256"][:16]}...`) that teaches it the generator `{results["generator"]}` from
+{images["fakes"]} of its images and {images["reals"]} real images ({images["train_fakes"]} fakes and
+{images["train_reals"]} reals trained on, the rest held out; {images["unreadable"]} unreadable files skipped).
+It holds only what adaptation changed, the {trained}: {100 * results["adapter_fraction"]:.2f}% of the detector's
+weights. Written by `mirage-adapt` (mirage-hf {__version__}).
+{forced}
+{_adapter_usage(repo_id or name)}
+## Before and after
+
+Accuracy, real accuracy, fake accuracy and AP (fake = positive) in percent, before (the base detector) and after
+(base + this adapter), each at its own calibrated threshold. The guard allows an old generator to lose at most
+{results["forgetting"]["max_forgetting"]:g} points of accuracy{worst_text}.
+
+{chr(10).join(f"{table}{chr(10)}" for table in tables)}
+## Method
+
+{options["steps"]} steps of AdamW (learning rate {options["learning_rate"]:g}, batches of {options["batch_size"]}, half
+new fakes and half reals), starting from the detector's own trained weights, on the detector's own loss plus an L2
+penalty toward its weights (weight {options["anchor_weight"]:g}) and distillation of its p(fake) on the real images
+(weight {options["distill_weight"]:g}); see mirage-hf's docs/adaptation.md.
+
+Calibration: temperature {calibration["temperature"]:.4g}, threshold {calibration["threshold"]:.4g}; {calibration_rule}.
+
+{INTENDED_USE}
+{LIMITATIONS}"""
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
+
+
+def _stage_adapter(adapter_dir: Path, target: Path, repo_id: str, license, base_model) -> None:
+    """The adapter's files and card; its base must be a Hub repo (`base_model` renames a local base that was
+    published; loading still checks the weights' sha256)."""
+    adapter = json.loads((adapter_dir / ADAPTER_CONFIG_NAME).read_text())
+    base = base_model or adapter["base_model_name_or_path"]
+    if not _is_hub_id(base):
+        raise ValueError(
+            f"the adapter's base detector {base!r} is a local folder, which the Hub cannot load: publish it first "
+            "(mirage-push --model_dir <it>) and pass --base_model <its repo id>"
+        )
+    missing = [name for name in ADAPTER_FILES if not (adapter_dir / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{adapter_dir} is not a complete adapter folder (missing {missing})")
+    target.mkdir(parents=True)
+    for name in ADAPTER_FILES:
+        shutil.copy2(adapter_dir / name, target / name)
+    if base_model:
+        revision = None if base_model != adapter["base_model_name_or_path"] else adapter["base_model_revision"]
+        adapter.update(base_model_name_or_path=base_model, base_model_revision=revision)
+        (target / ADAPTER_CONFIG_NAME).write_text(json.dumps(adapter, indent=2, sort_keys=True) + "\n")
+    results = json.loads((adapter_dir / ADAPT_RESULTS_NAME).read_text())
+    license = choose_license(results.get("reference") or "", license)
+    adapter_card(target, repo_id, license).save(target / "README.md")
+
+
 def _copy_model_files(model_dir: Path, target: Path) -> None:
     missing = [name for name in REQUIRED_MODEL_FILES if not (model_dir / name).is_file()]
     if missing or not list(model_dir.glob("*.safetensors")):
@@ -429,9 +567,12 @@ def stage_model_repo(
         raise FileNotFoundError(f"no model folder {str(model_dir)!r}")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"staging folder {out_dir} is not empty; choose a new one")
-    card = _model_card(model_dir, repo_id, license, base_model, datasets, space_repo_id)
-    _copy_model_files(model_dir, out_dir / "model")
-    card.save(out_dir / "model" / "README.md")
+    if is_adapter_folder(model_dir):
+        _stage_adapter(model_dir, out_dir / "model", repo_id, license, base_model)
+    else:
+        card = _model_card(model_dir, repo_id, license, base_model, datasets, space_repo_id)
+        _copy_model_files(model_dir, out_dir / "model")
+        card.save(out_dir / "model" / "README.md")
     _stage_space(out_dir / "space", repo_id)
     return out_dir
 
@@ -493,11 +634,17 @@ def format_calls(calls: list[tuple[str, dict]]) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Publish a trained MiraGe detector (model repo and Gradio Space).")
-    parser.add_argument("--model_dir", required=True, help="Exported model folder (e.g. outputs/demo/model).")
+    parser.add_argument(
+        "--model_dir", required=True, help="Exported model folder (e.g. outputs/demo/model) or mirage-adapt's adapter."
+    )
     parser.add_argument("--repo_id", required=True, type=_repo_id, help="Model repo, user/name.")
     parser.add_argument("--space_repo_id", type=_repo_id, help="Also publish a Gradio Space, user/name.")
     parser.add_argument("--license", help="Licence of the weights; defaults to cc-by-nc-sa-4.0 for GenImage data.")
-    parser.add_argument("--base_model", help="Hub id of the base CLIP; defaults to the config's clip_name_or_path.")
+    parser.add_argument(
+        "--base_model",
+        help="Hub id of the base CLIP (default: the config's clip_name_or_path); for an adapter folder (mirage-adapt), "
+        "the Hub id its base detector was published under",
+    )
     parser.add_argument("--datasets", nargs="+", help="Hub ids of the training data sets, for the card.")
     parser.add_argument("--private", action="store_true", help="Create private repos.")
     parser.add_argument("--staging_dir", help="New or empty folder to stage into (default: a new temporary one).")

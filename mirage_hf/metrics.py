@@ -281,6 +281,30 @@ def format_comparison_table(
     return _render(header, rows, title)
 
 
+BEFORE_AFTER_METRICS = ("accuracy", "real_accuracy", "fake_accuracy", "average_precision")
+
+
+def format_before_after(before: Mapping[str, dict], after: Mapping[str, dict], title: str | None = None) -> str:
+    """Two result sets of :func:`per_subset_metrics` side by side (an adaptation's before and after): per subset,
+    accuracy before, after and its change in points, then real accuracy, fake accuracy and AP before and after."""
+    header = ["subset"]
+    for key in BEFORE_AFTER_METRICS:
+        header += [f"{COLUMN_LABELS[key]} before", f"{COLUMN_LABELS[key]} after"]
+        if key == "accuracy":
+            header.append("change")
+    rows = []
+    for name in _row_order(before):
+        b, a = before[name], after.get(name, {})
+        row = [name]
+        for key in BEFORE_AFTER_METRICS:
+            row += [_cell(b.get(key), key), _cell(a.get(key), key)]
+            if key == "accuracy":
+                known = [v for v in (b.get(key), a.get(key)) if v is not None and not math.isnan(v)]
+                row.append(f"{100.0 * (known[1] - known[0]):+.1f}" if len(known) == 2 else "-")
+        rows.append(row)
+    return _render(header, rows, title)
+
+
 def load_detection_metric(**load_kwargs):
     """The shipped local ``evaluate`` module, loaded from its folder so the Hub is never contacted.
 

@@ -122,12 +122,18 @@ def made_with(root: Path, options: dict) -> bool:
     return stamp.is_file() and json.loads(stamp.read_text()) == options
 
 
+def synthetic_options(cfg: TrainConfig) -> dict:
+    """What the "synthetic" data is generated with (`make_synthetic_genimage`); eval_results.json records it, so
+    that `mirage-adapt` can regenerate the evaluation data."""
+    return {"seed": cfg.seed, **cfg.synthetic}
+
+
 def resolve_dataset(cfg: TrainConfig, source: str) -> str:
     """ "synthetic" becomes a generated GenImage-layout folder (made once, deterministic for the options). With
     --eval_only, the folder of the run that trained the model is used when it was made with the same options."""
     if source != "synthetic":
         return source
-    options = {"seed": cfg.seed, **cfg.synthetic}
+    options = synthetic_options(cfg)
     trained_with = Path(cfg.model or "").parent / SYNTHETIC_DIR
     if cfg.eval_only and made_with(trained_with, options):
         return f"genimage:{trained_with}"
@@ -513,6 +519,7 @@ class Evaluation:
                 "backend": cfg.backend,
                 "eval_dataset": cfg.eval_dataset or cfg.dataset,
                 "eval_split": cfg.eval_split,
+                "synthetic": synthetic_options(cfg) if (cfg.eval_dataset or cfg.dataset) == "synthetic" else None,
                 "preprocess": self.preprocess.mode,
                 "threshold": config.decision_threshold,
                 "temperature": config.calibration_temperature,

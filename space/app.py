@@ -160,8 +160,10 @@ class DetectorApp:
         """On page load: the slider at the model's calibrated threshold, and a line about the model."""
         detector = self.detector()
         name = detector.model.config.name_or_path or "model"
+        adapter = getattr(detector.model, "mirage_adapter", None)  # mirage-adapt's adapter on a base detector
+        on_base = f" (adapter on the base detector `{adapter['base_model']}`)" if adapter else ""
         text = (
-            f"Model `{name}` on backend `{detector.backend}`: calibrated threshold {detector.threshold:.3f}, "
+            f"Model `{name}`{on_base} on backend `{detector.backend}`: calibrated threshold {detector.threshold:.3f}, "
             f"unsure band {detector.unsure_margin:.2f}."
         )
         return gr.Slider(value=round(detector.threshold, 2)), text

@@ -64,3 +64,29 @@ def test_scan_benchmark_reports_rates_ratios_and_peak_rss(tmp_path):
     assert {"tiny detector, 0 workers, images/s", "tiny detector, 1 workers / 0 workers"} <= set(rows)
     assert rows["peak RSS, 40 files, MiB"] > 50 and rows["peak RSS, 80 files, MiB"] > 50
     assert all(value > 0 for name, value in rows.items() if "growth" not in name)
+
+
+@pytest.mark.slow
+def test_adaptation_benchmark_reports_the_kshot_grid_and_one_timed_adaptation(tmp_path):
+    from conftest import TINY_TRAIN_ARGS
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    run = tmp_path / "run"
+    train = [sys.executable, "train.py", *TINY_TRAIN_ARGS, "--max_steps", "4", "--train_subsets", "upsampler",
+             "--output_dir", str(run)]  # fmt: skip
+    subprocess.run(train, cwd=ROOT, env=env, check=True, capture_output=True, timeout=600)
+    command = [sys.executable, "benchmarks/adapt_kshot.py", "--run", str(run), "--trained", "upsampler", "--shots",
+               "4", "--seeds", "0", "--output", str(tmp_path / "kshot.json")]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "kshot.json").read_text())
+    assert report["generators"] == ["diffusion"]  # read from the detector's evaluation data, not typed
+    assert {(row["method"], row["k"]) for row in report["rows"]} == {("guarded", 4), ("plain", 4)}
+    assert "| guarded | diffusion | 4 |" in result.stdout
+
+    command = [sys.executable, "benchmarks/adapt_kshot.py", "--timing", "--timing_model", "tiny", "--timing_steps",
+               "2", "--threads", "1", "--output", str(tmp_path / "timing.json")]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    timing = json.loads((tmp_path / "timing.json").read_text())["timing"]
+    assert timing["steps"] == 2 and timing["peak_rss_mib"] > 50 and timing["adapt_seconds"] > 0

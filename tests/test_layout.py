@@ -32,7 +32,9 @@ def test_the_remote_code_saved_with_a_model_holds_the_model_only(make_model, tmp
     }
     defined = {node.name for node in ast.walk(tree) if isinstance(node, ast.FunctionDef | ast.ClassDef)}
     assert not imported & {"AutoTokenizer", "contextvars", "CLIPConfig", "PreTrainedConfig"}
-    assert not defined & {"from_clip", "clip_config_dict", "init_context_from_words", *PACKAGE_METHODS}
+    # from_pretrained is transformers' own (the file overrides it to freeze CLIP); the package wraps it for adapters
+    package_only = set(PACKAGE_METHODS) - {"from_pretrained"}
+    assert not defined & {"from_clip", "clip_config_dict", "init_context_from_words", *package_only}
     assert not {name for name in defined if "tokeni" in name}
 
 

@@ -34,6 +34,7 @@ def test_training_exports_a_pipeline_model_and_per_generator_results(tmp_path, c
     assert results["clean"]["upsampler"]["n"] == 16
     written = json.loads((tmp_path / "eval_results.json").read_text())
     assert written["clean"]["mean"]["accuracy"] == pytest.approx(results["clean"]["mean"]["accuracy"])
+    assert written["synthetic"]["n_val_per_class"] == 8  # how to regenerate the test data (mirage-adapt)
     printed = capsys.readouterr().out
     assert "upsampler" in printed and "mean" in printed
     detector = pipeline("image-classification", model=str(tmp_path / "model"))

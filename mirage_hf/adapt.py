@@ -1,0 +1,686 @@
+"""`mirage-adapt`: teach a trained detector a new generator from a few dozen of its images, and measure what the
+detector forgets on the generators it knew.
+
+    mirage-adapt outputs/demo/model --fakes new-generator/ --reals photos/ --generator flux --output flux-adapter
+
+Adaptation starts from the detector's own trained weights (prompts and couplings; a fresh LoRA with `--lora_r`),
+and trains them for a bounded number of steps on the new fakes and real images, with two guards against
+forgetting: an L2 penalty that keeps the weights near the detector's and distillation of the detector's own scores
+on the real images (docs/adaptation.md says why and what they change). Before and after, it scores the detector's
+earlier evaluation data (the subsets of its `eval_results.json`, or `--reference`) and the held-out part of the
+new images; it refuses to write the adapter when an old generator loses more than `--max_forgetting` points of
+accuracy (`--force` writes it anyway, and the card says so). The output is a PEFT-style adapter folder
+(`mirage_hf.adapter`) that `from_pretrained`, `pipeline()`, `mirage-detect --model` and the Space load on top of
+the base detector.
+
+Exit codes: 0 the adapter was written; 1 usage error or unusable input (no images, no model, no reference data);
+3 the forgetting guard refused to write it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+from transformers.models.auto.image_processing_auto import AutoImageProcessor  # top-level: torchvision-only in 5.17
+from transformers.utils import cached_file
+from transformers.utils import logging as hf_logging
+
+from .adapter import (
+    ADAPT_RESULTS_NAME,
+    detector_fingerprint,
+    is_detector_adapter,
+    lora_config,
+    save_detector_adapter,
+)
+from .calibration import MIN_PER_CLASS, calibrate
+from .cli import _Parser as UsageParser
+from .data import FAKE, REAL, load_data
+from .evaluation import evaluate, predict
+from .export import EVAL_RESULTS_FILE, mirage_core
+from .hub import adapter_card
+from .lora import mirage_lora_config
+from .metrics import RESERVED_SUBSETS, format_before_after, to_jsonable
+from .modeling_mirage import MiraGeForImageClassification
+from .scan import find_images
+from .synthetic import make_synthetic_genimage
+from .transforms import BadImageReport, DetectionCollator, ImageLoadError, Preprocessor, TrainAugmentation, open_image
+
+PROG = "mirage-adapt"
+REFUSED = 3  # exit code: the forgetting guard kept the adapter from being written
+NEW_GENERATOR = "new generator"  # the held-out images' subset when --generator is not given
+SYNTHETIC_OPTIONS_FILE = Path("synthetic-data") / "options.json"  # beside a training run's model/ (training.py)
+
+
+@dataclass
+class AdaptOptions:
+    """How adaptation trains and what it accepts; the defaults suit 8 to 1,000 new images (docs/adaptation.md)."""
+
+    steps: int | None = None
+    """Optimiser steps; None = 10 passes over the training fakes, within [STEPS_MIN, STEPS_MAX]."""
+    batch_size: int = 32
+    """Images per step, half new fakes and half reals when reals are given."""
+    learning_rate: float = 2e-3
+    anchor_weight: float = 10.0
+    """Weight of the L2 penalty ||theta - theta_base||^2 / ||theta_base||^2 on the trained weights (0: off)."""
+    distill_weight: float = 1.0
+    """Weight of the distillation of the base detector's p(fake) on the real images (0: off)."""
+    holdout: float = 0.2
+    """Fraction of the new images (each class) held out to measure the new generator and refit the calibration."""
+    lora_r: int = 0
+    """Rank of a fresh LoRA on the vision tower's attention, trained with the prompts (0: prompts and couplings only)."""
+    max_forgetting: float = 2.0
+    """Largest accuracy loss, in points, allowed on any old generator of the reference data."""
+    generator: str | None = None
+    """Name of the new generator; a reference subset of that name measures it (and is not an old generator)."""
+    seed: int = 0
+    eval_batch_size: int = 64
+
+    STEPS_MIN, STEPS_MAX = 100, 400
+
+    def resolved_steps(self, n_train_fakes: int) -> int:
+        if self.steps is not None:
+            return self.steps
+        passes = math.ceil(10 * n_train_fakes / self.fakes_per_batch())
+        return min(self.STEPS_MAX, max(self.STEPS_MIN, passes))
+
+    def fakes_per_batch(self) -> int:
+        return max(1, self.batch_size // 2)
+
+    def __post_init__(self):
+        if not 0.0 <= self.holdout < 1.0:
+            raise ValueError(f"holdout must lie in [0, 1), got {self.holdout}")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.batch_size < 2:
+            raise ValueError(f"batch_size must be >= 2 (half fakes, half reals), got {self.batch_size}")
+        if min(self.anchor_weight, self.distill_weight, self.max_forgetting, self.lora_r) < 0:
+            raise ValueError("anchor_weight, distill_weight, max_forgetting and lora_r must be >= 0")
+
+
+class AdaptError(ValueError):
+    """Input that adaptation cannot use (no images, no reference data, reals passed as fakes, ...)."""
+
+
+# ----------------------------------------------------------------------------------------------- the images
+
+
+def image_rows(paths, label: int, subset: str) -> list[dict]:
+    """Rows in the package's data schema (`mirage_hf.data`), images undecoded."""
+    return [{"image": {"path": str(path), "bytes": None}, "label": label, "subset": subset} for path in paths]
+
+
+def dataset_rows(source: str, split: str, subset: str) -> tuple[list[dict], list[dict]]:
+    """(fake rows, real rows) of a labelled data set (any `mirage_hf.data.load_data` source)."""
+    ds = load_data(source, split=split)
+    rows = [{"image": row["image"], "label": row["label"], "subset": subset} for row in ds]
+    return [r for r in rows if r["label"] == FAKE], [r for r in rows if r["label"] == REAL]
+
+
+def readable(rows: list[dict], report: BadImageReport) -> list[dict]:
+    """The rows whose image decodes; the others go into `report` with their reason."""
+    kept = []
+    for row in rows:
+        try:
+            open_image(row["image"])
+        except ImageLoadError as error:
+            report.add([(error.source or "<in-memory image>", error.reason)])
+            continue
+        kept.append(row)
+    return kept
+
+
+def _content_hash(row: dict) -> str:
+    image = row["image"]
+    data = image.get("bytes") or Path(image["path"]).read_bytes()
+    return hashlib.sha256(data).hexdigest()
+
+
+def check_not_the_same_images(fakes: list[dict], reals: list[dict]) -> None:
+    """AdaptError when a file is given both as a fake and as a real image (a folder of reals passed as fakes)."""
+    real_hashes = {_content_hash(row): row for row in reals}
+    same = [(row, real_hashes[h]) for row in fakes if (h := _content_hash(row)) in real_hashes]
+    if same:
+        fake, real = same[0]
+        raise AdaptError(
+            f"{len(same)} of the {len(fakes)} images given as fakes are also given as real images (e.g. "
+            f"{fake['image'].get('path')} = {real['image'].get('path')}); check --fakes and --reals"
+        )
+
+
+def split_holdout(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """(training rows, held-out rows): a seeded `fraction` of `rows`, none when it would round to zero."""
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    n_held = int(round(fraction * len(rows)))
+    if n_held >= len(rows):
+        n_held = len(rows) - 1
+    held = set(order[:n_held])
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+
+
+# ------------------------------------------------------------------------------------- the reference data
+
+
+def base_eval_results(detector: str) -> dict | None:
+    """The detector's `eval_results.json` (from training or `--eval_only`), or None."""
+    path = cached_file(detector, EVAL_RESULTS_FILE, _raise_exceptions_for_missing_entries=False)
+    return json.loads(Path(path).read_text()) if path else None
+
+
+def eval_subsets(eval_results: dict) -> list[str]:
+    return [name for name in eval_results["clean"] if name not in RESERVED_SUBSETS]
+
+
+def synthetic_options(detector: str, eval_results: dict) -> dict | None:
+    """The options `train.py` generated the "synthetic" data with: recorded in eval_results.json, or in the
+    run's `synthetic-data/options.json` beside a local model folder (runs from before that record)."""
+    if eval_results.get("synthetic"):
+        return dict(eval_results["synthetic"])
+    stamp = Path(detector).parent / SYNTHETIC_OPTIONS_FILE
+    return json.loads(stamp.read_text()) if stamp.is_file() else None
+
+
+def reference_rows(detector: str, source: str | None, split: str | None, workdir: Path) -> tuple[list[dict], str]:
+    """(rows, description) of the data the forgetting is measured on: `source` (split `split`), else the
+    detector's own evaluation data, regenerated as training made it when it was the generated "synthetic" set."""
+    if source is not None:
+        ds = load_data(source, split=split or "val")
+        return list(ds), f"{source} [{split or 'val'}]"
+    eval_results = base_eval_results(detector)
+    if eval_results is None or "eval_dataset" not in eval_results:
+        raise AdaptError(
+            f"{detector} has no eval_results.json naming its evaluation data, so that data is unknown: pass --reference "
+            "<data the detector knows> to measure forgetting, or --force to adapt without measuring it"
+        )
+    subsets, dataset, eval_split = eval_subsets(eval_results), eval_results["eval_dataset"], eval_results["eval_split"]
+    if dataset == "synthetic":
+        options = synthetic_options(detector, eval_results)
+        if options is None:
+            raise AdaptError(
+                f"{detector} was evaluated on generated data whose options are not recorded; pass --reference"
+            )
+        root = make_synthetic_genimage(
+            workdir / "reference", **{**options, "generators": subsets, "n_train_per_class": 0}
+        )
+        source = f"genimage:{root}"
+    else:
+        source = dataset
+    try:
+        ds = load_data(source, split=eval_split)
+    except (OSError, ValueError) as error:
+        raise AdaptError(
+            f"cannot load the data {detector} was evaluated on ({dataset!r}, split {eval_split!r}: {error}); pass "
+            "--reference <data the detector knows>"
+        ) from error
+    wanted = set(subsets)
+    return [row for row in ds if row["subset"] in wanted], f"{dataset} [{eval_split}]"
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+def trained_parameters(model) -> dict[str, torch.nn.Parameter]:
+    return {name: param for name, param in mirage_core(model).named_parameters() if param.requires_grad}
+
+
+def anchor_penalty(params: dict, base: dict) -> torch.Tensor:
+    """||theta - theta_base||^2 / ||theta_base||^2 over the trained weights: relative, so one weight suits any size."""
+    change = sum(((params[name] - base[name]) ** 2).sum() for name in params)
+    scale = sum((base[name] ** 2).sum() for name in params).clamp_min(1e-12)
+    return change / scale
+
+
+def distillation(logit_diff, base_logit_diff, temperature: float) -> torch.Tensor:
+    """Binary cross-entropy of the adapted p(fake) against the base detector's, at the base's temperature."""
+    return F.binary_cross_entropy_with_logits(logit_diff / temperature, torch.sigmoid(base_logit_diff / temperature))
+
+
+class Batches:
+    """Each step's rows: half new fakes, half reals, drawn in seeded passes over each class."""
+
+    def __init__(self, fakes: list[dict], reals: list[dict], batch_size: int, seed: int):
+        self.pools = [(fakes, batch_size // 2 if reals else batch_size), (reals, batch_size - batch_size // 2)]
+        self.rng, self.queues = random.Random(seed), [[], []]
+
+    def __next__(self) -> list[dict]:
+        rows = []
+        for index, (pool, n) in enumerate(self.pools):
+            while pool and len(self.queues[index]) < n:
+                order = list(range(len(pool)))
+                self.rng.shuffle(order)
+                self.queues[index] += [pool[i] for i in order]
+            rows += self.queues[index][:n]
+            self.queues[index] = self.queues[index][n:]
+        return rows
+
+
+def add_adaptation_lora(model, r: int):
+    """`model` with a fresh LoRA (B = 0, so it starts as the detector) on the vision tower's attention; the prompts
+    stay trainable under their own names. Returns (peft model, the LoRA's settings for the adapter file)."""
+    from peft import get_peft_model
+
+    settings = {"r": r, "alpha": 2 * r, "target_modules": mirage_lora_config(model, r=r).target_modules}
+    trainable = set(trained_parameters(model))
+    peft_model = get_peft_model(model, lora_config(settings))
+    for name, param in mirage_core(peft_model).named_parameters():
+        if name in trainable:
+            param.requires_grad_(True)
+    return peft_model, settings
+
+
+def train(model, train_fakes, train_reals, preprocess, options: AdaptOptions, device, quiet=False) -> list[dict]:
+    """Trains the model's trainable weights in place; returns the loss terms every 10 steps."""
+    core = mirage_core(model)
+    params = trained_parameters(model)
+    base = {name: param.detach().clone() for name, param in params.items()}
+    temperature = core.config.calibration_temperature
+    steps = options.resolved_steps(len(train_fakes))
+    optimizer = torch.optim.AdamW(params.values(), lr=options.learning_rate, weight_decay=0.0)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, max(1, steps // 20), steps)
+    collate = DetectionCollator(preprocess)
+    batches = Batches(train_fakes, train_reals, options.batch_size, options.seed)
+    torch.manual_seed(options.seed)
+    preprocess.augmentation.reseed(options.seed)
+    log, model = [], model.train()
+    for step in tqdm(range(1, steps + 1), desc="adapt", disable=quiet, file=sys.stderr):
+        batch = collate(next(batches))
+        pixel_values, labels = batch["pixel_values"].to(device), batch["labels"].to(device)
+        output = core(pixel_values=pixel_values, labels=labels)
+        terms = {"model": output.loss}
+        if options.anchor_weight:
+            terms["anchor"] = options.anchor_weight * anchor_penalty(params, base)
+        real = labels == REAL
+        if options.distill_weight and real.any():
+            with torch.no_grad():
+                base_diff = torch.func.functional_call(
+                    core, base, kwargs={"pixel_values": pixel_values[real]}
+                ).logit_diff
+            terms["distill"] = options.distill_weight * distillation(output.logit_diff[real], base_diff, temperature)
+        loss = sum(terms.values())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        if step % 10 == 0 or step == steps:
+            log.append({"step": step, **{name: float(value.detach()) for name, value in terms.items()}})
+    return log
+
+
+# ----------------------------------------------------------------------------------------- measuring it
+
+
+def measure(model, rows, preprocess, accelerator, batch_size) -> dict:
+    """Per-subset metrics of `model` on `rows` (`mirage_hf.evaluation`), at its calibrated threshold."""
+    if not rows:
+        return {}
+    results, _ = evaluate(model, rows, preprocess, accelerator, batch_size=batch_size)
+    return results["clean"]
+
+
+def refit_calibration(model, holdout, preprocess, accelerator, batch_size) -> dict:
+    """Fits T and t on the held-out new images (fakes and reals) when each class has `MIN_PER_CLASS`; otherwise
+    the base detector's calibration stays. Returns the record for adapt_results.json and the card."""
+    config = mirage_core(model).config
+    kept = {"temperature": config.calibration_temperature, "threshold": config.decision_threshold}
+    labels = np.array([row["label"] for row in holdout])
+    if min((labels == FAKE).sum(), (labels == REAL).sum()) < MIN_PER_CLASS:
+        why = (
+            f"{int((labels == REAL).sum())} real and {int((labels == FAKE).sum())} fake held-out images, fewer than "
+            f"{MIN_PER_CLASS} per class"
+        )
+        return {**kept, "fitted": False, "rule": f"the base detector's temperature and threshold, kept: {why}"}
+    labels, diffs, _, _, _ = predict(model, holdout, preprocess, accelerator, batch_size, desc="calibrate")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a fallback is reported in the record, and the base's values are kept
+        record = calibrate(diffs, labels)
+    if not record["fitted"]:
+        return {
+            **kept,
+            "fitted": False,
+            "rule": f"the base detector's temperature and threshold, kept: {record['rule']}",
+        }
+    config.calibration_temperature, config.decision_threshold = record["temperature"], record["threshold"]
+    return record
+
+
+def forgetting(before: dict, after: dict, new_subset: str | None, margin: float) -> dict:
+    """Accuracy change in points per old generator (reference subsets but the new one) and the ones beyond `margin`."""
+    old = [name for name in before if name not in RESERVED_SUBSETS and name != new_subset]
+    change = {name: 100.0 * (after[name]["accuracy"] - before[name]["accuracy"]) for name in old}
+    beyond = [name for name in old if -change[name] > margin + 1e-9]
+    return {"max_forgetting": margin, "change": change, "beyond_margin": beyond}
+
+
+def effect_warnings(before_new: dict, after_new: dict) -> list[str]:
+    """What says that the adaptation did nothing useful for the new generator (a no-op, or reals passed as fakes)."""
+    notes = []
+    if not after_new:
+        return notes
+    gain = 100.0 * (after_new["fake_accuracy"] - before_new["fake_accuracy"])
+    if before_new["fake_accuracy"] >= 0.9:
+        notes.append(
+            f"the detector already called {100 * before_new['fake_accuracy']:.0f}% of the held-out new fakes fake: "
+            "adapting to them changes little"
+        )
+    elif gain < 5.0:
+        notes.append(
+            f"adaptation raised the fake accuracy on the held-out new images by {gain:.1f} points only: the "
+            "detector did not learn to tell them apart (are the images given as fakes really generated?)"
+        )
+    auc = after_new.get("roc_auc")
+    if auc is not None and not math.isnan(auc) and auc < 0.6:
+        notes.append(
+            f"after adaptation the held-out fakes and reals are ranked at chance (ROC AUC {auc:.2f}): images given "
+            "as fakes that look like the real ones are the usual cause"
+        )
+    return notes
+
+
+# -------------------------------------------------------------------------------------------- the result
+
+
+@dataclass
+class Adaptation:
+    """What `adapt` returns: the adapted model, its record (adapt_results.json) and why it may not be written."""
+
+    model: MiraGeForImageClassification
+    results: dict
+    image_processor: object
+    lora: dict | None = None
+    refused: list[str] = field(default_factory=list)
+
+    def save(self, output_dir, force: bool = False) -> Path:
+        """Writes the adapter folder atomically; AdaptError when the guard refused it and `force` is off."""
+        if self.refused and not force:
+            raise AdaptError("not written: " + "; ".join(self.refused))
+        self.results["forced"] = bool(self.refused)
+        results = to_jsonable(self.results)
+
+        def write_extra(staging: Path):
+            self.image_processor.save_pretrained(staging)
+            (staging / ADAPT_RESULTS_NAME).write_text(json.dumps(results, indent=2) + "\n")
+            adapter_card(staging, name=Path(output_dir).name).save(staging / "README.md")
+
+        save_detector_adapter(self.model, results["base_model"], output_dir, lora=self.lora, write_extra=write_extra)
+        return Path(output_dir)
+
+
+def adapter_fraction(model, lora_state: dict | None, base: dict) -> float:
+    """Bytes of the adapter's weights over bytes of the base detector's weights."""
+    tensors = [*trained_parameters(model).values(), *(lora_state or {}).values()]
+    adapter_bytes = sum(t.numel() * t.element_size() for t in tensors)
+    return adapter_bytes / base["weights_bytes"]
+
+
+def adapt(
+    detector: str,
+    fakes: list[dict],
+    reals: list[dict] | None = None,
+    options: AdaptOptions | None = None,
+    reference: str | None = None,
+    reference_split: str | None = None,
+    measure_forgetting: bool = True,
+    device=None,
+    quiet: bool = False,
+) -> Adaptation:
+    """Adapts `detector` (folder or Hub id) to the new generator whose images are `fakes` (rows of `image_rows`).
+
+    `reals` are real images (recommended: without them the detector learns from fakes alone, and only the
+    reference data says what that did to real images). The returned `Adaptation` holds the adapted model, the
+    before/after tables and, in `refused`, why the forgetting guard would not write it.
+    """
+    options = options or AdaptOptions()
+    reals = reals or []
+    started = time.perf_counter()
+    say = (lambda *args: None) if quiet else (lambda message: print(f"{PROG}: {message}", file=sys.stderr))
+    if is_detector_adapter(detector):
+        raise AdaptError(f"{detector} is an adapter; adapt its base detector instead (adapters do not stack)")
+    report = BadImageReport()
+    fakes, reals = readable(fakes, report), readable(reals, report)
+    if not fakes:
+        raise AdaptError("no readable image of the new generator" + (f" ({report.summary()})" if report.count else ""))
+    check_not_the_same_images(fakes, reals)
+
+    accelerator = Accelerator(cpu=device == "cpu")
+    model = MiraGeForImageClassification.from_pretrained(detector)
+    if not trained_parameters(model):
+        raise AdaptError(f"{detector} is a {model.config.mode} detector: it has no trained weights to adapt")
+    base = detector_fingerprint(detector)
+    base["weights_bytes"] = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    image_processor = AutoImageProcessor.from_pretrained(detector)
+    preprocess = Preprocessor(image_processor, model.config.preprocess)
+    name = options.generator or NEW_GENERATOR
+    fakes, reals = [dict(row, subset=name) for row in fakes], [dict(row, subset=name) for row in reals]
+    train_fakes, held_fakes = split_holdout(fakes, options.holdout, options.seed)
+    train_reals, held_reals = split_holdout(reals, options.holdout, options.seed) if reals else ([], [])
+    holdout = held_fakes + held_reals
+    model.to(accelerator.device)
+
+    with tempfile.TemporaryDirectory(prefix="mirage-adapt-") as workdir:
+        ref_rows, ref_name = ([], None)
+        if measure_forgetting:
+            ref_rows, ref_name = reference_rows(detector, reference, reference_split, Path(workdir))
+            say(f"scoring the reference data ({ref_name}, {len(ref_rows)} images) and the held-out new images")
+        before = {"reference": measure(model, ref_rows, preprocess, accelerator, options.eval_batch_size),
+                  "holdout": measure(model, holdout, preprocess, accelerator, options.eval_batch_size)}  # fmt: skip
+
+        lora = None
+        if options.lora_r:
+            model, lora = add_adaptation_lora(model, options.lora_r)
+        augmentation = TrainAugmentation(preprocess.image_size, resize_prob=0.0, blur_prob=0.0, jpeg_prob=0.0)
+        train_preprocess = Preprocessor(image_processor, model.config.preprocess, augmentation)
+        steps = options.resolved_steps(len(train_fakes))
+        say(f"training on {len(train_fakes)} fakes and {len(train_reals)} reals for {steps} steps "
+            f"({len(held_fakes)} fakes and {len(held_reals)} reals held out)")  # fmt: skip
+        log = train(model, train_fakes, train_reals, train_preprocess, options, accelerator.device, quiet)
+        model.eval()
+        if lora is not None:
+            from peft import get_peft_model_state_dict
+
+            lora["state"] = {k: v.detach().cpu() for k, v in get_peft_model_state_dict(model).items()}
+            model = model.merge_and_unload()
+            for param in model.clip.parameters():
+                param.requires_grad_(False)
+        calibration = refit_calibration(model, holdout, preprocess, accelerator, options.eval_batch_size)
+        after = {"reference": measure(model, ref_rows, preprocess, accelerator, options.eval_batch_size),
+                 "holdout": measure(model, holdout, preprocess, accelerator, options.eval_batch_size)}  # fmt: skip
+
+    new_subset = name if name in before["reference"] else None
+    guard = forgetting(before["reference"], after["reference"], new_subset, options.max_forgetting)
+    new_before = before["reference"].get(new_subset) or before["holdout"].get(name, {})
+    new_after = after["reference"].get(new_subset) or after["holdout"].get(name, {})
+    notes = effect_warnings(before["holdout"].get(name) or new_before, after["holdout"].get(name) or new_after)
+    refused = [
+        f"{subset} lost {-guard['change'][subset]:.1f} points of accuracy (margin {options.max_forgetting:g})"
+        for subset in guard["beyond_margin"]
+    ]
+    if not measure_forgetting:
+        refused.append("forgetting was not measured (no reference data)")
+    lora_state = None if lora is None else lora["state"]
+    results = {
+        "base_model": base,
+        "generator": name,
+        "reference": ref_name,
+        "images": {
+            "fakes": len(fakes),
+            "reals": len(reals),
+            "train_fakes": len(train_fakes),
+            "train_reals": len(train_reals),
+            "holdout_fakes": len(held_fakes),
+            "holdout_reals": len(held_reals),
+            "unreadable": report.count,
+            "unreadable_summary": report.summary(),
+        },  # fmt: skip
+        "options": {**dataclasses.asdict(options), "steps": steps},
+        "preprocess": model.config.preprocess,
+        "before": before,
+        "after": after,
+        "new_generator": {
+            "subset": new_subset or (name if holdout else None),
+            "before": new_before,
+            "after": new_after,
+        },
+        "calibration": calibration,
+        "forgetting": guard,
+        "refused": refused,
+        "warnings": notes,
+        "adapter_fraction": adapter_fraction(model, lora_state, base),
+        "loss_log": log,
+        "seconds": time.perf_counter() - started,
+    }
+    return Adaptation(model, results, image_processor, lora, refused)
+
+
+# ------------------------------------------------------------------------------------------------ reporting
+
+
+def summary_tables(results: dict) -> str:
+    """The before/after tables of an adaptation record, as the CLI prints them and the card shows them."""
+    titles = {
+        "reference": f"the detector's reference data ({results['reference']}), in percent",
+        "holdout": "the held-out new images (never trained on), in percent",
+    }
+    return "\n\n".join(
+        format_before_after(results["before"][part], results["after"][part], title)
+        for part, title in titles.items()
+        if results["before"][part]
+    )
+
+
+# ------------------------------------------------------------------------------------------ command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = AdaptOptions()
+    parser = UsageParser(
+        prog=PROG,
+        description="Adapt a trained MiraGe detector to a new generator from a few of its images; writes an adapter "
+        "folder that from_pretrained, pipeline() and mirage-detect load, unless the detector forgets the "
+        "generators it knew.",
+        epilog="Exit codes: 0 written, 1 usage error or unusable input, 3 refused by the forgetting guard.",
+    )
+    parser.add_argument("detector", help="trained detector folder or Hub id")
+    parser.add_argument("--fakes", nargs="+", default=[], metavar="INPUT",
+                        help="images of the new generator: files, folders (recursive) or glob patterns")  # fmt: skip
+    parser.add_argument("--files_from", metavar="LIST", help="also the fakes listed in LIST, one path per line")
+    parser.add_argument("--reals", nargs="+", default=[], metavar="INPUT", help="real images (recommended)")
+    parser.add_argument("--reals_from", metavar="LIST", help="also the real images listed in LIST")
+    parser.add_argument("--dataset", help="a labelled data set (folder, genimage:/ufd: root, file or Hub id): its "
+                        "fakes are the new generator's, its reals the reals")  # fmt: skip
+    parser.add_argument("--dataset_split", default="train", help="split of --dataset (default train)")
+    parser.add_argument("--generator", help="name of the new generator (a reference subset of this name measures it)")
+    parser.add_argument("--reference", help="data the detector knows, to measure forgetting on (default: the data in "
+                        "its eval_results.json, regenerated when it was the generated demo data)")  # fmt: skip
+    parser.add_argument("--reference_split", help="split of --reference (default val)")
+    parser.add_argument("--output", help="adapter folder to write (default: <detector>-adapter, or <name>-adapter)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    parser.add_argument("--max_forgetting", type=float, default=defaults.max_forgetting,
+                        help="largest accuracy loss in points on any old generator (default %(default)s)")  # fmt: skip
+    parser.add_argument("--force", action="store_true", help="write the adapter even when the guard refuses (the "
+                        "card says so) or no reference data exists")  # fmt: skip
+    parser.add_argument("--steps", type=int, help="optimiser steps (default: 10 passes over the fakes, 100 to 400)")
+    parser.add_argument("--batch_size", type=int, default=defaults.batch_size)
+    parser.add_argument("--learning_rate", type=float, default=defaults.learning_rate)
+    parser.add_argument("--anchor_weight", type=float, default=defaults.anchor_weight,
+                        help="L2 penalty toward the detector's weights (default %(default)s; 0 = off)")  # fmt: skip
+    parser.add_argument("--distill_weight", type=float, default=defaults.distill_weight,
+                        help="distillation of the detector's scores on reals (default %(default)s; 0 = off)")  # fmt: skip
+    parser.add_argument("--holdout", type=float, default=defaults.holdout,
+                        help="fraction of the new images held out (default %(default)s)")  # fmt: skip
+    parser.add_argument("--lora_r", type=int, default=defaults.lora_r, help="also train a fresh LoRA of this rank")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def default_output(detector: str) -> str:
+    return f"{detector.rstrip('/')}-adapter" if os.path.isdir(detector) else f"{detector.split('/')[-1]}-adapter"
+
+
+def check_args(parser, args) -> AdaptOptions:
+    """Usage errors that argparse cannot see, before any model is loaded; the options of a valid command line."""
+    if not (args.fakes or args.files_from or args.dataset):
+        parser.error("give the new generator's images: --fakes, --files_from or --dataset")
+    output = args.output or default_output(args.detector)
+    if os.path.exists(output) and not args.overwrite:
+        parser.error(f"--output {output!r} exists; pass --overwrite to replace it")
+    try:
+        return AdaptOptions(
+            steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
+            anchor_weight=args.anchor_weight, distill_weight=args.distill_weight, holdout=args.holdout,
+            lora_r=args.lora_r, max_forgetting=args.max_forgetting, generator=args.generator, seed=args.seed,
+        )  # fmt: skip
+    except ValueError as error:
+        parser.error(str(error))
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        options = check_args(parser, args)
+    except SystemExit as exit_:  # --help (0) or a usage error (1), as a return code
+        return exit_.code
+    output = args.output or default_output(args.detector)
+    hf_logging.disable_progress_bar()  # the weight-loading bar is noise in a command-line tool
+    try:
+        fakes = image_rows(find_images(args.fakes, args.files_from), FAKE, "")
+        reals = image_rows(find_images(args.reals, args.reals_from), REAL, "") if args.reals or args.reals_from else []
+        if args.dataset:
+            more_fakes, more_reals = dataset_rows(args.dataset, args.dataset_split, "")
+            fakes, reals = fakes + more_fakes, reals + more_reals
+        if not fakes:
+            raise AdaptError(f"no images found in {' '.join(args.fakes) or args.files_from or args.dataset}")
+        adaptation = adapt(
+            args.detector, fakes, reals, options, reference=args.reference, reference_split=args.reference_split,
+            measure_forgetting=not (args.force and args.reference is None and base_eval_results(args.detector) is None),
+            device=args.device, quiet=args.quiet,
+        )  # fmt: skip
+    except (AdaptError, OSError) as error:
+        print(f"{PROG}: {error}", file=sys.stderr)
+        return 1
+    results = adaptation.results
+    if results["images"]["unreadable"]:
+        print(f"{PROG}: {results['images']['unreadable_summary']}", file=sys.stderr)
+    print(summary_tables(results))
+    for note in results["warnings"]:
+        print(f"{PROG}: warning: {note}", file=sys.stderr)
+    if adaptation.refused and not args.force:
+        print(f"{PROG}: refused, nothing written: {'; '.join(adaptation.refused)}. Pass --force to write it anyway, "
+              "or adapt with more real images, a larger --anchor_weight or fewer --steps.", file=sys.stderr)  # fmt: skip
+        return REFUSED
+    adaptation.save(output, force=args.force)
+    forced = " despite the guard (--force; the card says so)" if adaptation.refused else ""
+    print(
+        f"{PROG}: wrote {output}{forced}: {100 * results['adapter_fraction']:.2f}% of the detector's weights; load it "
+        f"with mirage-detect --model {output}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def script() -> None:
+    sys.exit(main())
+
+
+__all__ = ["AdaptOptions", "Adaptation", "AdaptError", "adapt", "image_rows", "dataset_rows"]

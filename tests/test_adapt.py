@@ -1,0 +1,332 @@
+"""mirage-adapt: adapting a trained detector to a new generator, the adapter folder and how it loads, the
+forgetting guard, publishing, and bad input."""
+
+import contextlib
+import io
+import json
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from transformers import pipeline
+
+from mirage_hf import MiraGeForImageClassification
+from mirage_hf.adapt import AdaptError, AdaptOptions, adapt, effect_warnings, image_rows, main, reference_rows
+from mirage_hf.adapter import ADAPT_RESULTS_NAME, ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
+from mirage_hf.cli import main as detect
+from mirage_hf.data import FAKE, REAL
+from mirage_hf.inference import Detector
+from mirage_hf.synthetic import make_synthetic_genimage
+
+FAST = AdaptOptions(steps=3, batch_size=8, eval_batch_size=32, holdout=0.25, generator="diffusion")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Generated images in the GenImage layout: the new generator's fakes and reals to adapt on (train split) and
+    the reference data (val split, both generators)."""
+    return make_synthetic_genimage(
+        tmp_path_factory.mktemp("world"), generators=["upsampler", "diffusion"], n_train_per_class=12,
+        n_val_per_class=6, image_size=32,
+    )  # fmt: skip
+
+
+def folder_of(world, label, split="train", generator="diffusion"):
+    return world / generator / split / ("ai" if label == FAKE else "nature")
+
+
+def rows_of(folder, label):
+    return image_rows(sorted(folder.glob("*.png")), label, "")
+
+
+def run_adapt(detector_dir, world, options=FAST, fakes=None, reals=None):
+    fakes = rows_of(folder_of(world, FAKE), FAKE) if fakes is None else fakes
+    reals = rows_of(folder_of(world, REAL), REAL) if reals is None else reals
+    reference = f"genimage:{world}"
+    return adapt(str(detector_dir), fakes, reals, options, reference=reference, reference_split="val", quiet=True)
+
+
+def cli(*argv) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in argv])
+    return code, out.getvalue(), err.getvalue()
+
+
+def adapt_argv(detector_dir, world, output, *extra):
+    return (
+        detector_dir, "--fakes", folder_of(world, FAKE), "--reals", folder_of(world, REAL), "--reference",
+        f"genimage:{world}", "--generator", "diffusion", "--steps", 2, "--batch_size", 8, "--output", output, "-q",
+        *extra,
+    )  # fmt: skip
+
+
+def logits(model, pixel_values):
+    with torch.no_grad():
+        return model.eval()(pixel_values=pixel_values).logits
+
+
+@pytest.fixture(scope="module")
+def adapted(detector_dir, world, tmp_path_factory):
+    adaptation = run_adapt(detector_dir, world)
+    return adaptation, adaptation.save(tmp_path_factory.mktemp("adapted") / "diffusion-adapter", force=True)
+
+
+def test_adapter_holds_what_changed_and_loads_like_a_detector(adapted, detector_dir, pixel_values, world):
+    adaptation, folder = adapted
+    expected = logits(adaptation.model, pixel_values)
+    base = MiraGeForImageClassification.from_pretrained(detector_dir)
+    assert not torch.allclose(expected, logits(base, pixel_values))  # adaptation changed the detector
+    with safe_open(folder / ADAPTER_WEIGHTS_NAME, "pt") as handle:
+        assert set(handle.keys()) == {n for n, p in base.named_parameters() if p.requires_grad}
+    assert 0 < adaptation.results["adapter_fraction"] < 0.1
+    recorded = json.loads((folder / ADAPTER_CONFIG_NAME).read_text())
+    assert recorded["base_model_name_or_path"] == str(detector_dir) and len(recorded["base_model_sha256"]) == 64
+
+    for loaded in (
+        MiraGeForImageClassification.from_pretrained(folder),
+        MiraGeForImageClassification.from_adapter(folder),
+    ):
+        torch.testing.assert_close(logits(loaded, pixel_values), expected)
+        assert loaded.config.decision_threshold == adaptation.model.config.decision_threshold
+        assert loaded.mirage_adapter["base_model"] == str(detector_dir)
+
+    image = sorted(folder_of(world, FAKE, "val").glob("*.png"))[0]
+    detector = Detector.from_pretrained(folder, device="cpu")
+    p_fake = float(detector.p_fake([Image.open(image)])[0])
+    scores = pipeline("image-classification", model=str(folder))(str(image))
+    assert {row["label"]: row["score"] for row in scores}["fake"] == pytest.approx(
+        float(
+            torch.softmax(logits(adaptation.model, detector.preprocess([Image.open(image).convert("RGB")])), -1)[0, 1]
+        ),
+        abs=1e-5,
+    )
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert detect([str(image), "--model", str(folder), "--format", "json", "-q"]) == 0
+    assert json.loads(out.getvalue())[0]["p_fake"] == pytest.approx(p_fake, abs=1e-4)
+
+
+def test_the_adapter_card_and_results_hold_the_before_after_table_and_the_base(adapted, detector_dir):
+    adaptation, folder = adapted
+    results = json.loads((folder / ADAPT_RESULTS_NAME).read_text())
+    assert set(results["before"]["reference"]) == {"upsampler", "diffusion", "mean", "all"}
+    assert results["new_generator"]["subset"] == "diffusion"  # measured on the reference subset of that name
+    assert set(results["forgetting"]["change"]) == {"upsampler"}  # the old generators: all but the new one
+    assert results["images"]["train_fakes"] == 9 and results["images"]["holdout_fakes"] == 3
+    card = (folder / "README.md").read_text()
+    assert "Acc before" in card and "upsampler" in card and "mirage-adapter" in card
+    assert results["base_model"]["sha256"] in card or results["base_model"]["sha256"][:16] in card
+
+
+def test_lora_adapter_round_trip(detector_dir, world, pixel_values, tmp_path):
+    options = AdaptOptions(steps=2, batch_size=8, holdout=0.0, lora_r=2, learning_rate=0.05)
+    adaptation = run_adapt(detector_dir, world, options)
+    folder = adaptation.save(tmp_path / "lora-adapter", force=True)
+    with safe_open(folder / ADAPTER_WEIGHTS_NAME, "pt") as handle:
+        names = set(handle.keys())
+    assert any(name.startswith("lora.") and "lora_B" in name for name in names)
+    assert json.loads((folder / ADAPTER_CONFIG_NAME).read_text())["lora"]["r"] == 2
+    expected = logits(adaptation.model, pixel_values)
+    torch.testing.assert_close(logits(MiraGeForImageClassification.from_pretrained(folder), pixel_values), expected)
+
+
+def test_adaptation_pulls_the_new_fakes_away_from_the_reals(detector_dir, world):
+    """What training guarantees on any model: its own objective improves on the images it trains on."""
+    fakes, reals = rows_of(folder_of(world, FAKE), FAKE), rows_of(folder_of(world, REAL), REAL)
+    options = AdaptOptions(
+        steps=30, batch_size=8, holdout=0.0, learning_rate=0.02, lora_r=4, anchor_weight=0, distill_weight=0
+    )
+    adaptation = run_adapt(detector_dir, world, options, fakes=fakes, reals=reals)
+    train_rows = [dict(row, subset="train") for row in fakes + reals]
+    from accelerate import Accelerator
+
+    from mirage_hf.adapt import measure
+    from mirage_hf.transforms import Preprocessor
+
+    base = MiraGeForImageClassification.from_pretrained(detector_dir)
+    preprocess = Preprocessor(adaptation.image_processor, base.config.preprocess)
+    auc = {
+        name: measure(model, train_rows, preprocess, Accelerator(cpu=True), 64)["train"]["roc_auc"]
+        for name, model in (("before", base), ("after", adaptation.model))
+    }
+    assert auc["after"] > auc["before"] + 0.1
+
+
+def test_the_guard_refuses_forgetting_and_force_writes_it_with_a_note(detector_dir, world, tmp_path, monkeypatch):
+    import mirage_hf.adapt as adapt_module
+
+    measured, before = adapt_module.measure, {}
+
+    def losing_upsampler(model, rows, *args, **kwargs):  # after adaptation, upsampler is 5 points below before
+        results = measured(model, rows, *args, **kwargs)
+        if "upsampler" in results:
+            if getattr(model, "_after", False):
+                results["upsampler"] = dict(results["upsampler"], accuracy=before["upsampler"] - 0.05)
+            else:
+                before["upsampler"] = results["upsampler"]["accuracy"]
+        return results
+
+    original_train = adapt_module.train
+
+    def mark_trained(model, *args, **kwargs):
+        log = original_train(model, *args, **kwargs)
+        adapt_module.mirage_core(model)._after = True
+        return log
+
+    monkeypatch.setattr(adapt_module, "measure", losing_upsampler)
+    monkeypatch.setattr(adapt_module, "train", mark_trained)
+    output = tmp_path / "refused"
+    code, out, err = cli(*adapt_argv(detector_dir, world, output))
+    assert code == 3 and not output.exists()
+    assert "upsampler lost 5.0 points" in err and "nothing written" in err
+    assert "Acc before" in out  # the table that says why is printed
+
+    code, _, err = cli(*adapt_argv(detector_dir, world, output, "--force"))
+    assert code == 0 and "--force" in err
+    assert "Written with `--force`" in (output / "README.md").read_text()
+    assert json.loads((output / ADAPT_RESULTS_NAME).read_text())["forced"] is True
+
+
+def test_effect_warnings_catch_a_no_op_and_reals_passed_as_fakes():
+    metrics = lambda fake, auc: {"fake_accuracy": fake, "roc_auc": auc}  # noqa: E731
+    assert effect_warnings(metrics(0.1, 0.5), metrics(0.9, 0.99)) == []
+    assert any("did not learn" in note for note in effect_warnings(metrics(0.1, 0.5), metrics(0.12, 0.7)))
+    assert any("chance" in note for note in effect_warnings(metrics(0.1, 0.5), metrics(0.5, 0.52)))
+    assert any("already" in note for note in effect_warnings(metrics(0.95, 0.99), metrics(0.96, 0.99)))
+
+
+# ================================================================================================ bad input
+
+
+def test_no_images_found_is_a_one_line_error(detector_dir, world, tmp_path):
+    (tmp_path / "empty").mkdir()
+    code, _, err = cli(detector_dir, "--fakes", tmp_path / "empty", "--output", tmp_path / "out")
+    assert code == 1 and "no images found" in err and not (tmp_path / "out").exists()
+    code, _, err = cli(detector_dir, "--output", tmp_path / "out")
+    assert code == 1 and "--fakes" in err
+
+
+def test_undecodable_images_are_reported_and_skipped(detector_dir, world, tmp_path):
+    fakes = tmp_path / "fakes"
+    shutil.copytree(folder_of(world, FAKE), fakes)
+    (fakes / "broken.png").write_bytes(b"not a png at all")
+    (fakes / "cut.png").write_bytes(next(fakes.glob("diff*.png")).read_bytes()[:200])
+    output = tmp_path / "out"
+    code, _, err = cli(*adapt_argv(detector_dir, world, output, "--force"), "--fakes", fakes)
+    assert code == 0, err
+    assert "2 image(s) could not be loaded" in err and "broken.png" in err
+    images = json.loads((output / ADAPT_RESULTS_NAME).read_text())["images"]
+    assert images["unreadable"] == 2 and images["fakes"] == 12
+
+    only_broken = tmp_path / "only-broken"
+    only_broken.mkdir()
+    (only_broken / "broken.png").write_bytes(b"junk")
+    code, _, err = cli(detector_dir, "--fakes", only_broken, "--output", tmp_path / "never")
+    assert code == 1 and "no readable image" in err
+
+
+def test_reals_passed_as_fakes_are_refused(detector_dir, world, tmp_path):
+    reals = folder_of(world, REAL)
+    code, _, err = cli(detector_dir, "--fakes", reals, "--reals", reals, "--output", tmp_path / "out")
+    assert code == 1 and "also given as real images" in err and not (tmp_path / "out").exists()
+
+
+def test_an_adapter_refuses_another_base_detector_naming_both(adapted, clip_dir, tmp_path):
+    from transformers.models.auto.image_processing_auto import AutoImageProcessor
+
+    from mirage_hf.export import export_model
+
+    _, folder = adapted
+    torch.manual_seed(1)
+    other = MiraGeForImageClassification.from_clip(clip_dir, mode="mirage", prompt_depth=2)
+    other_dir = export_model(other, AutoImageProcessor.from_pretrained(clip_dir), tmp_path / "other-detector")
+    recorded = json.loads((folder / ADAPTER_CONFIG_NAME).read_text())["base_model_name_or_path"]
+    with pytest.raises(ValueError, match="trained on the detector") as error:
+        MiraGeForImageClassification.from_adapter(folder, base_model=other_dir)
+    assert recorded in str(error.value) and str(other_dir) in str(error.value)
+
+    with pytest.raises(AdaptError, match="is an adapter"):
+        adapt(str(folder), [], [])
+
+
+def test_the_reference_is_the_detectors_own_evaluation_data_regenerated(tmp_path):
+    """A detector trained on the generated data names it in eval_results.json with its options; adaptation
+    regenerates exactly those images (GenImage layout, the val split of the evaluated generators)."""
+    options = {"seed": 3, "n_train_per_class": 5, "n_val_per_class": 4, "image_size": 16}
+    run = tmp_path / "run"
+    original = make_synthetic_genimage(run / "synthetic-data", generators=["upsampler", "banding"], **options)
+    model_dir = run / "model"
+    model_dir.mkdir()
+    clean = {name: {"accuracy": 0.5} for name in ("upsampler", "banding", "mean", "all")}
+    eval_results = {"eval_dataset": "synthetic", "eval_split": "val", "synthetic": options, "clean": clean}
+    (model_dir / "eval_results.json").write_text(json.dumps(eval_results))
+    rows, name = reference_rows(str(model_dir), None, None, tmp_path / "work")
+    assert name == "synthetic [val]" and len(rows) == 16
+    regenerated = {row["image"]["path"].split("/")[-1]: open(row["image"]["path"], "rb").read() for row in rows}
+    written = {p.name: p.read_bytes() for p in original.glob("*/val/*/*.png")}
+    assert regenerated == written
+
+    del eval_results["synthetic"]  # a run from before the record: its options.json beside model/ says the same
+    (model_dir / "eval_results.json").write_text(json.dumps(eval_results))
+    (run / "synthetic-data" / "options.json").write_text(json.dumps(options))
+    assert len(reference_rows(str(model_dir), None, None, tmp_path / "work2")[0]) == 16
+
+    (run / "synthetic-data" / "options.json").unlink()
+    with pytest.raises(AdaptError, match="--reference"):
+        reference_rows(str(model_dir), None, None, tmp_path / "work3")
+
+
+# ================================================================================================ shipping
+
+
+def test_mirage_push_stages_an_adapter_with_its_base_in_the_card(adapted, tmp_path, capsys):
+    from huggingface_hub import ModelCard
+
+    from mirage_hf.hub import main as push
+
+    _, folder = adapted
+    with pytest.raises(ValueError, match="publish it first"):
+        push(["--model_dir", str(folder), "--repo_id", "you/adapter", "--staging_dir", str(tmp_path / "a"),
+              "--license", "cc-by-nc-sa-4.0", "--dry_run"])  # fmt: skip
+    push(["--model_dir", str(folder), "--repo_id", "you/adapter", "--space_repo_id", "you/space", "--base_model",
+          "you/detector", "--staging_dir", str(tmp_path / "s"), "--license", "cc-by-nc-sa-4.0", "--dry_run"])  # fmt: skip
+    staged = tmp_path / "s" / "model"
+    assert {p.name for p in staged.iterdir()} == {
+        ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, ADAPT_RESULTS_NAME, "config.json", "preprocessor_config.json",
+        "README.md",
+    }  # fmt: skip
+    card = ModelCard.load(staged / "README.md")
+    assert card.data.base_model == "you/detector" and card.data.base_model_relation == "adapter"
+    assert 'pipeline("image-classification", model="you/adapter")' in card.text
+    assert json.loads((staged / ADAPTER_CONFIG_NAME).read_text())["base_model_name_or_path"] == "you/detector"
+    assert "repo_type='space'" in capsys.readouterr().out
+    assert (tmp_path / "s" / "space" / "app.py").is_file()
+
+
+def test_the_space_names_the_adapter_and_its_base(adapted, monkeypatch):
+    pytest.importorskip("gradio")
+    from mirage_hf.space import app as space
+
+    _, folder = adapted
+    detector = Detector.from_pretrained(folder, device="cpu")
+    info = space.DetectorApp(lambda: detector).model_info()[1]
+    assert f"`{folder}`" in info and "adapter on the base detector" in info
+
+
+def test_images_from_a_file_list_and_from_a_labelled_data_set(detector_dir, world, tmp_path):
+    listing = tmp_path / "fakes.txt"
+    listing.write_text("".join(f"{path}\n" for path in sorted(folder_of(world, FAKE, "val").glob("*.png"))[:5]))
+    labelled = tmp_path / "labelled"
+    shutil.copytree(folder_of(world, FAKE), labelled / "fake")
+    shutil.copytree(folder_of(world, REAL), labelled / "real")
+    output = tmp_path / "out"
+    code, _, err = cli(
+        detector_dir, "--files_from", listing, "--dataset", labelled, "--reference", f"genimage:{world}", "--steps",
+        1, "--batch_size", 4, "--output", output, "--force", "-q",
+    )  # fmt: skip
+    assert code == 0, err
+    images = json.loads((output / ADAPT_RESULTS_NAME).read_text())["images"]
+    assert (images["fakes"], images["reals"]) == (17, 12)  # 5 listed + 12 of the data set's fakes; its 12 reals
