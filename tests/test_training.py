@@ -358,7 +358,9 @@ def test_the_ablation_ladder_trains_every_rung_on_each_seed_and_prints_mean_and_
     ).exists()
     assert json.loads((tmp_path / "ladder_results.json").read_text())["mirage"]["seeds"]["1"]["clean"]["mean"]["n"] > 0
 
-    models = {mode: MiraGeForImageClassification.from_pretrained(tmp_path / "seed0" / mode / "model") for mode in results}
+    models = {
+        mode: MiraGeForImageClassification.from_pretrained(tmp_path / "seed0" / mode / "model") for mode in results
+    }
     assert [model.config.mode for model in models.values()] == list(results)
     assert [len(model.prompt_learner.text_prompts) for model in models.values()] == [0, 0, 1, 2, 2]
     assert [model.classifier is not None for model in models.values()] == [False, True, False, False, False]
