@@ -99,16 +99,16 @@ SABOTAGES = [
     Sabotage(
         "ladder-one-mode",
         "every rung of the ablation ladder trains the preset's mode",
-        ("tests/test_training.py::test_the_ablation_ladder_trains_every_rung_and_prints_one_table",),
+        ("tests/test_training.py::test_the_ablation_ladder_trains_every_rung_on_each_seed_and_prints_mean_and_spread",),
         "mirage_hf/ladder.py",
-        '"--mode", mode, ',
+        '                        "--mode",\n                        mode,\n',
         "",
     ),
     Sabotage(
         "mirage-loss-is-ce",
         "mirage mode trains with cross-entropy alone, like maple",
         (
-            "tests/test_training.py::test_the_ablation_ladder_trains_every_rung_and_prints_one_table",
+            "tests/test_training.py::test_the_ablation_ladder_trains_every_rung_on_each_seed_and_prints_mean_and_spread",
             "tests/test_modeling.py::test_each_rung_has_the_contracted_outputs[mirage]",
         ),
         MODELING,
