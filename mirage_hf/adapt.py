@@ -50,6 +50,7 @@ from .adapter import (
     lora_config,
     save_detector_adapter,
 )
+from .building import offline_if_hub_unreachable
 from .calibration import MIN_PER_CLASS, calibrate
 from .cli import _Parser as UsageParser
 from .data import FAKE, REAL, load_data
@@ -643,6 +644,7 @@ def main(argv=None) -> int:
         return exit_.code
     output = args.output or default_output(args.detector)
     hf_logging.disable_progress_bar()  # the weight-loading bar is noise in a command-line tool
+    offline_if_hub_unreachable()
     try:
         fakes = image_rows(find_images(args.fakes, args.files_from), FAKE, "")
         reals = image_rows(find_images(args.reals, args.reals_from), REAL, "") if args.reals or args.reals_from else []

@@ -56,15 +56,18 @@ def _loading_class(cls):
     return type(cls.__name__, (cls,), namespace)
 
 
-def offline_if_hub_unreachable(timeout: float = 5.0) -> None:
+def offline_if_hub_unreachable(timeout: float = 5.0) -> bool:
     """One request to the Hub; if it fails, this process goes offline, where a cached checkpoint still loads and a
-    missing one fails at once (huggingface_hub would retry an unreachable Hub for about 20 s, a line per try)."""
+    missing one fails at once (huggingface_hub would retry an unreachable Hub for over a minute, a line per try).
+    True when it went offline."""
     if constants.HF_HUB_OFFLINE:
-        return
+        return False
     try:
         get_session().head(constants.ENDPOINT, timeout=timeout)
     except Exception:  # any failure to answer (httpx's or httpx2's errors, by huggingface_hub version)
         constants.HF_HUB_OFFLINE = True  # what HF_HUB_OFFLINE=1 sets; read by huggingface_hub and transformers
+        return True
+    return False
 
 
 def clip_config_dict(name_or_path) -> dict:

@@ -31,6 +31,7 @@ from collections import Counter
 import torch
 from tqdm import tqdm
 
+from .building import offline_if_hub_unreachable
 from .inference import DEFAULT_UNSURE_MARGIN, Detector, check_unsure_margin
 from .progress import hide_library_bars, progress_bar
 from .provenance import C2paReader, read_provenance
@@ -406,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
 
     hide_library_bars()  # the weight-loading bar is noise in a command-line tool
+    offline = not os.path.isdir(model) and offline_if_hub_unreachable()
     try:
         detector = Detector.from_pretrained(
             model,
@@ -421,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except (ImportError, OSError, ValueError, RuntimeError) as err:
         where = "" if os.path.isdir(model) else " (no such local folder, so it was tried as a Hub id)"
+        where += ", and the Hub cannot be reached" if offline else ""
         print(f"{PROG}: cannot load the model {model!r}{where}: {err}", file=sys.stderr)
         return 1
 

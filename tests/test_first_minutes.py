@@ -78,13 +78,18 @@ def test_a_run_shows_nothing_a_user_cannot_act_on_and_ends_saying_where_its_file
     assert lines[-1] == f"results written to {tmp_path / 'eval' / 'eval_results.json'}"
 
 
-def test_an_unreachable_hub_fails_at_once_without_a_line_per_retry(tmp_path):
-    """Not offline by setting, but the Hub does not answer: one request, then the offline message."""
-    with socket.socket() as sock:  # a port with nothing listening: the connection is refused
+def unreachable_hub_env(tmp_path) -> dict:
+    """Not offline by setting, but the Hub does not answer: HF_ENDPOINT is a port with nothing listening."""
+    with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         endpoint = f"http://127.0.0.1:{sock.getsockname()[1]}"
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
-    env.update(HF_ENDPOINT=endpoint, HF_HOME=str(tmp_path / "hf"))
+    return env | {"HF_ENDPOINT": endpoint, "HF_HOME": str(tmp_path / "hf")}
+
+
+def test_an_unreachable_hub_fails_at_once_without_a_line_per_retry(tmp_path):
+    """One request, then the offline message."""
+    env = unreachable_hub_env(tmp_path)
     train_py = Path(__file__).resolve().parent.parent / "train.py"
     command = [sys.executable, str(train_py), "--clip_model", "someone/clip", "--output_dir", str(tmp_path)]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
@@ -94,3 +99,22 @@ def test_an_unreachable_hub_fails_at_once_without_a_line_per_retry(tmp_path):
         "(offline or unreachable, and not in the cache). Download it once where the Hub is reachable "
         "(`hf download someone/clip`), or point at a local copy: --clip_model /path/to/clip"
     ]
+
+
+@pytest.mark.parametrize("command", ["mirage-detect", "mirage-adapt"])
+def test_a_hub_detector_on_an_unreachable_hub_fails_at_once_without_a_line_per_retry(tmp_path, command):
+    """huggingface_hub alone would retry each request five times with backoff, over a minute of lines."""
+    from PIL import Image
+
+    image = tmp_path / "photo.png"
+    Image.new("RGB", (32, 32), "gray").save(image)
+    args = {
+        "mirage-detect": [str(image), "--model", "someone/detector"],
+        "mirage-adapt": ["someone/detector", "--fakes", str(image)],
+    }
+    script = Path(sys.executable).parent / command  # the console script installed beside this interpreter
+    result = subprocess.run(
+        [str(script), *args[command]], env=unreachable_hub_env(tmp_path), capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 1 and "Retrying" not in result.stderr
+    assert result.stderr.startswith(f"{command}: ") and "couldn't connect" in result.stderr
