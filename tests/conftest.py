@@ -117,16 +117,23 @@ def make_model(clip_dir):
 @pytest.fixture(scope="session")
 def detector_dir(clip_dir, tmp_path_factory):
     """A saved detector folder (weights, config, remote code, image processor) whose scores are not all 0.5:
-    its fake anchor is moved away from the real one; calibrated threshold 0.3, temperature 0.5."""
+    its fake anchor is moved away from the real one (the word "fake" gets a random embedding); calibrated threshold
+    0.3, temperature 1. The seed is one whose scores spread on both sides of the tests' thresholds (over 0.25 on the
+    bf16 test's images, mid-range on the Space's example); a change to the tiny CLIP's random draws can move them,
+    so the tests that need a spread assert it first."""
+    from transformers import AutoTokenizer
     from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
     from mirage_hf.export import export_model
 
     torch.manual_seed(0)
     model = mirage_hf.MiraGeForImageClassification.from_clip(clip_dir, mode="mirage", prompt_depth=2)
+    fake = AutoTokenizer.from_pretrained(clip_dir).convert_tokens_to_ids("fake</w>")
+    torch.manual_seed(4)
     with torch.no_grad():
         model.prompt_learner.text_prompts[1].normal_(std=0.5)
-    model.config.decision_threshold, model.config.calibration_temperature = 0.3, 0.5
+        model.clip.text_model.embeddings.token_embedding.weight[fake].normal_(std=0.5)
+    model.config.decision_threshold, model.config.calibration_temperature = 0.3, 1.0
     model.config._name_or_path = "tiny-random-mirage"
     return export_model(model, AutoImageProcessor.from_pretrained(clip_dir), tmp_path_factory.mktemp("run") / "model")
 

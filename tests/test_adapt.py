@@ -288,7 +288,7 @@ def test_mirage_push_stages_an_adapter_with_its_base_in_the_card(adapted, tmp_pa
     from mirage_hf.hub import main as push
 
     _, folder = adapted
-    with pytest.raises(ValueError, match="publish it first"):
+    with pytest.raises(SystemExit, match="publish it first"):
         push(["--model_dir", str(folder), "--repo_id", "you/adapter", "--staging_dir", str(tmp_path / "a"),
               "--license", "cc-by-nc-sa-4.0", "--dry_run"])  # fmt: skip
     push(["--model_dir", str(folder), "--repo_id", "you/adapter", "--space_repo_id", "you/space", "--base_model",

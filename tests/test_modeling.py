@@ -90,18 +90,20 @@ def test_only_prompts_or_head_train_and_clip_stays_bit_identical(make_model, mod
 
 
 @pytest.mark.parametrize("mode", ["linear_probe", "coop", "maple", "mirage"])
-def test_a_few_steps_on_separable_data_lower_the_loss(make_model, mode):
+def test_a_few_steps_on_separable_data_lower_the_classification_loss(make_model, mode):
+    """The cross-entropy falls (in `mirage` mode its own term: the supervised contrastive term rises while the
+    memory bank fills, so the sum says little about learning in 15 steps)."""
     model = make_model(mode, memory_bank_size=32).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
     pixels, labels = separable_batch()
     losses = []
     for _ in range(15):
-        loss = model(pixels, labels=labels).loss
+        outputs = model(pixels, labels=labels)
         optimizer.zero_grad()
-        loss.backward()
+        outputs.loss.backward()
         optimizer.step()
-        losses.append(loss.item())
-    assert losses[-1] < 0.9 * losses[0], losses
+        losses.append((outputs.loss_ce if mode == "mirage" else outputs.loss).item())
+    assert losses[-1] < 0.85 * losses[0], losses
 
 
 def test_activation_checkpointing_gives_the_same_loss_and_gradients(make_model):
