@@ -37,6 +37,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
+from peak_rss import run_with_peak_rss
 from transformers.utils import logging as hf_logging
 
 from mirage_hf.adapt import AdaptOptions, adapt, base_eval_results, eval_subsets, image_rows
@@ -160,17 +161,6 @@ def kshot(args, output: Path) -> dict:
     return report
 
 
-RSS_PROBE = """
-import sys
-open("/proc/self/clear_refs", "w").write("5")
-from mirage_hf.adapt import main
-code = main(sys.argv[2:])
-peak = next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-open(sys.argv[1], "w").write(peak)
-sys.exit(code)
-"""
-
-
 def timing(args) -> dict:
     """One mirage-adapt run of a ViT-B/16-sized random detector, in a fresh process with `args.threads` threads."""
     sys.path.insert(0, str(Path(__file__).parent))
@@ -190,19 +180,19 @@ def timing(args) -> dict:
             ("reference/1_fake", 32, (512, 384)),
         ):
             write_jpegs(scratch / name, count, size, distinct=count)  # one seed: fakes and reals differ by shape
-        report, log = scratch / "rss.txt", scratch / "adapt.log"
-        command = [sys.executable, "-c", RSS_PROBE, str(report), detector, "--fakes", str(scratch / "fakes"),
-                   "--reals", str(scratch / "reals"), "--reference", str(scratch / "reference"), "--steps",
-                   str(args.timing_steps), "--output", str(scratch / "adapter"), "--force"]  # fmt: skip
+        log = scratch / "adapt.log"
+        adapt_args = [detector, "--fakes", scratch / "fakes", "--reals", scratch / "reals", "--reference",
+                      scratch / "reference", "--steps", args.timing_steps, "--output", scratch / "adapter", "--force"]  # fmt: skip
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
         started = time.perf_counter()
         with open(log, "w") as handle:
-            code = subprocess.run(command, env=env, stdout=handle, stderr=subprocess.STDOUT).returncode
+            code, peak_mib = run_with_peak_rss(
+                "mirage_hf.adapt", adapt_args, env=env, stdout=handle, stderr=subprocess.STDOUT
+            )
         if code != 0:
             raise SystemExit(f"mirage-adapt exited with {code}:\n{log.read_text()[-3000:]}")
         wall = time.perf_counter() - started
         results = json.loads((scratch / "adapter" / "adapt_results.json").read_text())
-        peak_mib = int(report.read_text()) / 1024
         adapter_mib = (scratch / "adapter" / "mirage_adapter.safetensors").stat().st_size / 2**20
     steps = results["options"]["steps"]
     row = {

@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,6 +24,7 @@ from datetime import date
 
 import numpy as np
 import torch
+from peak_rss import run_with_peak_rss
 from PIL import Image
 from transformers import CLIPConfig
 
@@ -80,19 +80,6 @@ def images_per_second(model, folder, count, workers, batch, scratch):
     return count / elapsed
 
 
-# Runs mirage-detect and writes its peak RSS (VmHWM, kB). The peak is reset first: Linux keeps it across exec, so
-# it would otherwise start at the size of this (forking) benchmark process.
-RSS_PROBE = """
-import sys
-open("/proc/self/clear_refs", "w").write("5")
-from mirage_hf.cli import main
-code = main(sys.argv[2:])
-peak = next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-open(sys.argv[1], "w").write(peak)
-sys.exit(code)
-"""
-
-
 def peak_rss_mib(model, files, scratch):
     """Peak RSS of one `mirage-detect --files_from` process over `files` hard links of one small JPEG."""
     seed = os.path.join(scratch, "rss-seed.jpg")
@@ -106,13 +93,13 @@ def peak_rss_mib(model, files, scratch):
     listing = os.path.join(scratch, f"list-{files}.txt")
     with open(listing, "w") as handle:
         handle.writelines(link + "\n" for link in links)
-    report = os.path.join(scratch, f"rss-{files}.txt")
-    command = [sys.executable, "-c", RSS_PROBE, report, "--files_from", listing, "--model", model, "--format", "jsonl",
-               "--output", os.path.join(scratch, f"rss-{files}.jsonl"), "--overwrite", "--batch_size", "64",
-               "--num_workers", "0", "--quiet"]  # fmt: skip
-    subprocess.run(command, env={**os.environ, "HF_HUB_OFFLINE": "1"}, check=True)
-    with open(report) as handle:
-        return int(handle.read()) / 1024
+    detect_args = ["--files_from", listing, "--model", model, "--format", "jsonl", "--output",
+                   os.path.join(scratch, f"rss-{files}.jsonl"), "--overwrite", "--batch_size", "64", "--num_workers",
+                   "0", "--quiet"]  # fmt: skip
+    code, peak_mib = run_with_peak_rss("mirage_hf.cli", detect_args, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if code != 0:
+        raise SystemExit(f"mirage-detect exited with {code}")
+    return peak_mib
 
 
 def parse_args(argv=None):
