@@ -76,8 +76,8 @@ SABOTAGES = [
         "training ignores --mixed_precision bf16 (the Accelerator gets 'no')",
         ("tests/test_training.py::test_ufd_layout_in_bf16",),
         "mirage_hf/training.py",
-        "    accelerator = Accelerator(\n        mixed_precision=cfg.mixed_precision,\n",
-        '    accelerator = Accelerator(\n        mixed_precision="no",\n',
+        "    accelerator = make_accelerator(\n        mixed_precision=cfg.mixed_precision,\n",
+        '    accelerator = make_accelerator(\n        mixed_precision="no",\n',
     ),
     Sabotage(
         "checkpointing-does-nothing",
