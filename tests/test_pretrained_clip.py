@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 from sklearn.metrics import roc_auc_score
-from transformers import AutoImageProcessor, AutoTokenizer
+from transformers import AutoTokenizer
+from transformers.models.auto.image_processing_auto import AutoImageProcessor  # top-level: torchvision-only in 5.17
 
 from mirage_hf import MiraGeForImageClassification
 from mirage_hf.caption_world import PRETRAINING_GENERATORS, content_scene, render
