@@ -41,7 +41,6 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 from transformers.models.auto.image_processing_auto import AutoImageProcessor  # top-level: torchvision-only in 5.17
 from transformers.utils import cached_file
-from transformers.utils import logging as hf_logging
 
 from .adapter import (
     ADAPT_RESULTS_NAME,
@@ -60,14 +59,15 @@ from .hub import adapter_card
 from .lora import mirage_lora_config
 from .metrics import RESERVED_SUBSETS, format_before_after, to_jsonable
 from .modeling_mirage import MiraGeForImageClassification
+from .progress import hide_library_bars
 from .scan import find_images
 from .synthetic import make_synthetic_genimage
+from .training import SYNTHETIC_DIR, SYNTHETIC_STAMP
 from .transforms import BadImageReport, DetectionCollator, ImageLoadError, Preprocessor, TrainAugmentation, open_image
 
 PROG = "mirage-adapt"
 REFUSED = 3  # exit code: the forgetting guard kept the adapter from being written
 NEW_GENERATOR = "new generator"  # the held-out images' subset when --generator is not given
-SYNTHETIC_OPTIONS_FILE = Path("synthetic-data") / "options.json"  # beside a training run's model/ (training.py)
 
 
 @dataclass
@@ -195,7 +195,7 @@ def synthetic_options(detector: str, eval_results: dict) -> dict | None:
     run's `synthetic-data/options.json` beside a local model folder (runs from before that record)."""
     if eval_results.get("synthetic"):
         return dict(eval_results["synthetic"])
-    stamp = Path(detector).parent / SYNTHETIC_OPTIONS_FILE
+    stamp = Path(detector).parent / SYNTHETIC_DIR / SYNTHETIC_STAMP  # beside a training run's model/
     return json.loads(stamp.read_text()) if stamp.is_file() else None
 
 
@@ -643,7 +643,7 @@ def main(argv=None) -> int:
     except SystemExit as exit_:  # --help (0) or a usage error (1), as a return code
         return exit_.code
     output = args.output or default_output(args.detector)
-    hf_logging.disable_progress_bar()  # the weight-loading bar is noise in a command-line tool
+    hide_library_bars()  # the weight-loading bar is noise in a command-line tool
     offline_if_hub_unreachable()
     try:
         fakes = image_rows(find_images(args.fakes, args.files_from), FAKE, "")
