@@ -20,7 +20,7 @@ from .metrics import format_comparison_table
 from .train_config import parse_args
 from .training import resolve_dataset, train
 
-METRICS = ("accuracy", "average_precision")
+METRICS = ("accuracy", "average_precision", "roc_auc")
 
 
 def summarise_seeds(runs: list[dict]) -> dict:
@@ -34,6 +34,16 @@ def summarise_seeds(runs: list[dict]) -> dict:
         }
         for subset in runs[0]
     }
+
+
+def ladder_tables(results: dict) -> str:
+    """One table per metric, a column per rung, from `run_ladder`'s results (its ladder_results.json)."""
+    seeds = [int(s) for s in next(iter(results.values())).get("seeds", {})]
+    tables = []
+    for metric in METRICS:
+        title = f"ablation ladder: {metric}" + (f" (mean ± sd over seeds {seeds})" if seeds else "")
+        tables.append(format_comparison_table({m: r["clean"] for m, r in results.items()}, metric=metric, title=title))
+    return "\n".join(tables)
 
 
 def run_ladder(argv: list[str]) -> dict:
@@ -67,9 +77,7 @@ def run_ladder(argv: list[str]) -> dict:
         ]
         results[mode] = runs[0] if not known.seeds else {"seeds": dict(zip(seeds, runs)), "clean": summarise_seeds(
             [run["clean"] for run in runs])}  # fmt: skip
-    for metric in METRICS:
-        title = f"ablation ladder: {metric}" + (f" (mean ± sd over seeds {seeds})" if known.seeds else "")
-        print(format_comparison_table({m: r["clean"] for m, r in results.items()}, metric=metric, title=title))
+    print(ladder_tables(results))
     out = Path(base.output_dir) / "ladder_results.json"
     out.write_text(json.dumps(results, indent=2) + "\n")
     return results

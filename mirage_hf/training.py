@@ -529,11 +529,7 @@ class Evaluation:
             }
         )
         if accelerator.is_main_process:
-            title = (
-                f"threshold {config.decision_threshold:.3f}, temperature {config.calibration_temperature:.3f}, "
-                f"preprocessing: {self.preprocess.mode}, backend: {cfg.backend}"
-            )
-            print(format_table(results["clean"], title=title))
+            print(results_table(summary))
             if cfg.robustness:
                 print(format_comparison_table(results, metric="accuracy", title="robustness: accuracy per condition"))
                 print(
@@ -555,6 +551,15 @@ class Evaluation:
             print(f"results written to {out / EVAL_RESULTS_FILE}")
         accelerator.wait_for_everyone()
         return summary
+
+
+def results_table(summary: dict) -> str:
+    """The clean table an evaluation prints, from its eval_results.json summary (docs quote it through this too)."""
+    title = (
+        f"threshold {summary['threshold']:.3f}, temperature {summary['temperature']:.3f}, "
+        f"preprocessing: {summary['preprocess']}, backend: {summary['backend']}"
+    )
+    return format_table(summary["clean"], title=title)
 
 
 def evaluate_only(cfg: TrainConfig) -> dict:
