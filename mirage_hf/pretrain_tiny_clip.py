@@ -305,6 +305,12 @@ def save(model, tokenizer, processor, out: Path, facts: dict) -> dict:
         **zero_shot(model, tokenizer, processor, n=facts["n_eval"]),
         "sha256": sha256(out / "model.safetensors"),
     }
+    write_card(out, facts)
+    return facts
+
+
+def write_card(out: Path, facts: dict) -> None:
+    """pretraining.json (every fact), curve.svg and the card (README.md) of a pretrained folder, from its facts."""
     (out / "pretraining.json").write_text(json.dumps(facts, indent=2) + "\n")
     (out / "curve.svg").write_text(curve_svg(facts["curve"]))
     text = {
@@ -317,7 +323,6 @@ def save(model, tokenizer, processor, out: Path, facts: dict) -> dict:
         **ARCHITECTURE, **text, **gate_text, gate_verdict=verdict, curve_scenes=CURVE_SCENES, curve_every=CURVE_EVERY
     )
     (out / "README.md").write_text(card)
-    return facts
 
 
 def main(argv=None) -> dict:

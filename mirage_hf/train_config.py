@@ -136,6 +136,11 @@ class TrainConfig(ModelOptions):
     mixed_precision: Literal["no", "bf16", "fp16"] = option("no", '"no", "bf16" or "fp16" (Accelerate).')
     gradient_checkpointing: bool = False
     num_workers: int = 2
+    torch_threads: int | None = option(
+        None,
+        "CPU threads torch may use (None: torch's default, one per core). Tiny models run faster on one: the demo "
+        "preset sets 1 (benchmarks/BENCHMARKS.md has the measurement).",
+    )
     eval_every: int = option(
         0, "Evaluate (and export the model if it is the best so far) every N optimiser steps; 0 = each epoch end."
     )

@@ -327,8 +327,14 @@ def make_accelerator(**options) -> Accelerator:
     return Accelerator(cpu=several_processes and not torch.cuda.is_available(), **options)
 
 
+def use_threads(cfg: TrainConfig) -> None:
+    if cfg.torch_threads:
+        torch.set_num_threads(cfg.torch_threads)
+
+
 def train(cfg: TrainConfig) -> dict:
     """Builds data and model, trains for `max_steps` or `num_epochs`, then calibrates, evaluates and exports."""
+    use_threads(cfg)
     accelerator = make_accelerator(
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -564,6 +570,7 @@ def results_table(summary: dict) -> str:
 
 def evaluate_only(cfg: TrainConfig) -> dict:
     """Evaluates a trained model folder or Hub id (`--eval_only --model ...`); exports nothing."""
+    use_threads(cfg)
     accelerator = make_accelerator(mixed_precision=cfg.mixed_precision)
     configure_logging()
     scorer = load_scorer(cfg.model, cfg.backend, device=accelerator.device, compile=cfg.compile)
