@@ -448,12 +448,8 @@ def write_rows(
         shown = [name for name in fields if name != "error"]
         widths = [max(path_width, len("path")), len("unsure"), *(max(len(name), 6) for name in shown[2:])]
 
-        def line(cells, error):
-            return (
-                "  ".join(f"{cell:<{width}}" for cell, width in zip(cells, widths)).rstrip()
-                + f"  {error}".rstrip()
-                + "\n"
-            )
+        def line(cells, error):  # an error row's score cells are blank, padded to keep its error in its column
+            return "  ".join([*(f"{cell:<{width}}" for cell, width in zip(cells, widths)), error]).rstrip() + "\n"
 
         handle.write(line(shown, "error"))
         handle.write(line(["-" * width for width in widths], "-----"))
