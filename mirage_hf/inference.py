@@ -8,6 +8,7 @@ PyTorch (`"torch"`, the default) or ONNX Runtime on the graphs `mirage-export-on
 gradients, hence the torch backend.
 """
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,7 +18,7 @@ from transformers.models.auto.image_processing_auto import AutoImageProcessor  #
 from .modeling_mirage import MiraGeForImageClassification
 from .scoring import as_scorer, load_scorer
 from .stability import SCORES_PER_INPUT, agreement, with_copies
-from .transforms import scoring_preprocessor
+from .transforms import open_image, scoring_preprocessor
 
 
 @dataclass
@@ -47,6 +48,12 @@ def check_unsure_margin(unsure_margin: float) -> float:
     if not 0.0 <= unsure_margin < 0.5:
         raise ValueError(f"unsure_margin must lie in [0, 0.5), got {unsure_margin}")
     return unsure_margin
+
+
+def _opened(images) -> list:
+    """`images` with each file path (str or os.PathLike) opened as `pipeline()` opens it: upright RGB, or
+    ImageLoadError naming the file (missing, not an image, corrupt)."""
+    return [open_image(image) if isinstance(image, (str, os.PathLike)) else image for image in images]
 
 
 class Detector:
@@ -91,8 +98,9 @@ class Detector:
         return self.scorer.device
 
     def p_fake(self, images) -> np.ndarray:
-        """The model's calibrated p(fake) (`MiraGeOutput.p_fake`) for a list of RGB PIL images (one batch)."""
-        return self.p_fake_from_pixels(self.preprocess(list(images)))
+        """The model's calibrated p(fake) (`MiraGeOutput.p_fake`) for a list of RGB PIL images or file paths (one
+        batch)."""
+        return self.p_fake_from_pixels(self.preprocess(_opened(images)))
 
     def p_fake_from_pixels(self, pixel_values: torch.Tensor) -> np.ndarray:
         """Calibrated p(fake) for a batch already preprocessed by `self.preprocess` (as DataLoader workers do)."""
@@ -109,16 +117,17 @@ class Detector:
         return Verdict(label if stable else "unsure", float(p_fake), spread, stable)
 
     def scores(self, images, stability: bool = False) -> np.ndarray:
-        """p(fake) per RGB PIL image as a column, (n, 1); with `stability` each row also holds its degraded
-        copies' p(fake), (n, 1 + len(STABILITY_COPIES))."""
+        """p(fake) per RGB PIL image or file path as a column, (n, 1); with `stability` each row also holds its
+        degraded copies' p(fake), (n, 1 + len(STABILITY_COPIES))."""
         if not stability:
             return self.p_fake(images).reshape(-1, 1)
-        return self.p_fake(with_copies(images)).reshape(-1, SCORES_PER_INPUT)
+        return self.p_fake(with_copies(_opened(images))).reshape(-1, SCORES_PER_INPUT)
 
     def verdicts(self, scores: np.ndarray, threshold: float | None = None) -> list[Verdict]:
         """The verdict of each row of `scores` (as `scores` returns them: the input, then any copies)."""
         return [self.verdict(row[0], threshold, row[1:] if len(row) > 1 else None) for row in scores]
 
     def __call__(self, images, stability: bool = False, threshold: float | None = None) -> list[Verdict]:
-        """Verdicts for a list of RGB PIL images; `stability` also scores each one's degraded copies."""
+        """Verdicts for a list of RGB PIL images or file paths; `stability` also scores each one's degraded
+        copies."""
         return self.verdicts(self.scores(images, stability), threshold)

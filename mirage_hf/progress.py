@@ -32,11 +32,11 @@ class PlainLines:
 
 
 def progress_bar(*args, **kwargs) -> tqdm:
-    """`tqdm(*args, **kwargs)`, writing plain lines every `PLAIN_LINE_SECONDS` where stderr is not a terminal
-    (a notebook keeps its widget)."""
+    """`tqdm(*args, **kwargs)`, writing plain lines every `PLAIN_LINE_SECONDS` where stderr is not a terminal, and
+    a last line when it closes, even for a bar a terminal clears (`leave=False`) (a notebook keeps its widget)."""
     stream = kwargs.get("file") or sys.stderr
     if not IN_NOTEBOOK and not stream.isatty():
-        kwargs.update(file=PlainLines(stream), mininterval=PLAIN_LINE_SECONDS, ascii=True)
+        kwargs.update(file=PlainLines(stream), mininterval=PLAIN_LINE_SECONDS, ascii=True, leave=True)
     return tqdm(*args, **kwargs)
 
 

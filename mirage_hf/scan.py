@@ -51,6 +51,7 @@ FIELDS = ("path", "label", "p_fake", "error")  # every output's first columns, i
 VIDEO_FIELDS = ("frame", "frames", "p_fake_max", "fake_fraction")
 STABILITY_FIELDS = ("spread",)
 PROVENANCE_FIELDS = Provenance._fields
+OPTION_FIELDS = {"--stability": STABILITY_FIELDS, "--provenance": PROVENANCE_FIELDS}  # options that add columns
 ROW_FORMATS = ("csv", "jsonl")  # written row by row as batches are scored, so a scan resumes from them
 FORMATS = ("table", "csv", "json", "jsonl")
 SCAN_EXTENSIONS = IMAGE_EXTENSIONS | VIDEO_EXTENSIONS
@@ -448,12 +449,8 @@ def write_rows(
         shown = [name for name in fields if name != "error"]
         widths = [max(path_width, len("path")), len("unsure"), *(max(len(name), 6) for name in shown[2:])]
 
-        def line(cells, error):
-            return (
-                "  ".join(f"{cell:<{width}}" for cell, width in zip(cells, widths)).rstrip()
-                + f"  {error}".rstrip()
-                + "\n"
-            )
+        def line(cells, error):  # an error row's score cells are blank, padded to keep its error in its column
+            return "  ".join([*(f"{cell:<{width}}" for cell, width in zip(cells, widths)), error]).rstrip() + "\n"
 
         handle.write(line(shown, "error"))
         handle.write(line(["-" * width for width in widths], "-----"))
@@ -550,9 +547,17 @@ def resume_columns(path: str, fmt: str, wanted: tuple[str, ...]) -> tuple[str, .
     if existing == FIELDS:
         return FIELDS
     raise ScanOutputError(
-        f"{path} has the columns {list(existing)} but this scan writes {list(wanted)}: resume with the options "
-        "it was started with (--stability, --provenance)"
+        f"{path} has the columns {list(existing)} but this scan writes {list(wanted)}: it was started "
+        f"{_options_of(existing)}: resume with the same options"
     )
+
+
+def _options_of(names: Sequence[str]) -> str:
+    """The options that add columns an output with the columns `names` was started with ("with --stability and
+    without --provenance")."""
+    on = [option for option, fields in OPTION_FIELDS.items() if set(fields) <= set(names)]
+    off = [option for option in OPTION_FIELDS if option not in on]
+    return " and ".join(([f"with {' and '.join(on)}"] if on else []) + ([f"without {' or '.join(off)}"] if off else []))
 
 
 def resumed_rows(path: str, fmt: str) -> Iterator[Row]:

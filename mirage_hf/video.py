@@ -5,7 +5,7 @@ PIL. The instants are uniform over the duration: `n` equal segments, each sample
 `max_frames` (capped by the frame count when the container states it) or `fps` per second of video. Each sample
 seeks to the keyframe before its instant and decodes forward only to it, so a long video costs its samples, not
 its length; a sample less than `SEEK_GAP` seconds after the previous one is reached by decoding forward instead.
-The frame scored at an instant is the first one shown at or after it.
+The frame scored at an instant is the one on screen then: the last one starting at or before it.
 """
 
 from __future__ import annotations
@@ -170,18 +170,19 @@ def _container_frames(path: str, times: Sequence[float]) -> list[Image.Image]:
         base = stream.time_base
         start, duration = _start_and_duration(container, stream)
         slack = max(1.0, 2 / float(stream.average_rate)) if stream.average_rate else 1.0
-        frames, decoded, frame = [], None, None
+        frames, decoded, shown, upcoming = [], None, None, None  # upcoming: decoded, starts after the last instant
         for time in sorted(times):
-            target = start + time
-            if decoded is None or frame is None or target - frame.time > SEEK_GAP:
+            target = start + time + 1e-6
+            last = upcoming if upcoming is not None else shown
+            if decoded is None or target - last.time > SEEK_GAP:
                 container.seek(int(target / base), stream=stream, backward=True)
-                decoded, frame = container.decode(stream), None
-            if frame is None or frame.time < target - 1e-6:  # else the frame on screen already is the one
-                for candidate in decoded:
-                    if candidate.time is not None:
-                        frame = candidate
-                        if candidate.time >= target - 1e-6:
-                            break
+                decoded = (frame for frame in container.decode(stream) if frame.time is not None)
+                shown, upcoming = None, None
+            while upcoming is None or upcoming.time <= target:  # decode up to the first frame starting after it
+                shown = upcoming if upcoming is not None else shown
+                if (upcoming := next(decoded, None)) is None:
+                    break
+            frame = shown if shown is not None else upcoming  # nothing before it (a stream's first frame): the first
             if frame is None or target - frame.time > slack:
                 end = "nothing" if frame is None else f"{frame.time - start:.2f} s"
                 raise VideoLoadError(

@@ -121,9 +121,12 @@ def test_formats_parse(capsys, folder, model_dir):
     lines = out.splitlines()
     assert lines[0].split() == [name for name in columns() if name != "error"] + ["error"]
     assert len(lines) == 2 + len(expected)
-    label_column = lines[0].index("label")
+    label_column, error_column = lines[0].index("label"), lines[0].index("error")
     for line, record in zip(lines[2:], expected):
         assert line.startswith(record["path"]) and line[label_column:].startswith(record["label"])
+        assert line[error_column:] == (record["error"] or "")  # an error under "error", the score columns empty
+        if record["error"] is not None:
+            assert line[label_column:error_column].split() == ["error"]
         if record["p_fake"] is not None:
             assert f"{record['p_fake']:.4f}" in line
 

@@ -25,6 +25,26 @@ def test_detector_agrees_with_the_pipeline_decision(detector_dir, tmp_path):
     assert all(0.0 <= v.p_fake <= 1.0 for v in verdicts)
 
 
+def test_detector_takes_file_paths_as_the_pipeline_does(detector_dir, tmp_path):
+    """Paths (str or os.PathLike) score as the images in them, with or without stability, and agree with
+    `pipeline()` on the same paths; a missing or unreadable file raises ImageLoadError naming it."""
+    from mirage_hf.transforms import ImageLoadError
+
+    paths = [tmp_path / f"{index}.png" for index in range(4)]
+    for image, path in zip(images(4), paths):
+        image.save(path)
+    detector = Detector.from_pretrained(detector_dir, device="cpu")
+    mixed = [str(paths[0]), paths[1], str(paths[2]), paths[3]]
+    assert detector(mixed) == detector(images(4))
+    assert detector(mixed, stability=True) == detector(images(4), stability=True)
+    piped = pipeline("image-classification", model=str(detector_dir))([str(path) for path in paths], top_k=1)
+    assert [v.label for v in detector(mixed)] == [rows[0]["label"] for rows in piped]
+    (tmp_path / "notes.jpg").write_text("not an image")
+    for bad, reason in ((tmp_path / "missing.jpg", "file not found"), (tmp_path / "notes.jpg", "not an image")):
+        with pytest.raises(ImageLoadError, match=f"cannot load image {bad}: {reason}"):
+            detector([paths[0], bad])
+
+
 def test_detector_scores_with_the_preprocessing_stored_in_the_model(detector_dir, tmp_path):
     import json
     import shutil

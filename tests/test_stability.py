@@ -71,7 +71,11 @@ def test_resume_keeps_the_columns_of_the_output_or_names_the_options(capsys, ima
     base = [str(tmp_path), "--model", str(detector_dir), "--format", "csv", "--output"]
     assert main([*base, str(tmp_path / "stable.csv"), "--stability"]) == 0
     code = main([*base, str(tmp_path / "stable.csv"), "--resume"])  # without --stability: not mixed in
-    assert code == 1 and "resume with the options it was started with" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 1 and "started with --stability and without --provenance: resume with the same options" in err
+    assert main([*base, str(tmp_path / "plain.csv")]) == 0
+    assert main([*base, str(tmp_path / "plain.csv"), "--resume", "--stability"]) == 1  # the options it lacked
+    assert "started without --stability or --provenance: resume with the same options" in capsys.readouterr().err
     old = tmp_path / "old.csv"  # an output of a version before videos: four columns, one file done
     old.write_text(f"path,label,p_fake,error\n{tmp_path / 'img-0.png'},fake,0.9999,\n")
     assert main([*base, str(old), "--resume"]) == 0

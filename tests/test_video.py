@@ -55,10 +55,10 @@ def all_frames(path):
 
 
 def reference_frames(path, times):
-    """The first frame shown at or after each instant (the documented rule), from the sequential decode."""
+    """The frame on screen at each instant (the last one starting at or before it), from the sequential decode."""
     frames = all_frames(path)
     start = frames[0][0]
-    return [next((image for t, image in frames if t >= start + instant - 1e-6), frames[-1][1]) for instant in times]
+    return [[image for t, image in frames if t <= start + instant + 1e-6][-1] for instant in times]
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +102,30 @@ def test_samples_are_uniform_and_seeking_decodes_only_near_them(long_video, monk
     assert len(decoded) <= 4 * 11, f"{len(decoded)} of 300 frames decoded for 4 samples (keyframe every 10)"
     for ours, theirs in zip(frames, reference_frames(long_video, times), strict=True):
         assert np.array_equal(np.asarray(ours), np.asarray(theirs.convert("RGB")))
+
+
+def grey_levels(n):
+    """`n` recognisable levels: frame `i` of a test clip is flat grey at `grey_levels(n)[i]`."""
+    return [8 + 12 * i for i in range(n)]
+
+
+@pytest.mark.parametrize("name", ["clip.mp4", "anim.gif"])
+def test_each_instant_scores_the_frame_on_screen_then(name, tmp_path):
+    """20 frames at 4 fps (each a flat grey, frame i on screen over [i / 4, (i + 1) / 4)): the frame decoded for
+    an instant is the last one starting at or before it, so the first sample scores frame 0 and no frame twice."""
+    frames = [np.full((32, 32, 3), level, np.uint8) for level in grey_levels(20)]
+    if name.endswith(".gif"):
+        path = write_gif(tmp_path / name, frames, duration_ms=250)
+    else:
+        path = write_video(tmp_path / name, frames, fps=4, gop=8)
+
+    def shown(times):
+        levels = [float(np.asarray(frame).mean()) for frame in video.video_frames(path, times)]
+        return [int(np.argmin(np.abs(np.array(grey_levels(20)) - level))) for level in levels]
+
+    times = video.sample_times(path)  # the scan's 16 instants: the middles of 16 segments of 5 s
+    assert shown(times) == [int(4 * time) for time in times]
+    assert shown([0.0, 0.1, 0.25, 0.3, 2.49, 2.5, 4.99]) == [0, 0, 1, 1, 9, 10, 19]
 
 
 @pytest.fixture(scope="module")
