@@ -67,18 +67,19 @@ def zero_shot():
 
 
 def test_the_real_and_fake_anchors_start_apart(zero_shot):
-    """A random tiny CLIP's two anchors are nearly the same direction (cosine above 0.99); pretraining parted them."""
+    """A random tiny CLIP's two anchors are nearly the same direction (cosine above 0.99); pretraining parted them
+    (0.09 for the shipped weights)."""
     real, fake = zero_shot.text_anchors()
-    assert float(real @ fake) < 0.95
+    assert float(real @ fake) < 0.5
 
 
 def test_zero_shot_ranks_the_pretraining_generators_fakes_above_camera_photos(zero_shot):
-    """Weakly (measured AUC 0.65 here; the card's per-generator numbers are 52-60): what pretraining gave is
-    little, and this guards that it is not lost."""
+    """MiraGe's zero_shot mode on the shipped CLIP (its class prompts, no training) ranks every pretraining
+    generator's renderings above camera photos of new scenes (measured AUC 1.00; the 3,000-step model gave 0.65)."""
     rng = np.random.default_rng(7)  # scenes no pretraining step saw (those came from default_rng([seed, 1]))
     makers = ["camera"] * len(PRETRAINING_GENERATORS) * 6 + [*PRETRAINING_GENERATORS] * 6
     images = [render(rng, content_scene(rng, 32)[0], maker) for maker in makers]
     processor = AutoImageProcessor.from_pretrained(PRETRAINED_TINY_CLIP)
     with torch.no_grad():
         scores = zero_shot(pixel_values(images, processor)).logit_diff.numpy()
-    assert roc_auc_score([maker != "camera" for maker in makers], scores) > 0.6
+    assert roc_auc_score([maker != "camera" for maker in makers], scores) > 0.95

@@ -215,18 +215,19 @@ def test_checkpoints_hold_only_what_trains_and_refuse_another_clip(tmp_path):
         run(tmp_path, "--max_steps", "4", *args[2:], "--resume_from_checkpoint", "latest")
 
 
-def test_prompt_only_training_on_the_shipped_clip_learns_its_training_generator(tmp_path):
-    """The demo recipe on a smaller budget (pretrained tiny CLIP frozen, prompts only, no LoRA) learns its training
-    generator beyond what its untrained prompts see: with --learning_rate 0 the same run ranks at AUC 0.68 and calls
-    half the reals fake; trained, 0.79 and 62% (measured 2026-12-05)."""
+def test_prompt_only_training_on_the_shipped_clip_meets_the_in_distribution_bar(tmp_path):
+    """The demo recipe on a smaller budget (pretrained tiny CLIP frozen, prompts only, no LoRA) calls at least 95% of
+    its training generator's held-out reals and fakes right, and ranks an unseen generator of another family
+    (`banding`) at ROC AUC >= 0.95. The backbone already knows most of this zero-shot (ladder, README): training the
+    prompts must keep it, not lose it."""
     assert parse_args(["--config", "demo"]).lora_r == 0
     results = main([
         "--config", "demo", "--output_dir", str(tmp_path), "--max_steps", "150", "--eval_every", "150",
         "--synthetic", "{generators: [upsampler, banding], n_train_per_class: 300, n_val_per_class: 50, image_size: 32}",
     ])  # fmt: skip
-    upsampler = results["clean"]["upsampler"]
-    assert upsampler["roc_auc"] >= 0.75
-    assert min(upsampler["fake_accuracy"], upsampler["real_accuracy"]) >= 0.58
+    upsampler, banding = results["clean"]["upsampler"], results["clean"]["banding"]
+    assert min(upsampler["fake_accuracy"], upsampler["real_accuracy"]) >= 0.95
+    assert banding["roc_auc"] >= 0.95
 
 
 def test_corrupt_images_are_reported_by_path_and_skipped(tmp_path, caplog):
