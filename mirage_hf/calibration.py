@@ -1,7 +1,9 @@
 """Fitting the model's calibration on held-out training data: a temperature T and a decision threshold t.
 
-The rule itself (``p_fake = sigmoid((logit_fake - logit_real) / T)``, fake iff ``p_fake >= t``, both folded into
-the output logits) lives in one place, ``modeling_mirage.calibrate_logits``; this module only chooses T and t.
+The rule itself lives in one place, ``modeling_mirage.calibrate_logits``: the temperature-scaled probability
+``sigmoid((logit_fake - logit_real) / T)`` calls an image fake from ``t``, and both are folded into the one score
+every surface reports, ``p_fake = sigmoid(z / T - logit(t))`` (fake iff ``p_fake >= 0.5``). This module only
+chooses T and t, and measures the reported score's calibration (ECE) on the held-out images it fitted them on.
 
 How T is chosen (:func:`fit_temperature`): the cross-entropy of ``sigmoid(z / T)`` is minimised against Platt's
 (1999) prior-corrected targets, ``(N_fake + 1) / (N_fake + 2)`` for fakes and ``1 / (N_real + 2)`` for reals,
@@ -28,7 +30,7 @@ import numpy as np
 import torch
 from scipy.optimize import minimize_scalar
 
-from .metrics import to_numpy
+from .metrics import expected_calibration_error, to_numpy
 from .modeling_mirage import calibrate_logits
 
 TEMPERATURE_BOUNDS = (1e-2, 1e2)
@@ -62,10 +64,11 @@ def _logit_diff(logit_diff) -> np.ndarray:
     return z
 
 
-def model_p_fake(logit_diff, temperature: float) -> np.ndarray:
-    """The p(fake) the model outputs for these logit differences at `temperature` (its own rule, in float32)."""
+def model_p_fake(logit_diff, temperature: float, threshold: float = 0.5) -> np.ndarray:
+    """The p(fake) the model outputs for these logit differences at `temperature` and `threshold` (its own rule, in
+    float32); at the default threshold, the temperature-scaled probability the threshold is chosen on."""
     z = torch.as_tensor(np.asarray(logit_diff), dtype=torch.float32)
-    return calibrate_logits(torch.stack([torch.zeros_like(z), z], -1), temperature, 0.5)["p_fake"].numpy()
+    return calibrate_logits(torch.stack([torch.zeros_like(z), z], -1), temperature, threshold)["p_fake"].numpy()
 
 
 def fit_temperature(logit_diff, labels, bounds: tuple[float, float] = TEMPERATURE_BOUNDS) -> float:
@@ -141,7 +144,7 @@ def calibrate(
     ``threshold``, ``rule`` (how both were chosen, in words), ``fitted`` (False for the T = 1, t = 0.5 fallback),
     ``method``, ``target_fpr`` (None unless method="target_fpr"), ``n_real``, ``n_fake``, ``separated`` (whether a
     threshold splits the held-out classes perfectly), ``fpr``, ``tpr``, ``balanced_accuracy`` (of the exported
-    rule on the held-out data) and ``warnings``.
+    rule on the held-out data), ``ece`` (of the reported p(fake) on the same data) and ``warnings``.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -179,6 +182,7 @@ def calibrate(
         tpr, fpr = (float(r[0]) for r in _rates(model_p_fake(z, temperature), labels, np.array([threshold])))
     else:
         tpr = fpr = math.nan
+    ece = expected_calibration_error(labels, model_p_fake(z, temperature, threshold)) if z.size else math.nan
     return {
         "temperature": temperature,
         "threshold": threshold,
@@ -192,5 +196,6 @@ def calibrate(
         "fpr": fpr,
         "tpr": tpr,
         "balanced_accuracy": (tpr + 1.0 - fpr) / 2.0,
+        "ece": float(ece),
         "warnings": notes,
     }

@@ -63,12 +63,13 @@ class MiraGeConfig(PreTrainedConfig):
         memory_bank_size (`int`, *optional*, defaults to 1024):
             Number of past image features kept (FIFO) as extra contrastive candidates; 0 disables the bank.
         calibration_temperature (`float`, *optional*, defaults to 1.0):
-            Temperature dividing the logits: `p_fake = sigmoid((logit_fake - logit_real) / T)`. Fitted on
-            held-out training data by `mirage_hf.calibration.calibrate` (its docstring gives the rule).
+            Temperature dividing the logits, `sigmoid((logit_fake - logit_real) / T)`. Fitted on held-out
+            training data by `mirage_hf.calibration.calibrate` (its docstring gives the rule).
         decision_threshold (`float`, *optional*, defaults to 0.5):
-            Calibrated p(fake) from which an image is called fake. The output logits are shifted so that
-            `softmax(logits)[..., 1] >= 0.5` exactly when this threshold is reached, so `pipeline()` and every
-            other consumer of the logits uses the calibrated decision.
+            Temperature-scaled probability from which an image is called fake. It is folded into the output: the
+            logits are shifted by `-logit(decision_threshold)`, so the reported `p_fake = softmax(logits)[..., 1]`
+            reaches 0.5 exactly at this threshold, and `pipeline()` and every other surface give one score and
+            one verdict.
         preprocess (`str`, *optional*, defaults to `"resize"`):
             How images were brought to the input size when the model was evaluated and calibrated: `resize`
             (the image processor's resize and centre crop) or `center_crop` (a crop without resizing, which keeps

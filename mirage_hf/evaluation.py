@@ -12,6 +12,7 @@ from datasets.distributed import split_dataset_by_node
 from torch.utils.data import DataLoader
 
 from .metrics import per_subset_metrics
+from .modeling_mirage import FAKE_FROM
 from .progress import progress_bar
 from .scoring import as_scorer
 from .transforms import ROBUSTNESS_SWEEP, BadImageReport, DetectionCollator, degrade
@@ -39,7 +40,7 @@ def _shard(dataset, accelerator):
     return dataset.shard(num_shards=accelerator.num_processes, index=accelerator.process_index, contiguous=True)
 
 
-def predict(model, dataset, preprocess, accelerator, batch_size=64, num_workers=0, desc="eval"):
+def predict(model, dataset, preprocess, accelerator, batch_size=64, num_workers=0, desc="eval", quiet=False):
     """The model's output for every readable image: its label, logit difference and calibrated p(fake).
 
     Returns (labels, logit_diff, p_fake, subsets, BadImageReport), gathered from all processes; `logit_diff` and
@@ -53,7 +54,8 @@ def predict(model, dataset, preprocess, accelerator, batch_size=64, num_workers=
         collate_fn=DetectionCollator(preprocess),
     )  # fmt: skip
     labels, diffs, p_fakes, subsets, failures = [], [], [], [], BadImageReport()
-    progress = progress_bar(loader, desc=desc, disable=not accelerator.is_local_main_process, leave=False)
+    disable = quiet or not accelerator.is_local_main_process
+    progress = progress_bar(loader, desc=desc, disable=disable, leave=False)
     with accelerator.autocast():
         for batch in progress:
             failures.add(batch["failed"])
@@ -79,9 +81,8 @@ def predict(model, dataset, preprocess, accelerator, batch_size=64, num_workers=
     return concat(all_labels, np.int64), diffs, p_fakes, all_subsets, report
 
 
-def evaluate(model, dataset, preprocess, accelerator, robustness=False, batch_size=64, num_workers=0):
+def evaluate(model, dataset, preprocess, accelerator, robustness=False, batch_size=64, num_workers=0, quiet=False):
     """{"clean": per-subset metrics[, "jpeg95": ..., ...]} plus the bad-image report of the clean pass."""
-    threshold = as_scorer(model).config.decision_threshold
     conditions = [("clean", preprocess)]
     if robustness:
         conditions += [
@@ -92,11 +93,11 @@ def evaluate(model, dataset, preprocess, accelerator, robustness=False, batch_si
     results, clean_report = {}, None
     for name, condition in conditions:
         labels, diffs, p_fake, subsets, report = predict(
-            model, dataset, condition, accelerator, batch_size, num_workers, desc=f"eval {name}"
+            model, dataset, condition, accelerator, batch_size, num_workers, desc=f"eval {name}", quiet=quiet
         )
         if not labels.size:
             raise ValueError(f"no readable image in the evaluation data ({report.summary()})")
         # ranking metrics on the logit difference (no temperature changes them), the rest on calibrated p(fake)
-        results[name] = per_subset_metrics(labels, p_fake, subsets, threshold=threshold, scores=diffs)
+        results[name] = per_subset_metrics(labels, p_fake, subsets, threshold=FAKE_FROM, scores=diffs)
         clean_report = clean_report or report
     return results, clean_report

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from transformers.models.auto.image_processing_auto import AutoImageProcessor  # top-level: torchvision-only in 5.17
 
-from .modeling_mirage import MiraGeForImageClassification
+from .modeling_mirage import FAKE_FROM, MiraGeForImageClassification
 from .scoring import as_scorer, load_scorer
 from .stability import SCORES_PER_INPUT, agreement, with_copies
 from .transforms import open_image, scoring_preprocessor
@@ -90,7 +90,9 @@ class Detector:
 
     @property
     def threshold(self) -> float:
-        return self.scorer.config.decision_threshold
+        """Where the verdict flips on the reported p(fake): 0.5 for every model, whose fitted threshold is folded
+        into p(fake) (`modeling_mirage.calibrate_logits`)."""
+        return FAKE_FROM
 
     @property
     def device(self) -> torch.device:

@@ -41,8 +41,9 @@ class MiraGeOutput(ModelOutput):
         Uncalibrated `logit_fake - logit_real` in float32: the ranking score (AP, ROC AUC), which no temperature
         changes and which does not saturate.
     p_fake (`torch.FloatTensor` of shape `(batch_size,)`):
-        Calibrated probability of fake, `sigmoid(logit_diff / calibration_temperature)`; the model calls an image
-        fake when it reaches `decision_threshold`.
+        The score every surface reports: `softmax(logits)[:, 1]`, the calibrated probability of fake with the
+        decision threshold folded in, `sigmoid(logit_diff / calibration_temperature - logit(decision_threshold))`;
+        the model calls an image fake when it reaches `FAKE_FROM` (0.5), as `pipeline()` does.
     loss_ce, loss_align, loss_sep, loss_supcon (`torch.FloatTensor` of shape `()`, *optional*):
         The unweighted loss terms that are switched on, for logging.
     hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned with `output_hidden_states=True`):
@@ -103,19 +104,25 @@ def _selected_hidden_states(hidden_states: list[torch.Tensor], selection) -> tup
     return tuple(h if index in keep else None for index, h in enumerate(hidden_states))
 
 
+FAKE_FROM = 0.5
+"""The reported p(fake) from which every surface calls an image fake: the fitted threshold is folded into p(fake)."""
+
+
 def calibrate_logits(logits: torch.Tensor, temperature: float, threshold: float) -> dict[str, torch.Tensor]:
     """The calibration rule, in its one home: what the model outputs for (real, fake) logits `(..., 2)`.
 
     * `logit_diff = logit_fake - logit_real` (float32), the uncalibrated ranking score;
-    * `p_fake = sigmoid(logit_diff / temperature)`, the calibrated probability of fake;
-    * `logits`: `logits / temperature` (float32) with the fake logit shifted by `-logit(threshold)`, so that
-      `softmax(logits)[..., 1] >= 0.5` exactly when `p_fake` reaches `threshold` (what `pipeline()` reports).
+    * `logits`: `logits / temperature` (float32) with the fake logit shifted by `-logit(threshold)`;
+    * `p_fake = softmax(logits)[..., 1] = sigmoid(logit_diff / temperature - logit(threshold))`: the one score
+      `pipeline()`, the CLI, the Space and ONNX report, fake iff `p_fake >= FAKE_FROM` (exactly when the
+      temperature-scaled probability `sigmoid(logit_diff / temperature)` reaches `threshold`).
     """
     logits = logits.float()  # bf16 would move the decision at the threshold
     logit_diff = logits[..., 1] - logits[..., 0]
     shift = torch.tensor([0.0, math.log(threshold / (1.0 - threshold))], device=logits.device)
     calibrated = logits if temperature == 1.0 and threshold == 0.5 else logits / temperature - shift
-    return {"logits": calibrated, "logit_diff": logit_diff, "p_fake": torch.sigmoid(logit_diff / temperature)}
+    p_fake = torch.sigmoid(calibrated[..., 1] - calibrated[..., 0])
+    return {"logits": calibrated, "logit_diff": logit_diff, "p_fake": p_fake}
 
 
 class MiraGePromptLearner(nn.Module):

@@ -157,14 +157,16 @@ class DetectorApp:
         return detector if detector.backend == "torch" else self._load("torch")
 
     def model_info(self):
-        """On page load: the slider at the model's calibrated threshold, and a line about the model."""
+        """On page load: the slider where the verdict flips (0.5: the fitted threshold is folded into p(fake)), and a
+        line about the model."""
         detector = self.detector()
         name = detector.model.config.name_or_path or "model"
         adapter = getattr(detector.model, "mirage_adapter", None)  # mirage-adapt's adapter on a base detector
         on_base = f" (adapter on the base detector `{adapter['base_model']}`)" if adapter else ""
         text = (
-            f"Model `{name}`{on_base} on backend `{detector.backend}`: calibrated threshold {detector.threshold:.3f}, "
-            f"unsure band {detector.unsure_margin:.2f}."
+            f"Model `{name}`{on_base} on backend `{detector.backend}`: p(fake) is calibrated with its fitted threshold "
+            f"{detector.scorer.config.decision_threshold:.3f} folded in, so it calls an image fake from "
+            f"{detector.threshold:.2f}, as pipeline() does; unsure band {detector.unsure_margin:.2f}."
         )
         return gr.Slider(value=round(detector.threshold, 2)), text
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import numpy as np
 import pytest
 import torch
 
@@ -136,6 +137,16 @@ def detector_dir(clip_dir, tmp_path_factory):
     model.config.decision_threshold, model.config.calibration_temperature = 0.3, 1.0
     model.config._name_or_path = "tiny-random-mirage"
     return export_model(model, AutoImageProcessor.from_pretrained(clip_dir), tmp_path_factory.mktemp("run") / "model")
+
+
+def scaled_p_fake(model_dir, images) -> np.ndarray:
+    """The temperature-scaled probability sigmoid(logit_diff / T) of `images` under the detector in `model_dir`: the
+    scale its calibrated threshold lives on (the reported p(fake) has the threshold folded in)."""
+    from mirage_hf.inference import Detector
+
+    detector = Detector.from_pretrained(model_dir, device="cpu")
+    logit_diff = detector.scorer(detector.preprocess(images))["logit_diff"].astype(np.float64)
+    return 1.0 / (1.0 + np.exp(-logit_diff / detector.scorer.config.calibration_temperature))
 
 
 def with_threshold(model_dir, folder, threshold: float) -> Path:

@@ -145,9 +145,11 @@ def test_calibrate_logits_is_the_rule_exactly():
         for threshold in (0.05, 0.3, 0.5, 0.77, 0.99):
             out = calibrate_logits(logits, temperature, threshold)
             np.testing.assert_allclose(out["logit_diff"].numpy(), z, rtol=1e-6, atol=1e-6)
-            np.testing.assert_allclose(out["p_fake"].numpy(), 1 / (1 + np.exp(-z / temperature)), atol=1e-6)
-            decided = torch.softmax(out["logits"], -1)[:, 1] >= 0.5
-            assert torch.equal(decided, out["p_fake"] >= threshold), (temperature, threshold)
+            shift = math.log(threshold / (1 - threshold))
+            np.testing.assert_allclose(out["p_fake"].numpy(), 1 / (1 + np.exp(shift - z / temperature)), atol=1e-6)
+            np.testing.assert_allclose(out["p_fake"], torch.softmax(out["logits"], -1)[:, 1], atol=1e-6)
+            scaled = torch.from_numpy(1 / (1 + np.exp(-z / temperature)))
+            assert torch.equal(out["p_fake"] >= 0.5, scaled >= threshold), (temperature, threshold)
     identity = calibrate_logits(logits.float(), 1.0, 0.5)["logits"]
     assert torch.equal(identity, logits.float())
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import with_threshold
+from conftest import scaled_p_fake, with_threshold
 from PIL import Image
 from transformers import pipeline
 
@@ -14,9 +14,9 @@ def images(n=6):
 
 
 def test_detector_agrees_with_the_pipeline_decision(detector_dir, tmp_path):
-    """The threshold is moved between the scores, so both sides are compared: `pipeline()` reads the calibrated
-    logits, the Detector p(fake), and they must call the same images fake."""
-    scores = np.sort(Detector.from_pretrained(detector_dir, device="cpu").p_fake(images()))
+    """The threshold is moved between the images' temperature-scaled scores, so both sides are compared: `pipeline()` reads the calibrated logits, the Detector p(fake), and they
+    must call the same images fake."""
+    scores = np.sort(scaled_p_fake(detector_dir, images()))
     folder = with_threshold(detector_dir, tmp_path / "model", float(scores[2] + scores[3]) / 2)
     verdicts = Detector.from_pretrained(folder, device="cpu")(images())
     piped = pipeline("image-classification", model=str(folder))(images(), top_k=1)
@@ -62,17 +62,19 @@ def test_detector_scores_with_the_preprocessing_stored_in_the_model(detector_dir
     assert Detector.from_pretrained(folder, device="cpu", preprocess="resize").preprocess.mode == "resize"
 
 
-def test_unsure_band_around_the_calibrated_threshold(detector_dir):
+def test_unsure_band_around_where_the_verdict_flips(detector_dir):
+    """The detector's calibrated threshold (0.3) is folded into p(fake), so the band lies around 0.5."""
     detector = Detector.from_pretrained(detector_dir, device="cpu", unsure_margin=0.1)
-    assert detector.verdict(0.35).label == "unsure" and detector.verdict(0.25).label == "unsure"
-    assert detector.verdict(0.41).label == "fake" and detector.verdict(0.19).label == "real"
+    assert detector.scorer.config.decision_threshold == 0.3 and detector.threshold == 0.5
+    assert detector.verdict(0.55).label == "unsure" and detector.verdict(0.45).label == "unsure"
+    assert detector.verdict(0.61).label == "fake" and detector.verdict(0.39).label == "real"
     with pytest.raises(ValueError, match="unsure_margin"):
         Detector(detector.model, detector.image_processor, unsure_margin=0.7)
 
 
 def test_bf16_paths_match_fp32_within_bf16_precision(detector_dir):
     """bf16 weights (`mirage-detect --dtype bfloat16`) and bf16 autocast (evaluation under mixed precision) move
-    p(fake) only by bf16 rounding: at most 0.05 here (0.03 measured), on scores spread over 0.3."""
+    p(fake) only by bf16 rounding: at most 0.05 here (0.03 measured), on scores spread over 0.2."""
     gradient = np.tile(np.linspace(0, 255, 36, dtype=np.uint8)[None, :, None], (40, 1, 3))
     batch = [Image.new("RGB", (40, 36), c) for c in ("black", "white", "red", "blue", "yellow")]
     batch += [*images(1), Image.fromarray(gradient)]
@@ -81,7 +83,7 @@ def test_bf16_paths_match_fp32_within_bf16_precision(detector_dir):
     assert bf16_weights.model.dtype == torch.bfloat16
     with torch.autocast("cpu", dtype=torch.bfloat16):
         autocast = Detector.from_pretrained(detector_dir, device="cpu").p_fake(batch)
-    assert np.ptp(reference) > 0.25, "the scores must differ for the comparison to mean anything"
+    assert np.ptp(reference) > 0.2, "the scores must differ for the comparison to mean anything"
     np.testing.assert_allclose(bf16_weights.p_fake(batch), reference, atol=0.05)
     np.testing.assert_allclose(autocast, reference, atol=0.05)
 

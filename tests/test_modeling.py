@@ -226,8 +226,9 @@ def test_calibration_moves_the_decision(make_model, pixel_values):
 
 @pytest.mark.parametrize("mode", ["mirage", "linear_probe"])
 def test_output_carries_the_raw_logit_difference_and_the_calibrated_p_fake(make_model, pixel_values, mode):
-    """The one calibrated probability every consumer reads, next to the ranking score that no temperature moves;
-    the calibrated logits decide at the threshold, which lies between the inputs' scores."""
+    """The one calibrated score every consumer reads (the pipeline's fake score, the threshold folded in), next to
+    the ranking score that no temperature moves; it decides at 0.5 as the temperature-scaled probability does at
+    the threshold, which lies between the inputs' scores."""
     model = make_model(mode).eval()
     with torch.no_grad():
         logits, _, _ = model.detect(pixel_values)
@@ -237,9 +238,11 @@ def test_output_carries_the_raw_logit_difference_and_the_calibrated_p_fake(make_
         out = model(pixel_values)
     assert out.logit_diff.shape == out.p_fake.shape == (4,) and out.p_fake.dtype == torch.float32
     torch.testing.assert_close(out.logit_diff, z)
-    torch.testing.assert_close(out.p_fake, torch.sigmoid(z / 0.4))
-    decided_fake = out.logits.softmax(-1)[:, 1] >= 0.5
-    assert torch.equal(decided_fake, out.p_fake >= model.config.decision_threshold) and decided_fake.sum() == 2
+    threshold = model.config.decision_threshold
+    torch.testing.assert_close(out.p_fake, torch.sigmoid(z / 0.4 - math.log(threshold / (1 - threshold))))
+    torch.testing.assert_close(out.p_fake, out.logits.softmax(-1)[:, 1])
+    decided_fake = out.p_fake >= 0.5
+    assert torch.equal(decided_fake, torch.sigmoid(z / 0.4) >= threshold) and decided_fake.sum() == 2
 
 
 # ------------------------------------------------------------------------------------------------- loss

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import with_threshold
+from conftest import scaled_p_fake, with_threshold
 from PIL import Image
 
 from mirage_hf import cli, onnx_export
@@ -31,7 +31,7 @@ def images(seed=0):
 def onnx_model_dir(detector_dir, tmp_path_factory):
     """A copy of the test detector, its threshold moved into the middle of its scores, exported by the console
     script's main()."""
-    scores = Detector.from_pretrained(detector_dir, device="cpu").p_fake(images() + images(1))
+    scores = scaled_p_fake(detector_dir, [image.convert("RGB") for image in images() + images(1)])
     model_dir = with_threshold(detector_dir, tmp_path_factory.mktemp("onnx") / "model", float(np.median(scores)))
     assert onnx_export.main([str(model_dir)]) == 0
     return model_dir

@@ -1,8 +1,10 @@
-"""Preprocessing parity: every path that scores an image sees the pixels of the image processor saved with the
-model, in both preprocessing modes, for images larger and smaller than the input size.
+"""Preprocessing and score parity: every path that scores an image sees the pixels of the image processor saved
+with the model, in both preprocessing modes, for images larger and smaller than the input size and in several
+colour modes, and reports the same p(fake) and verdict as plain `pipeline()` at a calibrated threshold far from 0.5.
 
-The paths: plain `pipeline(..., trust_remote_code=True)` in a process that never imports mirage_hf, the scoring
-loop of `mirage-detect`, the Space's handler, evaluation, and the model card's ONNX Runtime snippet.
+The paths: plain `pipeline(..., trust_remote_code=True)` in a process that never imports mirage_hf, `AutoModel`,
+`Detector` and the scoring loop of `mirage-detect`, the Space's handler, evaluation, ONNX Runtime and the model
+card's ONNX Runtime snippet.
 """
 
 import json
@@ -34,6 +36,9 @@ from mirage_hf.transforms import Preprocessor, image_processor_for, scoring_prep
 MODES = ("resize", "center_crop")
 # (width, height) around the input size S = 30: larger, smaller by odd and even amounts, and larger one way only.
 SIZES = [(61, 45), (17, 23), (12, 12), (45, 20)]
+# Colour modes that `pipeline()` and `open_image` both bring to RGB: (size, PIL mode).
+MODES_OF_COLOUR = [((40, 33), "L"), ((33, 50), "RGBA"), ((36, 36), "P")]
+TEMPERATURE = 0.5
 PARITY = 1e-5
 
 
@@ -55,30 +60,45 @@ def image_paths(tmp_path_factory):
     for index, size in enumerate(SIZES):
         paths.append(str(folder / f"image_{size[0]}x{size[1]}.png"))
         pasted(size, index).save(paths[-1])
+    for index, (size, colour) in enumerate(MODES_OF_COLOUR, start=len(SIZES)):
+        paths.append(str(folder / f"image_{colour}.png"))
+        pasted(size, index).convert(colour).save(paths[-1])
     return paths
 
 
+def scaled(logit_diff) -> np.ndarray:
+    """The temperature-scaled probability sigmoid(z / T), on which a calibrated threshold is chosen."""
+    return 1.0 / (1.0 + np.exp(-np.asarray(logit_diff, dtype=np.float64) / TEMPERATURE))
+
+
 @pytest.fixture(scope="module")
-def model_dirs(clip_dir, tmp_path_factory):
-    """One exported detector per mode (same weights; temperature 0.5, threshold 0.5, so that pipeline()'s fake
-    score is p(fake)), each with the fp32 ONNX graph."""
+def model_dirs(clip_dir, image_paths, tmp_path_factory):
+    """One exported detector per mode (same weights, temperature 0.5), each with the fp32 ONNX graph. The threshold
+    is the median of the images' temperature-scaled scores over both modes, so that the verdicts split where that
+    median lies (here far from 0.5: the scores an unfolded threshold would leave a user to compare)."""
     torch.manual_seed(0)
-    model = mirage_hf.MiraGeForImageClassification.from_clip(clip_dir, mode="mirage", prompt_depth=2)
+    model = mirage_hf.MiraGeForImageClassification.from_clip(clip_dir, mode="mirage", prompt_depth=2).eval()
     with torch.no_grad():
         model.prompt_learner.text_prompts[1].normal_(std=0.5)
-    model.config.calibration_temperature = 0.5
+    model.config.calibration_temperature = TEMPERATURE
+    images = [Image.open(path).convert("RGB") for path in image_paths]
+    processor = AutoImageProcessor.from_pretrained(clip_dir)
+    with torch.no_grad():
+        z = [model(Preprocessor(processor, mode)(images)).logit_diff.numpy() for mode in MODES]
+    model.config.decision_threshold = float(np.median(scaled(np.concatenate(z))))
     root, dirs = tmp_path_factory.mktemp("parity-models"), {}
     for mode in MODES:
         model.config.preprocess = mode
-        dirs[mode] = export_model(model, AutoImageProcessor.from_pretrained(clip_dir), root / mode)
+        dirs[mode] = export_model(model, processor, root / mode)
     export_onnx(dirs["resize"], quantize=False)  # the graph does not depend on the preprocessing
     shutil.copytree(dirs["resize"] / "onnx", dirs["center_crop"] / "onnx")
     return dirs
 
 
 @pytest.fixture(scope="module")
-def pipeline_scores(model_dirs, image_paths, tmp_path_factory):
-    """p(fake) from plain `pipeline()` with remote code, in a process where mirage_hf was never imported."""
+def pipeline_rows(model_dirs, image_paths, tmp_path_factory):
+    """Per mode, (fake score, label) of each image from plain `pipeline()` with remote code, in a process where
+    mirage_hf was never imported."""
     folder = tmp_path_factory.mktemp("pipeline-run")
     script = textwrap.dedent(
         f"""
@@ -88,7 +108,7 @@ def pipeline_scores(model_dirs, image_paths, tmp_path_factory):
         for mode, path in {json.dumps({mode: str(path) for mode, path in model_dirs.items()})}.items():
             detector = pipeline("image-classification", model=path, trust_remote_code=True)
             rows = detector({image_paths!r})
-            scores[mode] = [next(r["score"] for r in row if r["label"] == "fake") for row in rows]
+            scores[mode] = [[next(r["score"] for r in row if r["label"] == "fake"), row[0]["label"]] for row in rows]
         assert "mirage_hf" not in sys.modules, "mirage_hf was imported"
         print(json.dumps(scores))
         """
@@ -96,7 +116,13 @@ def pipeline_scores(model_dirs, image_paths, tmp_path_factory):
     env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(folder / "hf_home"), "PATH": "/usr/bin:/bin"}
     result = subprocess.run([sys.executable, "-c", script], cwd=folder, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
-    return {mode: np.array(scores) for mode, scores in json.loads(result.stdout.splitlines()[-1]).items()}
+    rows = json.loads(result.stdout.splitlines()[-1])
+    return {mode: (np.array([score for score, _ in rows]), [label for _, label in rows]) for mode, rows in rows.items()}
+
+
+@pytest.fixture(scope="module")
+def pipeline_scores(pipeline_rows):
+    return {mode: scores for mode, (scores, _) in pipeline_rows.items()}
 
 
 def test_the_saved_processor_implements_the_model_s_preprocessing(model_dirs, pipeline_scores):
@@ -194,3 +220,41 @@ def test_a_folder_saved_before_the_processor_followed_the_model_warns_and_scores
         ValueError, match=r"old: its .* implements 'resize' .*image_processor_for\(processor, 'center_crop'\)"
     ):
         stage_model_repo(folder, tmp_path / "staged", "owner/detector", license="mit")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_surface_reports_one_score_and_one_verdict(model_dirs, image_paths, pipeline_rows, mode, capsys):
+    """At a threshold far from 0.5, between the images' scores: plain `pipeline()`'s fake score and top label are
+    what `AutoModel` (`p_fake`), `Detector` (torch and ONNX), `mirage-detect` and the Space report."""
+    from transformers import AutoModelForImageClassification
+
+    from mirage_hf import cli
+    from mirage_hf.space import app as space
+
+    folder = model_dirs[mode]
+    threshold = json.loads((folder / "config.json").read_text())["decision_threshold"]
+    scores, labels = pipeline_rows[mode]
+    assert abs(threshold - 0.5) > 0.25, "the threshold must sit far from 0.5 for the comparison to mean anything"
+    assert set(labels) == {"real", "fake"}, "the verdicts must split for the comparison to mean anything"
+    assert labels == ["fake" if score >= 0.5 else "real" for score in scores]
+
+    model = AutoModelForImageClassification.from_pretrained(folder).eval()
+    images = [Image.open(path).convert("RGB") for path in image_paths]
+    with torch.no_grad():
+        p_fake = model(**AutoImageProcessor.from_pretrained(folder)(images=images, return_tensors="pt")).p_fake
+    surfaces = {"AutoModel": (p_fake.numpy(), ["fake" if p >= 0.5 else "real" for p in p_fake])}
+    for backend in ("torch", "onnx"):
+        verdicts = Detector.from_pretrained(folder, device="cpu", backend=backend)(image_paths)
+        surfaces[f"Detector {backend}"] = ([v.p_fake for v in verdicts], [v.label for v in verdicts])
+    capsys.readouterr()
+    assert cli.main([*image_paths, "--model", str(folder), "--unsure_margin", "0", "--format", "json", "-q"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    surfaces["mirage-detect"] = ([row["p_fake"] for row in rows], [row["label"] for row in rows])
+    handler = space.DetectorApp(lambda: Detector.from_pretrained(folder, device="cpu"))  # unsure band 0, as above
+    answers = [handler.detect(path) for path in image_paths]
+    space_labels = ["fake" if text.startswith("Likely AI") else "real" for _, text, _ in answers]
+    surfaces["Space"] = ([confidences["fake"] for confidences, _, _ in answers], space_labels)
+    for surface, (reported, called) in surfaces.items():
+        tolerance = 1e-4 if surface == "mirage-detect" else PARITY  # the CLI rounds to 4 decimals
+        np.testing.assert_allclose(reported, scores, rtol=0, atol=tolerance, err_msg=surface)
+        assert called == labels, surface
