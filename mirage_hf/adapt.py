@@ -37,7 +37,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 from transformers.models.auto.image_processing_auto import AutoImageProcessor  # top-level: torchvision-only in 5.17
 from transformers.utils import cached_file
@@ -59,8 +58,9 @@ from .hub import adapter_card
 from .lora import mirage_lora_config
 from .metrics import RESERVED_SUBSETS, format_before_after, to_jsonable
 from .modeling_mirage import MiraGeForImageClassification
-from .progress import hide_library_bars
+from .progress import hide_library_bars, progress_bar
 from .scan import find_images
+from .scoring import check_model_name
 from .synthetic import make_synthetic_genimage
 from .training import SYNTHETIC_DIR, SYNTHETIC_STAMP
 from .transforms import BadImageReport, DetectionCollator, ImageLoadError, Preprocessor, TrainAugmentation, open_image
@@ -88,7 +88,8 @@ class AdaptOptions:
     lora_r: int = 0
     """Rank of a fresh LoRA on the vision tower's attention, trained with the prompts (0: prompts and couplings only)."""
     max_forgetting: float = 2.0
-    """Largest accuracy loss, in points, allowed on any old generator of the reference data."""
+    """Largest loss, in points, of real accuracy and of fake accuracy allowed on any old generator of the reference
+    data."""
     generator: str | None = None
     """Name of the new generator; a reference subset of that name measures it (and is not an old generator)."""
     seed: int = 0
@@ -166,15 +167,41 @@ def check_not_the_same_images(fakes: list[dict], reals: list[dict]) -> None:
         )
 
 
+def holdout_size(n: int, fraction: float) -> int:
+    """How many of `n` images `split_holdout` holds out: `fraction` of them rounded, at least one left to train."""
+    return min(int(round(fraction * n)), max(n - 1, 0))
+
+
 def split_holdout(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
     """(training rows, held-out rows): a seeded `fraction` of `rows`, none when it would round to zero."""
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
-    n_held = int(round(fraction * len(rows)))
-    if n_held >= len(rows):
-        n_held = len(rows) - 1
-    held = set(order[:n_held])
+    held = set(order[: holdout_size(len(rows), fraction)])
     return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+
+
+MIN_TRAIN_FAKES, MIN_HELD_FAKES = 8, 2
+"""Fewest new fakes to train on, and to hold out (when `holdout` > 0) to measure the new generator and calibrate."""
+
+
+def too_few_fakes(n: int, holdout: float) -> str | None:
+    """Why `n` readable new fakes are too few to train on or to hold out at `holdout`, with how many are needed."""
+
+    def enough(count: int) -> bool:
+        held = holdout_size(count, holdout)
+        return count - held >= MIN_TRAIN_FAKES and (holdout == 0 or held >= MIN_HELD_FAKES)
+
+    if enough(n):
+        return None
+    needed = next(count for count in range(n + 1, 100 * MIN_TRAIN_FAKES) if enough(count))
+    held = holdout_size(n, holdout)
+    uses = f"{MIN_TRAIN_FAKES} to train" + (
+        f" and {MIN_HELD_FAKES} to hold out at --holdout {holdout:g}" if holdout else ""
+    )
+    return (
+        f"{n} readable image(s) of the new generator ({n - held} to train, {held} held out): adaptation needs at "
+        f"least {needed} ({uses})"
+    )
 
 
 # ------------------------------------------------------------------------------------- the reference data
@@ -301,7 +328,7 @@ def train(model, train_fakes, train_reals, preprocess, options: AdaptOptions, de
     torch.manual_seed(options.seed)
     preprocess.augmentation.reseed(options.seed)
     log, model = [], model.train()
-    for step in tqdm(range(1, steps + 1), desc="adapt", disable=quiet, file=sys.stderr):
+    for step in progress_bar(range(1, steps + 1), desc="adapt", disable=quiet):
         batch = collate(next(batches))
         pixel_values, labels = batch["pixel_values"].to(device), batch["labels"].to(device)
         output = core(pixel_values=pixel_values, labels=labels)
@@ -329,15 +356,15 @@ def train(model, train_fakes, train_reals, preprocess, options: AdaptOptions, de
 # ----------------------------------------------------------------------------------------- measuring it
 
 
-def measure(model, rows, preprocess, accelerator, batch_size) -> dict:
-    """Per-subset metrics of `model` on `rows` (`mirage_hf.evaluation`), at its calibrated threshold."""
+def measure(model, rows, preprocess, accelerator, batch_size, quiet=False) -> dict:
+    """Per-subset metrics of `model` on `rows` (`mirage_hf.evaluation`), with its calibration."""
     if not rows:
         return {}
-    results, _ = evaluate(model, rows, preprocess, accelerator, batch_size=batch_size)
+    results, _ = evaluate(model, rows, preprocess, accelerator, batch_size=batch_size, quiet=quiet)
     return results["clean"]
 
 
-def refit_calibration(model, holdout, preprocess, accelerator, batch_size) -> dict:
+def refit_calibration(model, holdout, preprocess, accelerator, batch_size, quiet=False) -> dict:
     """Fits T and t on the held-out new images (fakes and reals) when each class has `MIN_PER_CLASS`; otherwise
     the base detector's calibration stays. Returns the record for adapt_results.json and the card."""
     config = mirage_core(model).config
@@ -349,7 +376,7 @@ def refit_calibration(model, holdout, preprocess, accelerator, batch_size) -> di
             f"{MIN_PER_CLASS} per class"
         )
         return {**kept, "fitted": False, "rule": f"the base detector's temperature and threshold, kept: {why}"}
-    labels, diffs, _, _, _ = predict(model, holdout, preprocess, accelerator, batch_size, desc="calibrate")
+    labels, diffs, _, _, _ = predict(model, holdout, preprocess, accelerator, batch_size, desc="calibrate", quiet=quiet)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a fallback is reported in the record, and the base's values are kept
         record = calibrate(diffs, labels)
@@ -363,11 +390,16 @@ def refit_calibration(model, holdout, preprocess, accelerator, batch_size) -> di
     return record
 
 
+GUARDED = {"real_accuracy": "real accuracy", "fake_accuracy": "fake accuracy"}
+"""What the guard keeps per old generator: each class on its own, as a loss in one can hide behind a gain in the other."""
+
+
 def forgetting(before: dict, after: dict, new_subset: str | None, margin: float) -> dict:
-    """Accuracy change in points per old generator (reference subsets but the new one) and the ones beyond `margin`."""
+    """Change in points of each old generator's (reference subsets but the new one) real and fake accuracy, and the
+    (generator, metric) pairs that lost more than `margin`; a class a subset lacks (nan) is not guarded."""
     old = [name for name in before if name not in RESERVED_SUBSETS and name != new_subset]
-    change = {name: 100.0 * (after[name]["accuracy"] - before[name]["accuracy"]) for name in old}
-    beyond = [name for name in old if -change[name] > margin + 1e-9]
+    change = {name: {key: 100.0 * (after[name][key] - before[name][key]) for key in GUARDED} for name in old}
+    beyond = [[name, key] for name in old for key, value in change[name].items() if -value > margin + 1e-9]
     return {"max_forgetting": margin, "change": change, "beyond_margin": beyond}
 
 
@@ -383,9 +415,12 @@ def effect_warnings(before_new: dict, after_new: dict) -> list[str]:
             "adapting to them changes little"
         )
     elif gain < 5.0:
+        moved = f"raised the fake accuracy on the held-out new images by {gain:.1f} points only"
+        if gain < 0:
+            moved = f"lowered the fake accuracy on the held-out new images by {-gain:.1f} points"
         notes.append(
-            f"adaptation raised the fake accuracy on the held-out new images by {gain:.1f} points only: the "
-            "detector did not learn to tell them apart (are the images given as fakes really generated?)"
+            f"adaptation {moved}: the detector did not learn to tell them apart (are the images given as fakes really "
+            "generated?)"
         )
     auc = after_new.get("roc_auc")
     if auc is not None and not math.isnan(auc) and auc < 0.6:
@@ -442,23 +477,30 @@ def adapt(
     measure_forgetting: bool = True,
     device=None,
     quiet: bool = False,
+    force: bool = False,
 ) -> Adaptation:
     """Adapts `detector` (folder or Hub id) to the new generator whose images are `fakes` (rows of `image_rows`).
 
     `reals` are real images (recommended: without them the detector learns from fakes alone, and only the
     reference data says what that did to real images). The returned `Adaptation` holds the adapted model, the
-    before/after tables and, in `refused`, why the forgetting guard would not write it.
+    before/after tables and, in `refused`, why the forgetting guard would not write it. Too few readable fakes to
+    train on and hold out raise AdaptError, unless `force` (then the record warns).
     """
     options = options or AdaptOptions()
     reals = reals or []
     started = time.perf_counter()
     say = (lambda *args: None) if quiet else (lambda message: print(f"{PROG}: {message}", file=sys.stderr))
+    check_model_name(detector)
     if is_detector_adapter(detector):
         raise AdaptError(f"{detector} is an adapter; adapt its base detector instead (adapters do not stack)")
     report = BadImageReport()
     fakes, reals = readable(fakes, report), readable(reals, report)
+    unreadable = f" ({report.summary()})" if report.count else ""
     if not fakes:
-        raise AdaptError("no readable image of the new generator" + (f" ({report.summary()})" if report.count else ""))
+        raise AdaptError(f"no readable image of the new generator{unreadable}")
+    shortfall = too_few_fakes(len(fakes), options.holdout)
+    if shortfall and not force:
+        raise AdaptError(f"{shortfall}{unreadable}; give more, or pass --force to adapt on these")
     check_not_the_same_images(fakes, reals)
 
     accelerator = Accelerator(cpu=device == "cpu")
@@ -481,8 +523,12 @@ def adapt(
         if measure_forgetting:
             ref_rows, ref_name = reference_rows(detector, reference, reference_split, Path(workdir))
             say(f"scoring the reference data ({ref_name}, {len(ref_rows)} images) and the held-out new images")
-        before = {"reference": measure(model, ref_rows, preprocess, accelerator, options.eval_batch_size),
-                  "holdout": measure(model, holdout, preprocess, accelerator, options.eval_batch_size)}  # fmt: skip
+
+        def scored(model) -> dict:
+            return {part: measure(model, rows, preprocess, accelerator, options.eval_batch_size, quiet)
+                    for part, rows in (("reference", ref_rows), ("holdout", holdout))}  # fmt: skip
+
+        before = scored(model)
 
         lora = None
         if options.lora_r:
@@ -501,18 +547,19 @@ def adapt(
             model = model.merge_and_unload()
             for param in model.clip.parameters():
                 param.requires_grad_(False)
-        calibration = refit_calibration(model, holdout, preprocess, accelerator, options.eval_batch_size)
-        after = {"reference": measure(model, ref_rows, preprocess, accelerator, options.eval_batch_size),
-                 "holdout": measure(model, holdout, preprocess, accelerator, options.eval_batch_size)}  # fmt: skip
+        calibration = refit_calibration(model, holdout, preprocess, accelerator, options.eval_batch_size, quiet)
+        after = scored(model)
 
     new_subset = name if name in before["reference"] else None
     guard = forgetting(before["reference"], after["reference"], new_subset, options.max_forgetting)
     new_before = before["reference"].get(new_subset) or before["holdout"].get(name, {})
     new_after = after["reference"].get(new_subset) or after["holdout"].get(name, {})
     notes = effect_warnings(before["holdout"].get(name) or new_before, after["holdout"].get(name) or new_after)
+    if shortfall:
+        notes.insert(0, f"adapted with --force on {shortfall}")
     refused = [
-        f"{subset} lost {-guard['change'][subset]:.1f} points of accuracy (margin {options.max_forgetting:g})"
-        for subset in guard["beyond_margin"]
+        f"{subset} lost {-guard['change'][subset][key]:.1f} points of {GUARDED[key]} (margin {options.max_forgetting:g})"
+        for subset, key in guard["beyond_margin"]
     ]
     if not measure_forgetting:
         refused.append("forgetting was not measured (no reference data)")
@@ -595,9 +642,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", help="adapter folder to write (default: <detector>-adapter, or <name>-adapter)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     parser.add_argument("--max_forgetting", type=float, default=defaults.max_forgetting,
-                        help="largest accuracy loss in points on any old generator (default %(default)s)")  # fmt: skip
+                        help="largest loss in points of real accuracy and of fake accuracy on any old generator "
+                        "(default %(default)s)")  # fmt: skip
     parser.add_argument("--force", action="store_true", help="write the adapter even when the guard refuses (the "
-                        "card says so) or no reference data exists")  # fmt: skip
+                        "card says so), no reference data exists or the new fakes are too few")  # fmt: skip
     parser.add_argument("--steps", type=int, help="optimiser steps (default: 10 passes over the fakes, 100 to 400)")
     parser.add_argument("--batch_size", type=int, default=defaults.batch_size)
     parser.add_argument("--learning_rate", type=float, default=defaults.learning_rate)
@@ -656,7 +704,7 @@ def main(argv=None) -> int:
         adaptation = adapt(
             args.detector, fakes, reals, options, reference=args.reference, reference_split=args.reference_split,
             measure_forgetting=not (args.force and args.reference is None and base_eval_results(args.detector) is None),
-            device=args.device, quiet=args.quiet,
+            device=args.device, quiet=args.quiet, force=args.force,
         )  # fmt: skip
     except (AdaptError, OSError) as error:
         print(f"{PROG}: {error}", file=sys.stderr)

@@ -167,7 +167,6 @@ from PIL import Image
 
 folder = snapshot_download("{repo_id}", allow_patterns=["*.json", "onnx/{file}"])
 processor = json.load(open(f"{{folder}}/preprocessor_config.json"))
-threshold = json.load(open(f"{{folder}}/config.json"))["decision_threshold"]
 
 
 def preprocess(image):
@@ -191,7 +190,7 @@ def preprocess(image):
 
 session = ort.InferenceSession(f"{{folder}}/onnx/{file}", providers=["CPUExecutionProvider"])
 p_fake = float(session.run(["p_fake"], {{"pixel_values": preprocess(Image.open("photo.jpg"))}})[0][0])
-print("fake" if p_fake >= threshold else "real", round(p_fake, 4))
+print("fake" if p_fake >= 0.5 else "real", round(p_fake, 4))  # the threshold is folded into p_fake
 ```"""
 
 
@@ -259,10 +258,11 @@ def _calibration_section(config: dict, results: dict | None) -> str:
     return f"""## Decision threshold and calibration
 
 Temperature T = {config["calibration_temperature"]:.4g}, decision threshold t = {config["decision_threshold"]:.4g} on
-p(fake) = sigmoid((logit_fake - logit_real) / T). {how}
+sigmoid((logit_fake - logit_real) / T). {how}
 
-Both are folded into the output logits, so the pipeline's `fake` score is calibrated and `score(fake) >= 0.5` is
-the model's decision; the model output also carries `p_fake` itself and the raw `logit_diff`.
+Both are folded into the output logits, so every surface (the pipeline's `fake` score, the model output's
+`p_fake`, `mirage-detect`, the Space, ONNX) reports one score, p(fake) = sigmoid((logit_fake - logit_real) / T -
+logit(t)), and calls an image fake when it reaches 0.5; the model output also carries the raw `logit_diff`.
 """
 
 
@@ -454,8 +454,8 @@ def adapter_card(
             + format_before_after(results["before"]["holdout"], results["after"]["holdout"])
             + "\n```"
         )
-    change = results["forgetting"]["change"]
-    worst_text = f"; the largest change here is {min(change.values()):+.1f} points" if change else ""
+    changes = [value for classes in results["forgetting"]["change"].values() for value in classes.values()]
+    worst_text = f"; the largest loss here is {min(changes):+.1f} points" if changes else ""
     calibration = results["calibration"]
     calibration_rule = calibration["rule"]
     body = f"""# {name}
@@ -471,8 +471,8 @@ weights. Written by `mirage-adapt` (mirage-hf {__version__}).
 ## Before and after
 
 Accuracy, real accuracy, fake accuracy and AP (fake = positive) in percent, before (the base detector) and after
-(base + this adapter), each at its own calibrated threshold. The guard allows an old generator to lose at most
-{results["forgetting"]["max_forgetting"]:g} points of accuracy{worst_text}.
+(base + this adapter), each with its own calibration. The guard allows an old generator to lose at most
+{results["forgetting"]["max_forgetting"]:g} points of real accuracy and of fake accuracy, each{worst_text}.
 
 {chr(10).join(f"{table}{chr(10)}" for table in tables)}
 ## Method

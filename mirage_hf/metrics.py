@@ -3,7 +3,8 @@
 Conventions used everywhere in this module:
 
 * ``labels``: 0 = real, 1 = fake; ``p_fake``: the model's calibrated probability of fake in [0, 1].
-* A sample is predicted fake iff ``p_fake >= threshold`` (the model's rule, ``modeling_mirage.calibrate_logits``).
+* A sample is predicted fake iff ``p_fake >= threshold``; the model folds its fitted threshold into ``p_fake``, so
+  its verdict is ``p_fake >= 0.5`` (``modeling_mirage.calibrate_logits``).
 * ``scores``: the ranking score for AP, ROC AUC and TPR@FPR (fake = positive). Pass the logit difference
   ``logit_fake - logit_real`` (``MiraGeOutput.logit_diff``): it cannot saturate and no temperature changes its
   order, whereas a confident temperature turns p(fake) into exact 0s and 1s that tie and pull AP and AUC to chance.
@@ -116,7 +117,7 @@ def expected_calibration_error(labels, p_fake, n_bins: int = ECE_BINS) -> float:
 
     The predicted class is fake iff p_fake >= 0.5 and its confidence is max(p_fake, 1 - p_fake), binned in
     ``n_bins`` equal-width bins (lo, hi] over [0, 1] (only the upper half is populated for two classes).
-    It measures the probabilities, so it ignores the decision threshold. nan for empty input.
+    On the model's p_fake (the threshold folded in) the predicted class is the model's verdict. nan for empty input.
     """
     labels, p_fake = _check_inputs(labels, p_fake)
     if labels.size == 0:
@@ -282,15 +283,17 @@ def format_comparison_table(
 
 
 BEFORE_AFTER_METRICS = ("accuracy", "real_accuracy", "fake_accuracy", "average_precision")
+CHANGE_METRICS = ("accuracy", "real_accuracy", "fake_accuracy")
 
 
 def format_before_after(before: Mapping[str, dict], after: Mapping[str, dict], title: str | None = None) -> str:
     """Two result sets of :func:`per_subset_metrics` side by side (an adaptation's before and after): per subset,
-    accuracy before, after and its change in points, then real accuracy, fake accuracy and AP before and after."""
+    accuracy, real accuracy and fake accuracy before, after and their change in points (what the forgetting guard
+    reads, class by class), then AP before and after."""
     header = ["subset"]
     for key in BEFORE_AFTER_METRICS:
         header += [f"{COLUMN_LABELS[key]} before", f"{COLUMN_LABELS[key]} after"]
-        if key == "accuracy":
+        if key in CHANGE_METRICS:
             header.append("change")
     rows = []
     for name in _row_order(before):
@@ -298,7 +301,7 @@ def format_before_after(before: Mapping[str, dict], after: Mapping[str, dict], t
         row = [name]
         for key in BEFORE_AFTER_METRICS:
             row += [_cell(b.get(key), key), _cell(a.get(key), key)]
-            if key == "accuracy":
+            if key in CHANGE_METRICS:
                 known = [v for v in (b.get(key), a.get(key)) if v is not None and not math.isnan(v)]
                 row.append(f"{100.0 * (known[1] - known[0]):+.1f}" if len(known) == 2 else "-")
         rows.append(row)

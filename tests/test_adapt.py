@@ -96,13 +96,9 @@ def test_adapter_holds_what_changed_and_loads_like_a_detector(adapted, detector_
     image = sorted(folder_of(world, FAKE, "val").glob("*.png"))[0]
     detector = Detector.from_pretrained(folder, device="cpu")
     p_fake = float(detector.p_fake([Image.open(image)])[0])
-    scores = pipeline("image-classification", model=str(folder))(str(image))
-    assert {row["label"]: row["score"] for row in scores}["fake"] == pytest.approx(
-        float(
-            torch.softmax(logits(adaptation.model, detector.preprocess([Image.open(image).convert("RGB")])), -1)[0, 1]
-        ),
-        abs=1e-5,
-    )
+    scores = pipeline("image-classification", model=str(folder))(str(image))  # one score and verdict everywhere
+    assert {row["label"]: row["score"] for row in scores}["fake"] == pytest.approx(p_fake, abs=1e-5)
+    assert scores[0]["label"] == ("fake" if p_fake >= 0.5 else "real") == detector([image])[0].label
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         assert detect([str(image), "--model", str(folder), "--format", "json", "-q"]) == 0
@@ -155,18 +151,24 @@ def test_adaptation_pulls_the_new_fakes_away_from_the_reals(detector_dir, world)
     assert auc["after"] > auc["before"] + 0.1
 
 
-def test_the_guard_refuses_forgetting_and_force_writes_it_with_a_note(detector_dir, world, tmp_path, monkeypatch):
+@pytest.mark.parametrize("lost", ["real_accuracy", "fake_accuracy"])
+def test_the_guard_refuses_forgetting_hidden_in_one_class_and_force_writes_it_with_a_note(
+    detector_dir, world, tmp_path, monkeypatch, lost
+):
+    """After adaptation, upsampler's accuracy in one class is 5 points below before while its overall accuracy
+    rose: the guard reads each class."""
     import mirage_hf.adapt as adapt_module
 
     measured, before = adapt_module.measure, {}
 
-    def losing_upsampler(model, rows, *args, **kwargs):  # after adaptation, upsampler is 5 points below before
+    def losing_upsampler(model, rows, *args, **kwargs):
         results = measured(model, rows, *args, **kwargs)
         if "upsampler" in results:
             if getattr(model, "_after", False):
-                results["upsampler"] = dict(results["upsampler"], accuracy=before["upsampler"] - 0.05)
+                changed = {lost: before[lost] - 0.05, "accuracy": before["accuracy"] + 0.01}
+                results["upsampler"] = dict(before, **changed)
             else:
-                before["upsampler"] = results["upsampler"]["accuracy"]
+                before.update(results["upsampler"])
         return results
 
     original_train = adapt_module.train
@@ -181,8 +183,10 @@ def test_the_guard_refuses_forgetting_and_force_writes_it_with_a_note(detector_d
     output = tmp_path / "refused"
     code, out, err = cli(*adapt_argv(detector_dir, world, output))
     assert code == 3 and not output.exists()
-    assert "upsampler lost 5.0 points" in err and "nothing written" in err
-    assert "Acc before" in out  # the table that says why is printed
+    assert f"upsampler lost 5.0 points of {lost.replace('_', ' ')} (margin 2)" in err and "nothing written" in err
+    assert err.count("lost") == 1  # the other class and the overall accuracy did not lose
+    assert "Acc before" in out and "-5.0" in out  # the table that says why is printed, with the change per class
+    assert "%|" not in err and "eval" not in err  # -q: no progress bars
 
     code, _, err = cli(*adapt_argv(detector_dir, world, output, "--force"))
     assert code == 0 and "--force" in err
@@ -194,6 +198,8 @@ def test_effect_warnings_catch_a_no_op_and_reals_passed_as_fakes():
     metrics = lambda fake, auc: {"fake_accuracy": fake, "roc_auc": auc}  # noqa: E731
     assert effect_warnings(metrics(0.1, 0.5), metrics(0.9, 0.99)) == []
     assert any("did not learn" in note for note in effect_warnings(metrics(0.1, 0.5), metrics(0.12, 0.7)))
+    assert any("lowered the fake accuracy" in note and "by 7.0 points" in note
+               for note in effect_warnings(metrics(0.3, 0.5), metrics(0.23, 0.7)))  # fmt: skip
     assert any("chance" in note for note in effect_warnings(metrics(0.1, 0.5), metrics(0.5, 0.52)))
     assert any("already" in note for note in effect_warnings(metrics(0.95, 0.99), metrics(0.96, 0.99)))
 
@@ -226,6 +232,29 @@ def test_undecodable_images_are_reported_and_skipped(detector_dir, world, tmp_pa
     (only_broken / "broken.png").write_bytes(b"junk")
     code, _, err = cli(detector_dir, "--fakes", only_broken, "--output", tmp_path / "never")
     assert code == 1 and "no readable image" in err
+
+
+def test_too_few_fakes_are_refused_saying_how_many_are_needed(detector_dir, world, tmp_path):
+    """One readable fake among broken files: nothing to hold out, nothing written, unless --force."""
+    fakes = tmp_path / "bad"
+    fakes.mkdir()
+    shutil.copy(next(folder_of(world, FAKE).glob("*.png")), fakes / "good.png")
+    for index in range(4):
+        (fakes / f"broken{index}.png").write_bytes(b"not a png")
+    output = tmp_path / "out"
+    code, _, err = cli(*adapt_argv(detector_dir, world, output), "--fakes", fakes)
+    assert code == 1 and not output.exists()
+    assert "1 readable image(s) of the new generator (1 to train, 0 held out)" in err
+    assert "needs at least 10 (8 to train and 2 to hold out at --holdout 0.2)" in err
+    assert "4 image(s) could not be loaded" in err and "--force" in err
+    code, _, err = cli(*adapt_argv(detector_dir, world, output, "--force"), "--fakes", fakes)
+    assert code == 0 and "adapted with --force on 1 readable image(s)" in err
+    assert json.loads((output / ADAPT_RESULTS_NAME).read_text())["images"]["train_fakes"] == 1
+
+
+def test_a_missing_detector_folder_is_named(world, tmp_path):
+    code, _, err = cli(tmp_path / "no-such-detector", "--fakes", folder_of(world, FAKE), "--output", tmp_path / "out")
+    assert code == 1 and "no model folder" in err and "Repo id" not in err
 
 
 def test_reals_passed_as_fakes_are_refused(detector_dir, world, tmp_path):

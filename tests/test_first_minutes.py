@@ -111,7 +111,7 @@ def test_a_hub_detector_on_an_unreachable_hub_fails_at_once_without_a_line_per_r
     Image.new("RGB", (32, 32), "gray").save(image)
     args = {
         "mirage-detect": [str(image), "--model", "someone/detector"],
-        "mirage-adapt": ["someone/detector", "--fakes", str(image)],
+        "mirage-adapt": ["someone/detector", "--fakes", str(image), "--force"],  # --force: one fake is too few
     }
     script = Path(sys.executable).parent / command  # the console script installed beside this interpreter
     result = subprocess.run(

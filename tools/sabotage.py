@@ -61,6 +61,36 @@ SABOTAGES = [
         "    calibrated = logits\n",
     ),
     Sabotage(
+        "two-scores",
+        "p(fake) leaves the threshold out, so it differs from pipeline()'s fake score and verdict",
+        (
+            "tests/test_parity.py::test_every_surface_reports_one_score_and_one_verdict[resize]",
+            "tests/test_calibration.py::test_calibrate_logits_is_the_rule_exactly",
+        ),
+        MODELING,
+        "    p_fake = torch.sigmoid(calibrated[..., 1] - calibrated[..., 0])\n",
+        "    p_fake = torch.sigmoid(logit_diff / temperature)\n",
+    ),
+    Sabotage(
+        "guard-reads-overall-accuracy",
+        "mirage-adapt's guard misses a loss in one class hidden behind a gain in the other",
+        (
+            "tests/test_adapt.py::test_the_guard_refuses_forgetting_hidden_in_one_class_and_force_writes_it_with_a_note"
+            "[fake_accuracy]",
+        ),
+        "mirage_hf/adapt.py",
+        'GUARDED = {"real_accuracy": "real accuracy", "fake_accuracy": "fake accuracy"}\n',
+        'GUARDED = {"accuracy": "accuracy"}\n',
+    ),
+    Sabotage(
+        "one-fake-adapts",
+        "mirage-adapt trains on one fake with none held out, without a word",
+        ("tests/test_adapt.py::test_too_few_fakes_are_refused_saying_how_many_are_needed",),
+        "mirage_hf/adapt.py",
+        "    if shortfall and not force:\n",
+        "    if False:\n",
+    ),
+    Sabotage(
         "int8-graph-is-fp32",
         "the quantized ONNX graph is a copy of the fp32 one",
         (
@@ -159,8 +189,8 @@ SABOTAGES = [
         "AP, ROC AUC and TPR@5%FPR rank by the calibrated p(fake), which saturates",
         ("tests/test_calibration.py::test_ranking_metrics_equal_sklearn_on_the_logit_difference_at_any_temperature",),
         "mirage_hf/evaluation.py",
-        "threshold=threshold, scores=diffs)",
-        "threshold=threshold, scores=p_fake)",
+        "threshold=FAKE_FROM, scores=diffs)",
+        "threshold=FAKE_FROM, scores=p_fake)",
     ),
     Sabotage(
         "resume-rescans-everything",
