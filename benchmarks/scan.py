@@ -4,6 +4,7 @@
     python benchmarks/scan.py                       # 2000 JPEGs, tiny detector at 224 px: the input pipeline
     python benchmarks/scan.py --vit_b16 64          # also a ViT-B/16-sized random detector on 64 of them
     python benchmarks/scan.py --images 64 --rss_files 100 1000 --output /tmp/scan.json   # a quick check
+    python benchmarks/scan.py --ray 1 2                 # also --engine ray on a local cluster, 1 and 2 actors
 
 Images/s is the wall time of `mirage_hf.cli.main` over the whole folder (model loading and worker start-up
 included, as a user waits for them), at 0 workers and at each worker count, with the ratio against 0 workers
@@ -11,6 +12,9 @@ from the same run. With the tiny detector the model costs next to nothing, so it
 scan decodes and preprocesses (224 px, CLIP's resize and centre crop); the ViT-B/16 row is model-bound.
 Peak RSS is that of a fresh process running `mirage-detect --files_from LIST` (its VmHWM) for each
 number of files, so the path list and the rows of a large scan show, and nothing of this process does.
+With `--ray`, the same folder is scanned with `--engine ray` on a local Ray cluster of this machine's CPUs (started
+once, its start-up timed apart), with each number of scoring actors, and compared with the local scan's best rate
+from the same run; each Ray scan's wall time includes its actors' start (they load the detector).
 """
 
 import argparse
@@ -80,6 +84,31 @@ def images_per_second(model, folder, count, workers, batch, scratch):
     return count / elapsed
 
 
+def ray_rows(model, folder, count, actors, batch, scratch) -> dict:
+    """Start-up of a local Ray cluster, then images/s of `--engine ray` with each number of scoring actors."""
+    import ray
+
+    start = time.perf_counter()
+    ray.init(include_dashboard=False, log_to_driver=False)
+    rows = {"Ray: starting a local cluster, s": time.perf_counter() - start}
+    single = [os.path.join(folder, "photo-000000.jpg"), "--model", model, "--engine", "ray", "--quiet"]
+    start = time.perf_counter()
+    detect([*single, "--format", "csv", "--output", os.path.join(scratch, "ray-one.csv"), "--overwrite"])
+    rows["Ray: one image (actor start and model load), s"] = time.perf_counter() - start
+    for n in actors:
+        output = os.path.join(scratch, f"ray-{n}.jsonl")
+        start = time.perf_counter()
+        code = detect([folder, "--model", model, "--engine", "ray", "--concurrency", str(n), "--format", "jsonl",
+                       "--output", output, "--overwrite", "--batch_size", str(batch), "--quiet"])  # fmt: skip
+        elapsed = time.perf_counter() - start
+        scored = sum(1 for _ in open(output))
+        if code != 0 or scored != count:
+            raise SystemExit(f"the Ray scan with {n} actors gave exit code {code} and {scored} rows for {count} files")
+        rows[f"Ray: tiny detector, {n} actors, images/s"] = count / elapsed
+    ray.shutdown()
+    return rows
+
+
 def peak_rss_mib(model, files, scratch):
     """Peak RSS of one `mirage-detect --files_from` process over `files` hard links of one small JPEG."""
     seed = os.path.join(scratch, "rss-seed.jpg")
@@ -109,6 +138,7 @@ def parse_args(argv=None):
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--vit_b16", type=int, default=0, metavar="N", help="also time a ViT-B/16 on N images")
     parser.add_argument("--rss_files", type=int, nargs=2, default=(1000, 20000), metavar=("SMALL", "LARGE"))
+    parser.add_argument("--ray", type=int, nargs="*", metavar="ACTORS", help="also --engine ray with these actors")
     parser.add_argument("--output", default=None, help="write the report as JSON here")
     return parser.parse_args(argv)
 
@@ -139,6 +169,13 @@ def main(argv=None):
             for count in (0, max(workers)):
                 rows[f"ViT-B/16 detector, {count} workers, images/s"] = images_per_second(
                     vit, subset, args.vit_b16, count, 8, scratch
+                )
+        if args.ray:
+            best_local = max(rate for name, rate in rows.items() if name.endswith("workers, images/s"))
+            rows.update(ray_rows(tiny, folder, args.images, args.ray, args.batch, scratch))
+            for n in args.ray:
+                rows[f"Ray {n} actors / best local scan"] = (
+                    rows[f"Ray: tiny detector, {n} actors, images/s"] / best_local
                 )
         small, large = args.rss_files
         rss = {files: peak_rss_mib(tiny, files, scratch) for files in (small, large)}

@@ -31,6 +31,7 @@ from collections import Counter
 import torch
 from tqdm import tqdm
 
+from . import ray_scan
 from .building import offline_if_hub_unreachable
 from .inference import DEFAULT_UNSURE_MARGIN, Detector, check_unsure_margin
 from .progress import hide_library_bars, progress_bar
@@ -59,7 +60,7 @@ from .scan import (
     write_rows,
 )
 from .scan import columns as output_fields
-from .scoring import BACKENDS, ModelNotFound, check_backend_options
+from .scoring import BACKENDS, ModelNotFound, check_backend_options, check_model_name
 from .stability import STABILITY_COPIES
 from .transforms import IMAGE_EXTENSIONS, PREPROCESS_MODES
 from .video import DEFAULT_MAX_FRAMES, VIDEO_EXTENSIONS
@@ -95,6 +96,24 @@ def _positive_float(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
     return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _actors(text: str) -> int | tuple[int, int]:
+    """--concurrency: N actors, or MIN,MAX for an autoscaling pool."""
+    try:
+        bounds = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or MIN,MAX, got {text!r}") from None
+    if len(bounds) > 2 or min(bounds) < 1 or bounds != sorted(bounds):
+        raise argparse.ArgumentTypeError(f"expected N >= 1 or 1 <= MIN <= MAX, got {text!r}")
+    return bounds[0] if len(bounds) == 1 else (bounds[0], bounds[1])
 
 
 def _margin(text: str) -> float:
@@ -156,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--unsure_margin",
         type=_margin,
         default=DEFAULT_UNSURE_MARGIN,
-        help="label 'unsure' when p(fake) is within this distance of the calibrated threshold "
+        help="label 'unsure' when p(fake) is within this distance of 0.5, where the verdict flips "
         f"(default {DEFAULT_UNSURE_MARGIN})",
     )
     sampling = parser.add_mutually_exclusive_group()
@@ -190,7 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PEM",
         help="with --provenance: CA certificates whose signers count as trusted (else a valid manifest is 'valid')",
     )
-    parser.add_argument("--format", choices=FORMATS, default="table", help="output format (default table)")
+    parser.add_argument(
+        "--format",
+        choices=(*FORMATS, "parquet"),
+        help="output format (default table; parquet, with --engine ray, when --output ends in .parquet: a folder of "
+        "Parquet files written by the workers)",
+    )
     parser.add_argument(
         "--output",
         help="write the results to this file instead of stdout: csv and jsonl row by row as batches are scored, "
@@ -210,22 +234,62 @@ def build_parser() -> argparse.ArgumentParser:
         "about 32 forward and backward passes per batch (integrated gradients, see mirage_hf.explain)",
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary line")
+    ray = parser.add_argument_group('Ray Data, for more than one machine (pip install "mirage-hf[ray]")')
+    ray.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="local (default): this process and its DataLoader workers; ray: read tasks decode and an actor pool "
+        "scores on a Ray cluster, inputs may be URIs (s3://, gs://, file://)",
+    )
+    ray.add_argument(
+        "--ray_address", help="the Ray cluster to join (default: RAY_ADDRESS, else a local one started here)"
+    )
+    ray.add_argument(
+        "--concurrency",
+        type=_actors,
+        default=1,
+        metavar="N or MIN,MAX",
+        help="scoring actors, or the bounds of an autoscaling pool (default 1)",
+    )
+    ray.add_argument(
+        "--num_gpus_per_actor", type=_non_negative_float, default=0.0, help="GPUs each scoring actor holds (default 0)"
+    )
     return parser
 
 
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace, world: int) -> None:
     """Usage errors that argparse cannot see, reported before any model is loaded."""
+    parquet_output = args.output is not None and args.output.endswith(".parquet")
+    args.format = args.format or ("parquet" if parquet_output and args.engine == "ray" else "table")
+    if args.engine == "local":
+        ray_only = {"--format parquet": args.format == "parquet", "--ray_address": args.ray_address is not None,
+                    "--concurrency": args.concurrency != 1, "--num_gpus_per_actor": args.num_gpus_per_actor != 0}  # fmt: skip
+        if given := [option for option, used in ray_only.items() if used]:
+            parser.error(f"{', '.join(given)}: only with --engine ray")
+    else:
+        if world > 1:
+            parser.error("--engine ray spreads the scan over a Ray cluster; run it once, not under accelerate launch")
+        if args.explain is not None:
+            parser.error("--explain runs with --engine local")
+        if args.format == "parquet" and args.output is None:
+            parser.error("--format parquet writes a folder: give it as --output")
     if not args.inputs and args.files_from is None:
         parser.error("give INPUT files, folders or patterns, or --files_from LIST")
     if args.files_from not in (None, "-") and (not os.path.exists(args.files_from) or os.path.isdir(args.files_from)):
         parser.error(f"--files_from: no file {args.files_from!r}")
-    if args.output is not None:
+    if args.output is not None and ray_scan.is_uri(args.output):
+        if args.format != "parquet":
+            parser.error("--output: a URI takes --engine ray --format parquet (the workers write the files there)")
+        if ray_scan.output_exists(args.output) and not (args.resume or args.overwrite):
+            parser.error(f"--output: {args.output!r} exists; pass --resume to continue it or --overwrite to replace it")
+    elif args.output is not None:
         if not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
             parser.error(f"--output: the folder of {args.output!r} does not exist")
         if os.path.exists(args.output) and not (args.resume or args.overwrite):
             parser.error(f"--output: {args.output!r} exists; pass --resume to continue it or --overwrite to replace it")
-    if args.resume and (args.output is None or args.format not in ROW_FORMATS):
-        parser.error("--resume continues an --output written with --format csv or jsonl")
+    if args.resume and (args.output is None or args.format not in (*ROW_FORMATS, "parquet")):
+        parser.error("--resume continues an --output written with --format csv, jsonl or (--engine ray) parquet")
     if world > 1 and args.output is None:
         parser.error("a scan under accelerate launch needs --output: each process writes a part next to it")
     if world > 1 and args.files_from == "-":
@@ -273,15 +337,13 @@ def _done(rows) -> set[str]:
     return {row.path for row in rows if row.frame is None}
 
 
-def _scan(args, detector: Detector, paths: PathList, media: MediaOptions) -> Counter:
-    """One process: rows streamed to --output or stdout (csv, jsonl), or written whole at the end (table, json)."""
+def _scan(args, paths: PathList, score) -> Counter:
+    """One process: rows streamed to --output or stdout (csv, jsonl), or written whole at the end (table, json).
+    `score(paths, progress_bar)` yields the rows of `paths` batch by batch (this process's, or a Ray job's)."""
     counts = Counter()
     if args.format not in ROW_FORMATS:
         with _progress_bar(args, len(paths), 0) as bar:
-            batches = score_batches(
-                detector, paths, args.batch_size, _num_workers(args, len(paths)), args.explain, bar, media
-            )
-            rows = count_labels(itertools.chain.from_iterable(batches), counts)
+            rows = count_labels(itertools.chain.from_iterable(score(paths, bar)), counts)
             width = max(map(len, paths))
             _write_whole(lambda handle: write_rows(rows, args.format, handle, width, _fields(args)), args.output)
         return counts
@@ -291,14 +353,51 @@ def _scan(args, detector: Detector, paths: PathList, media: MediaOptions) -> Cou
     writer = RowWriter(args.format, args.output, append=args.resume, fields=fields)
     try:
         with _progress_bar(args, len(paths), len(paths) - len(todo)) as bar:
-            batches = score_batches(
-                detector, todo, args.batch_size, _num_workers(args, len(todo)), args.explain, bar, media
-            )
-            for rows in batches:
+            for rows in score(todo, bar) if todo else ():
                 writer.write(list(count_labels(rows, counts)))
     finally:
         writer.close()
     return counts
+
+
+def _local_scorer(args, detector: Detector, media: MediaOptions):
+    """This process's `_scan` scorer: DataLoader workers decode, the detector scores here."""
+
+    def score(paths: PathList, bar):
+        workers = _num_workers(args, len(paths))
+        return score_batches(detector, paths, args.batch_size, workers, args.explain, bar, media)
+
+    return score
+
+
+def _ray_scorer(args, model: str, media: MediaOptions):
+    """A Ray job's `_scan` scorer: read tasks decode and an actor pool scores on the cluster (`ray_scan`)."""
+
+    def score(paths: PathList, bar):
+        return ray_scan.row_batches(_ray_dataset(args, model, paths, media), bar)
+
+    return score
+
+
+def _ray_dataset(args, model: str, paths, media: MediaOptions):
+    detector_options = {"device": args.device, "dtype": DTYPES[args.dtype], "backend": args.backend,
+                        "preprocess": args.preprocess, "unsure_margin": args.unsure_margin, "compile": args.compile}  # fmt: skip
+    return ray_scan.scan_dataset(
+        model, paths, media, args.batch_size, args.concurrency, args.num_gpus_per_actor, **detector_options
+    )
+
+
+def _scan_parquet(args, model: str, paths: PathList, media: MediaOptions) -> Counter:
+    """--engine ray --format parquet: the workers write the rows as Parquet files into the --output folder; resuming
+    adds files for the paths not yet in it. Returns the labels of every file the folder holds."""
+    if args.overwrite:
+        ray_scan.remove_output(args.output)
+    done = _done(ray_scan.parquet_rows(args.output)) if args.resume else set()
+    todo = PathList(path for path in paths if path not in done)
+    if todo:
+        _ray_dataset(args, model, todo, media).write_parquet(args.output)
+    rows = ray_scan.parquet_rows(args.output, ("path", "label", "frame"))
+    return Counter(row.label for row in rows if row.frame is None)
 
 
 def _write_whole(write, output: str | None) -> None:
@@ -390,7 +489,8 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     empty_folders = []
-    paths = find_images(args.inputs, args.files_from, on_empty_folder=empty_folders.append)
+    find = ray_scan.find_inputs if args.engine == "ray" else find_images  # URIs (s3://, gs://) for Ray's readers
+    paths = find(args.inputs, args.files_from, on_empty_folder=empty_folders.append)
     if not paths:
         print(f"{PROG}: no image or video files found in {' '.join(args.inputs) or args.files_from}", file=sys.stderr)
         return 2
@@ -408,6 +508,8 @@ def main(argv: list[str] | None = None) -> int:
 
     hide_library_bars()  # the weight-loading bar is noise in a command-line tool
     offline = not os.path.isdir(model) and offline_if_hub_unreachable()
+    if args.engine == "ray":
+        return _main_ray(args, model, paths, media, started)
     try:
         detector = Detector.from_pretrained(
             model,
@@ -431,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
         os.makedirs(args.explain, exist_ok=True)
     try:
         if state is None:
-            counts = _scan(args, detector, paths, media)
+            counts = _scan(args, paths, _local_scorer(args, detector, media))
         else:
             counts = _scan_shard(args, detector, paths, state, media)
     except ScanOutputError as err:
@@ -439,6 +541,32 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if counts is None:  # a process of a sharded scan other than the main one: the main process reports
         return 0
+    return _report(args, counts, started, sharded=state is not None)
+
+
+def _main_ray(args, model: str, paths: PathList, media: MediaOptions, started: float) -> int:
+    """The scan on a Ray cluster: the detector is loaded by each scoring actor, not here."""
+    try:
+        ray_scan.connect(args.ray_address, args.quiet)
+        check_model_name(model)
+        if args.format == "parquet":
+            counts = _scan_parquet(args, model, paths, media)
+        else:
+            counts = _scan(args, paths, _ray_scorer(args, model, media))
+    except ImportError as err:
+        print(f"{PROG}: --engine ray: {err}", file=sys.stderr)
+        return 1
+    except ModelNotFound as err:
+        print(f"{PROG}: {err}", file=sys.stderr)
+        return 1
+    except ScanOutputError as err:
+        print(f"{PROG}: cannot resume: {err}", file=sys.stderr)
+        return 1
+    return _report(args, counts, started, sharded=False)
+
+
+def _report(args, counts: Counter, started: float, sharded: bool) -> int:
+    """The summary line and the exit code."""
     failed, generated = counts.pop("error", 0), counts.pop(GENERATED_BY_METADATA, 0)
     if not args.quiet:
         labels = ", ".join(f"{counts[label]} {label}" for label in ("fake", "real", "unsure"))
@@ -450,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     # Under a launcher a non-zero exit is reported as a crashed process, so a completed sharded scan exits 0 and
     # unreadable files are told by the summary line and the error rows.
-    return 2 if failed and state is None else 0
+    return 2 if failed and not sharded else 0
 
 
 if __name__ == "__main__":

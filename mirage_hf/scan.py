@@ -213,7 +213,7 @@ def plan_batches(paths: Iterable[str], batch_size: int, media: MediaOptions) -> 
     Runs in the main process, as the DataLoader's batch sampler: a video's header is read here to sample it."""
     batch, size = [], 0
     for path in paths:
-        for item in _items(path, batch_size, media):
+        for item in file_items(path, batch_size, media):
             cost = len(item.times) if item.times else 1
             if batch and size + cost > batch_size:
                 yield batch
@@ -224,7 +224,8 @@ def plan_batches(paths: Iterable[str], batch_size: int, media: MediaOptions) -> 
         yield batch
 
 
-def _items(path: str, chunk: int, media: MediaOptions) -> Iterator[Item]:
+def file_items(path: str, chunk: int, media: MediaOptions) -> Iterator[Item]:
+    """The items of one file: an image, a video cut in chunks of at most `chunk` frames, or its error."""
     if not maybe_video(path):
         yield Item(path)
         return
@@ -325,40 +326,9 @@ def score_batches(
         num_workers=num_workers,
         collate_fn=DecodeBatch(detector.preprocess, overlay_path is not None, media),
     )
-    per_input = SCORES_PER_INPUT if media.stability else 1
-    video, video_error, video_provenance = None, None, None  # the video being scored, across batches
+    video = OpenVideo()
     for batch in loader:
-        pixels = batch.pixel_values
-        scores = detector.p_fake_from_pixels(pixels).reshape(-1, per_input) if len(pixels) else None
-        rows, explained, offset = [], [], 0
-        for index, item in enumerate(batch.items):
-            item_scores = scores[offset : offset + batch.counts[index]] if batch.counts[index] else None
-            offset += batch.counts[index]
-            error, provenance = batch.errors.get(index), batch.provenance.get(index)
-            if item.times is None:
-                if error is None:
-                    verdict = detector.verdicts(item_scores)[0]
-                    rows.append(Row(path=item.path, label=verdict.label, p_fake=verdict.p_fake, error=None,
-                                    spread=verdict.spread, **_fields_of(provenance)))  # fmt: skip
-                    explained.append(item.path)
-                else:
-                    rows.append(_error_row(item.path, error))
-                continue
-            if item.first:
-                video, video_error, video_provenance = VideoScores(), None, provenance
-            video_error = video_error or error
-            if video_error is None:
-                verdicts = detector.verdicts(item_scores)
-                video.add(item_scores, [verdict.label for verdict in verdicts])
-                if media.frame_rows:
-                    rows += [Row(item.path, v.label, v.p_fake, None, frame=t, spread=v.spread)
-                             for t, v in zip(item.times, verdicts)]  # fmt: skip
-            if item.last:
-                rows.append(
-                    _error_row(item.path, video_error)
-                    if video_error
-                    else _video_row(item.path, video, detector, video_provenance)
-                )
+        rows, explained = batch_rows(detector, batch, media, video)
         if overlay_path and batch.images:
             for path, (_, drawn) in zip(explained, explain_images(detector, batch.images), strict=True):
                 drawn.save(overlay_path(path))
@@ -367,12 +337,63 @@ def score_batches(
             progress.update(sum(row.frame is None for row in rows))
 
 
+@dataclass
+class OpenVideo:
+    """The video being scored, whose chunks may span batches: its frames' scores so far, error and provenance."""
+
+    scores: VideoScores | None = None
+    error: str | None = None
+    provenance: Provenance | None = None
+
+
+def batch_rows(detector: Detector, batch: ScanBatch, media: MediaOptions, video: OpenVideo) -> tuple[list, list]:
+    """(rows, paths of the still images scored) of one decoded batch: a file's frame rows (`media.frame_rows`)
+    come before its own row; `video` carries a video cut across batches from one call to the next."""
+    pixels = batch.pixel_values
+    per_input = SCORES_PER_INPUT if media.stability else 1
+    scores = detector.p_fake_from_pixels(pixels).reshape(-1, per_input) if len(pixels) else None
+    rows, explained, offset = [], [], 0
+    for index, item in enumerate(batch.items):
+        item_scores = scores[offset : offset + batch.counts[index]] if batch.counts[index] else None
+        offset += batch.counts[index]
+        error, provenance = batch.errors.get(index), batch.provenance.get(index)
+        if item.times is None:
+            if error is None:
+                verdict = detector.verdicts(item_scores)[0]
+                rows.append(Row(path=item.path, label=verdict.label, p_fake=verdict.p_fake, error=None,
+                                spread=verdict.spread, **_fields_of(provenance)))  # fmt: skip
+                explained.append(item.path)
+            else:
+                rows.append(_error_row(item.path, error))
+            continue
+        if item.first:
+            video.scores, video.error, video.provenance = VideoScores(), None, provenance
+        video.error = video.error or error
+        if video.error is None:
+            verdicts = detector.verdicts(item_scores)
+            video.scores.add(item_scores, [verdict.label for verdict in verdicts])
+            if media.frame_rows:
+                rows += [Row(item.path, v.label, v.p_fake, None, frame=t, spread=v.spread)
+                         for t, v in zip(item.times, verdicts)]  # fmt: skip
+        if item.last:
+            rows.append(
+                _error_row(item.path, video.error)
+                if video.error
+                else _video_row(item.path, video.scores, detector, video.provenance)
+            )
+    return rows, explained
+
+
 def _fields_of(provenance: Provenance | None) -> dict:
     return {} if provenance is None else provenance._asdict()
 
 
-def _error_row(path: str, reason: str) -> Row:
+def say_unreadable(path: str, reason: str) -> None:
     tqdm.write(f"mirage-detect: cannot read {path}: {reason}", file=sys.stderr)
+
+
+def _error_row(path: str, reason: str) -> Row:
+    say_unreadable(path, reason)
     return Row(path, "error", None, reason)
 
 

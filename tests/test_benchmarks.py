@@ -56,12 +56,13 @@ def test_benchmark_reports_every_target_ratio_from_one_run(tmp_path):
 def test_scan_benchmark_reports_rates_ratios_and_peak_rss(tmp_path):
     output = tmp_path / "scan.json"
     command = [sys.executable, "benchmarks/scan.py", "--images", "24", "--batch", "8", "--workers", "1",
-               "--rss_files", "40", "80", "--output", str(output)]  # fmt: skip
+               "--rss_files", "40", "80", "--ray", "1", "--output", str(output)]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(output.read_text())["rows"]
     assert {"tiny detector, 0 workers, images/s", "tiny detector, 1 workers / 0 workers"} <= set(rows)
+    assert {"Ray: starting a local cluster, s", "Ray 1 actors / best local scan"} <= set(rows)
     assert rows["peak RSS, 40 files, MiB"] > 50 and rows["peak RSS, 80 files, MiB"] > 50
     assert all(value > 0 for name, value in rows.items() if "growth" not in name)
 

@@ -91,6 +91,22 @@ SABOTAGES = [
         "    if False:\n",
     ),
     Sabotage(
+        "ray-resume-rescans",
+        "mirage-detect --engine ray --resume scores every file again (duplicate rows in the Parquet output)",
+        ("tests/test_ray.py::test_resume_after_an_interrupted_job_scores_only_what_is_missing",),
+        "mirage_hf/cli.py",
+        "    done = _done(ray_scan.parquet_rows(args.output)) if args.resume else set()\n",
+        "    done = set()\n",
+    ),
+    Sabotage(
+        "ray-repeats-inputs",
+        "mirage-detect --engine ray scores a file named twice twice",
+        ("tests/test_ray.py::test_the_ray_scan_writes_the_local_scan_s_rows",),
+        "mirage_hf/ray_scan.py",
+        "    return find_images(expanded, files_from, on_empty_folder)\n",
+        "    return PathList(expanded)\n",
+    ),
+    Sabotage(
         "int8-graph-is-fp32",
         "the quantized ONNX graph is a copy of the fp32 one",
         (
