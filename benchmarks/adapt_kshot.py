@@ -2,8 +2,9 @@
 """The k-shot curve of `mirage-adapt` on the demo's world, and the cost of one adaptation on a CPU.
 
     python train.py && python benchmarks/adapt_kshot.py                 # the k-shot grid on outputs/demo
-    python benchmarks/adapt_kshot.py --shots 8 --seeds 0 --methods guarded   # a quick look
+    python benchmarks/adapt_kshot.py --shots 8 --seeds 0 --methods anchor    # a quick look
     python benchmarks/adapt_kshot.py --timing                            # one adaptation of a ViT-B/16-sized model
+    python benchmarks/adapt_kshot.py --timing --timing_method prompts    # the same with the prompts retrained
     # the grid in three processes, one per new generator, then one report:
     python benchmarks/adapt_kshot.py --generators banding --output /tmp/banding.json   # (and the others)
     python benchmarks/adapt_kshot.py --merge /tmp/banding.json /tmp/diffusion.json /tmp/gridder.json
@@ -11,8 +12,9 @@
 The grid: the demo detector (`python train.py`, trained on the demo preset's `train_subsets`) is adapted to each
 generator it was evaluated on but not trained on, with k fakes of that generator and k real images (both drawn
 from the generated training split, `outputs/demo/synthetic-data/<generator>/train`), for each k and seed, by each
-method: `guarded` (mirage-adapt's defaults: L2 penalty toward the detector's weights and distillation of its
-scores on the reals) and `plain` (the same steps, learning rate and batches, both terms off). Everything is
+method: `anchor` (mirage-adapt's default: a fake anchor added for the new generator, trained alone), `guarded`
+(`--method prompts`: the prompts retrained with the L2 penalty toward the detector's weights and distillation of its
+scores on the reals) and `plain` (prompts, the same steps, learning rate and batches, both terms off). Everything is
 measured on the detector's own evaluation data (its eval_results.json subsets, regenerated): the new generator's
 accuracy, fake accuracy and AP, and every other generator's change in accuracy. The generator names come from the
 detector's eval_results.json and the demo preset, so the script runs unchanged on another demo world.
@@ -46,7 +48,11 @@ from mirage_hf.data import FAKE, REAL
 from mirage_hf.tiny import tiny_clip_config
 from mirage_hf.train_config import load_preset
 
-METHODS = {"guarded": {}, "plain": {"anchor_weight": 0.0, "distill_weight": 0.0}}
+METHODS = {
+    "anchor": {},  # mirage-adapt's defaults
+    "guarded": {"method": "prompts"},
+    "plain": {"method": "prompts", "anchor_weight": 0.0, "distill_weight": 0.0},
+}
 
 
 def sample(folder: Path, k: int, seed: int) -> list[Path]:
@@ -63,7 +69,8 @@ def one_run(detector, data, generator, k, seed, method, trained):
     started = time.perf_counter()
     results = adapt(detector, fakes, reals, options, quiet=True, force=True).results  # any k, even below the minimum
     before, after = results["before"]["reference"], results["after"]["reference"]
-    old = {name: min(classes.values()) for name, classes in results["forgetting"]["change"].items()}  # worst class
+    change = results["forgetting"]["change"]  # per old generator, per class
+    old = {name: min(classes.values()) for name, classes in change.items()}  # the worst class
     return {
         "generator": generator, "k": k, "seed": seed, "method": method, "steps": results["options"]["steps"],
         "seconds": time.perf_counter() - started,
@@ -72,6 +79,8 @@ def one_run(detector, data, generator, k, seed, method, trained):
         "old_change": old,
         "trained_change": {name: old[name] for name in trained if name in old},
         "max_old_drop": max([0.0, *(-change for change in old.values())]),
+        **{f"max_old_{key}_drop": max([0.0, *(-classes[key] for classes in change.values())])
+           for key in ("real_accuracy", "fake_accuracy")},
         "refused": bool(results["refused"]),
     }  # fmt: skip
 
@@ -98,6 +107,8 @@ def summarise(runs) -> list[dict]:
             "new_ap_before": 100 * members[0]["new"]["average_precision"]["before"],
             "trained_change": stats(statistics.fmean(r["trained_change"].values()) for r in members),
             "max_old_drop": stats(r["max_old_drop"] for r in members),
+            **{key: stats(r[key] for r in members) for key in ("max_old_real_accuracy_drop", "max_old_fake_accuracy_drop")
+               if all(key in r for r in members)},
             "refused": sum(r["refused"] for r in members),
         })  # fmt: skip
     return rows
@@ -109,15 +120,17 @@ def markdown(rows) -> str:
 
     lines = [
         "| method | new generator | k | acc before → after | fake acc before → after | AP before → after "
-        "| trained generator, worst class change | largest drop, old generators and classes | refused |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| trained generator, worst class change | largest real-acc drop, old | largest fake-acc drop, old | refused |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for row in sorted(rows, key=lambda r: (r["method"] != "guarded", r["generator"], r["k"])):
+    order = tuple(METHODS)
+    for row in sorted(rows, key=lambda r: (order.index(r["method"]), r["generator"], r["k"])):
         lines.append(
             f"| {row['method']} | {row['generator']} | {row['k']} | {row['new_accuracy_before']:.1f} → "
             f"{pm(row['new_accuracy'])} | {row['new_fake_accuracy_before']:.1f} → {pm(row['new_fake_accuracy'])} | "
             f"{row['new_ap_before']:.1f} → {pm(row['new_ap'])} | {row['trained_change']['mean']:+.1f} | "
-            f"{row['max_old_drop']['mean']:.1f} | {row['refused']}/{row['seeds']} |"
+            f"{row['max_old_real_accuracy_drop']['mean']:.1f} | {row['max_old_fake_accuracy_drop']['mean']:.1f} | "
+            f"{row['refused']}/{row['seeds']} |"
         )
     return "\n".join(lines)
 
@@ -182,7 +195,8 @@ def timing(args) -> dict:
             write_jpegs(scratch / name, count, size, distinct=count)  # one seed: fakes and reals differ by shape
         log = scratch / "adapt.log"
         adapt_args = [detector, "--fakes", scratch / "fakes", "--reals", scratch / "reals", "--reference",
-                      scratch / "reference", "--steps", args.timing_steps, "--output", scratch / "adapter", "--force"]  # fmt: skip
+                      scratch / "reference", "--steps", args.timing_steps, "--output", scratch / "adapter", "--force",
+                      "--method", args.timing_method]  # fmt: skip
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
         started = time.perf_counter()
         with open(log, "w") as handle:
@@ -196,7 +210,7 @@ def timing(args) -> dict:
         adapter_mib = (scratch / "adapter" / "mirage_adapter.safetensors").stat().st_size / 2**20
     steps = results["options"]["steps"]
     row = {
-        "model": model_name, "threads": args.threads,
+        "model": model_name, "threads": args.threads, "method": args.timing_method,
         "images": "64 fakes (512 x 384 JPEG) + 64 reals (384 x 512), reference 32 + 32", "steps": steps,
         "batch_size": results["options"]["batch_size"], "wall_seconds": wall,
         "adapt_seconds": results["seconds"], "peak_rss_mib": peak_mib, "adapter_mib": adapter_mib,
@@ -220,6 +234,8 @@ def parse_args(argv=None):
     parser.add_argument("--timing", action="store_true", help="time one ViT-B/16-sized adaptation instead")
     parser.add_argument("--timing_steps", type=int, default=10, help="training steps of the timed run")
     parser.add_argument("--timing_model", choices=("vit-b16", "tiny"), default="vit-b16")
+    parser.add_argument("--timing_method", choices=AdaptOptions.METHODS, default=AdaptOptions().method,
+                        help="--method of the timed run (default: mirage-adapt's)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the timed run (default 2)")
     parser.add_argument("--output", help="JSON report (default benchmarks/results_adapt_kshot.json, or "
                         "benchmarks/results_adapt_timing.json with --timing)")  # fmt: skip

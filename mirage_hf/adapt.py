@@ -3,13 +3,14 @@ detector forgets on the generators it knew.
 
     mirage-adapt outputs/demo/model --fakes new-generator/ --reals photos/ --generator flux --output flux-adapter
 
-Adaptation starts from the detector's own trained weights (prompts and couplings; a fresh LoRA with `--lora_r`),
-and trains them for a bounded number of steps on the new fakes and real images, with two guards against
-forgetting: an L2 penalty that keeps the weights near the detector's and distillation of the detector's own scores
-on the real images (docs/adaptation.md says why and what they change). Before and after, it scores the detector's
-earlier evaluation data (the subsets of its `eval_results.json`, or `--reference`) and the held-out part of the
-new images; it refuses to write the adapter when an old generator loses more than `--max_forgetting` points of
-accuracy (`--force` writes it anyway, and the card says so). The output is a PEFT-style adapter folder
+By default (`--method anchor`) adaptation adds one fake anchor for the new generator beside the detector's class
+anchors and trains only it, so the old decisions move only where it wins; `--method prompts` retrains the
+detector's prompts and couplings (a fresh LoRA with `--lora_r`) with an L2 penalty toward its weights. Both
+distil the detector's own scores on the real images and train for a bounded number of steps (docs/adaptation.md
+says why and what each changes). Before and after, it scores the detector's earlier evaluation data (the subsets
+of its `eval_results.json`, or `--reference`) and the held-out part of the new images; it refuses to write the
+adapter when an old generator loses more than `--max_forgetting` points of real or of fake accuracy (`--force`
+writes it anyway, and the card says so). The output is a PEFT-style adapter folder
 (`mirage_hf.adapter`) that `from_pretrained`, `pipeline()`, `mirage-detect --model` and the Space load on top of
 the base detector.
 
@@ -94,8 +95,13 @@ class AdaptOptions:
     """Name of the new generator; a reference subset of that name measures it (and is not an old generator)."""
     seed: int = 0
     eval_batch_size: int = 64
+    method: str = "anchor"
+    """What adapts: "prompts" retrains the detector's prompts and couplings (with the L2 penalty and distillation);
+    "anchor" adds a fake anchor for the new generator and trains only it, the prompts, class anchors and
+    calibration staying the base's (docs/adaptation.md)."""
 
     STEPS_MIN, STEPS_MAX = 100, 400
+    METHODS = ("prompts", "anchor")
 
     def resolved_steps(self, n_train_fakes: int) -> int:
         if self.steps is not None:
@@ -115,6 +121,10 @@ class AdaptOptions:
             raise ValueError(f"batch_size must be >= 2 (half fakes, half reals), got {self.batch_size}")
         if min(self.anchor_weight, self.distill_weight, self.max_forgetting, self.lora_r) < 0:
             raise ValueError("anchor_weight, distill_weight, max_forgetting and lora_r must be >= 0")
+        if self.method not in self.METHODS:
+            raise ValueError(f"method must be one of {', '.join(self.METHODS)}, got {self.method!r}")
+        if self.method == "anchor" and self.lora_r:
+            raise ValueError("method 'anchor' trains one anchor and nothing else: it takes no lora_r")
 
 
 class AdaptError(ValueError):
@@ -314,11 +324,56 @@ def add_adaptation_lora(model, r: int):
     return peft_model, settings
 
 
-def train(model, train_fakes, train_reals, preprocess, options: AdaptOptions, device, quiet=False) -> list[dict]:
-    """Trains the model's trainable weights in place; returns the loss terms every 10 steps."""
-    core = mirage_core(model)
+ANCHOR_PREFIX = "added_anchors."
+ANCHOR_OFF = -2.0  # an added anchor's offset below every cosine: its logit then never wins, as if it were absent
+
+
+def with_new_anchor(detector: str, train_fakes, train_reals, preprocess, device):
+    """The detector with one added fake anchor placed from the new images: its direction the difference of the
+    mean image features of the new fakes and the reals, its offset halfway between where the typical new fake and
+    the typical real would cross the detector's decision. The prompts stay trainable-marked, so the adapter
+    holds them unchanged and loads like any other."""
+    if not train_reals:
+        raise AdaptError("--method anchor places the new anchor between the new fakes and real images: give --reals")
+    model = MiraGeForImageClassification.from_pretrained(detector, added_fake_anchors=1).to(device).eval()
+    collate = DetectionCollator(preprocess)
+    with torch.no_grad():
+        features = {
+            label: torch.cat([model(pixel_values=collate(rows[i : i + 64])["pixel_values"].to(device)).image_embeds
+                              for i in range(0, len(rows), 64)])
+            for label, rows in ((FAKE, train_fakes), (REAL, train_reals))
+        }  # fmt: skip
+        direction = F.normalize(features[FAKE].mean(0) - features[REAL].mean(0), dim=0)
+        config, real_anchor = model.config, model.text_anchors()[0]
+        boundary = config.calibration_temperature * math.log(
+            config.decision_threshold / (1 - config.decision_threshold)
+        )
+        scale = model.clip.logit_scale.exp()
+
+        def crossing(embeds):  # per image: the offset at which the anchor's logit meets the decision
+            return (boundary / scale + embeds @ real_anchor - embeds @ direction).mean()
+
+        model.added_anchors.directions.copy_(direction[None])
+        model.added_anchors.offsets.fill_((crossing(features[FAKE]) + crossing(features[REAL])) / 2)
+    return model
+
+
+def optimised_parameters(model, method: str) -> dict[str, torch.nn.Parameter]:
+    """What the optimiser moves: every trained weight ("prompts"), or only the added anchor ("anchor")."""
     params = trained_parameters(model)
+    return {name: p for name, p in params.items() if method != "anchor" or name.startswith(ANCHOR_PREFIX)}
+
+
+def train(model, train_fakes, train_reals, preprocess, options: AdaptOptions, device, quiet=False) -> list[dict]:
+    """Trains the model's weights (`optimised_parameters`) in place; returns the loss terms every 10 steps.
+
+    Distillation keeps the reals' scores at the base detector's: with an added anchor, the base is the model with
+    that anchor switched off."""
+    core = mirage_core(model)
+    params = optimised_parameters(model, options.method)
     base = {name: param.detach().clone() for name, param in params.items()}
+    if options.method == "anchor":
+        base[ANCHOR_PREFIX + "offsets"] = torch.full_like(base[ANCHOR_PREFIX + "offsets"], ANCHOR_OFF)
     temperature = core.config.calibration_temperature
     steps = options.resolved_steps(len(train_fakes))
     optimizer = torch.optim.AdamW(params.values(), lr=options.learning_rate, weight_decay=0.0)
@@ -328,12 +383,15 @@ def train(model, train_fakes, train_reals, preprocess, options: AdaptOptions, de
     torch.manual_seed(options.seed)
     preprocess.augmentation.reseed(options.seed)
     log, model = [], model.train()
+    resting = [param for name, param in trained_parameters(model).items() if name not in params]
+    for param in resting:  # no gradient through the vision tower for weights that do not move (they stay saved)
+        param.requires_grad_(False)
     for step in progress_bar(range(1, steps + 1), desc="adapt", disable=quiet):
         batch = collate(next(batches))
         pixel_values, labels = batch["pixel_values"].to(device), batch["labels"].to(device)
         output = core(pixel_values=pixel_values, labels=labels)
         terms = {"model": output.loss}
-        if options.anchor_weight:
+        if options.anchor_weight and options.method == "prompts":
             terms["anchor"] = options.anchor_weight * anchor_penalty(params, base)
         real = labels == REAL
         if options.distill_weight and real.any():
@@ -350,6 +408,8 @@ def train(model, train_fakes, train_reals, preprocess, options: AdaptOptions, de
         optimizer.zero_grad()
         if step % 10 == 0 or step == steps:
             log.append({"step": step, **{name: float(value.detach()) for name, value in terms.items()}})
+    for param in resting:
+        param.requires_grad_(True)
     return log
 
 
@@ -505,6 +565,8 @@ def adapt(
 
     accelerator = Accelerator(cpu=device == "cpu")
     model = MiraGeForImageClassification.from_pretrained(detector)
+    if model.config.added_fake_anchors:
+        raise AdaptError(f"{detector} already has added anchors; adapt the detector it was made from")
     if not trained_parameters(model):
         raise AdaptError(f"{detector} is a {model.config.mode} detector: it has no trained weights to adapt")
     base = detector_fingerprint(detector)
@@ -533,6 +595,8 @@ def adapt(
         lora = None
         if options.lora_r:
             model, lora = add_adaptation_lora(model, options.lora_r)
+        if options.method == "anchor":
+            model = with_new_anchor(detector, train_fakes, train_reals, preprocess, accelerator.device)
         augmentation = TrainAugmentation(preprocess.image_size, resize_prob=0.0, blur_prob=0.0, jpeg_prob=0.0)
         train_preprocess = Preprocessor(image_processor, model.config.preprocess, augmentation)
         steps = options.resolved_steps(len(train_fakes))
@@ -547,7 +611,12 @@ def adapt(
             model = model.merge_and_unload()
             for param in model.clip.parameters():
                 param.requires_grad_(False)
-        calibration = refit_calibration(model, holdout, preprocess, accelerator, options.eval_batch_size, quiet)
+        if options.method == "anchor":  # the old decision stays where it was: the base's temperature and threshold
+            calibration = {"temperature": model.config.calibration_temperature, "fitted": False,
+                           "threshold": model.config.decision_threshold,
+                           "rule": "the base detector's temperature and threshold, kept: --method anchor"}  # fmt: skip
+        else:
+            calibration = refit_calibration(model, holdout, preprocess, accelerator, options.eval_batch_size, quiet)
         after = scored(model)
 
     new_subset = name if name in before["reference"] else None
@@ -656,6 +725,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--holdout", type=float, default=defaults.holdout,
                         help="fraction of the new images held out (default %(default)s)")  # fmt: skip
     parser.add_argument("--lora_r", type=int, default=defaults.lora_r, help="also train a fresh LoRA of this rank")
+    parser.add_argument("--method", choices=AdaptOptions.METHODS, default=defaults.method,
+                        help="prompts: retrain the detector's prompts (default); anchor: add a fake anchor for the new "
+                        "generator and train only it, the old anchors, prompts and calibration kept")  # fmt: skip
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -678,6 +750,7 @@ def check_args(parser, args) -> AdaptOptions:
             steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
             anchor_weight=args.anchor_weight, distill_weight=args.distill_weight, holdout=args.holdout,
             lora_r=args.lora_r, max_forgetting=args.max_forgetting, generator=args.generator, seed=args.seed,
+            method=args.method,
         )  # fmt: skip
     except ValueError as error:
         parser.error(str(error))

@@ -74,6 +74,11 @@ class MiraGeConfig(PreTrainedConfig):
             How images were brought to the input size when the model was evaluated and calibrated: `resize`
             (the image processor's resize and centre crop) or `center_crop` (a crop without resizing, which keeps
             pixel-level traces). Training records it; evaluation, `mirage-detect` and the Space use it by default.
+        added_fake_anchors (`int`, *optional*, defaults to 0):
+            Fake anchors added after training, one per new generator (`mirage-adapt --method anchor`): learned
+            directions in the joint space scored beside the class anchors, their logits joined to the fake class
+            (`logit_fake = logsumexp` over the fake anchors, so `p(fake) = 1 - p(real)` over all anchors). The
+            class anchors and prompts do not change, so the old decisions move only where an added anchor wins.
 
     The label set is fixed (`id2label = {0: "real", 1: "fake"}`): constructing, loading or assigning another one
     (`num_labels=5`, `config.num_labels = 3`, a new `id2label`) raises `ValueError`.
@@ -101,6 +106,7 @@ class MiraGeConfig(PreTrainedConfig):
     calibration_temperature: float | int = 1.0
     decision_threshold: float | int = 0.5
     preprocess: str = "resize"
+    added_fake_anchors: int = 0
 
     def __post_init__(self, **kwargs):
         num_labels = kwargs.pop("num_labels", None)  # no field: it arrives as a keyword (also from `from_pretrained`)
@@ -180,6 +186,10 @@ class MiraGeConfig(PreTrainedConfig):
             fail("decision_threshold", f"must lie strictly between 0 and 1, got {self.decision_threshold}")
         if self.preprocess not in PREPROCESS_MODES:
             fail("preprocess", f"must be one of {', '.join(PREPROCESS_MODES)}, got {self.preprocess!r}")
+        if self.added_fake_anchors < 0:
+            fail("added_fake_anchors", f"must be >= 0, got {self.added_fake_anchors}")
+        if self.added_fake_anchors and self.mode == "linear_probe":
+            fail("added_fake_anchors", "anchors join class anchors, which mode 'linear_probe' does not have")
 
     def _placeholder_prompt_token_ids(self) -> list[list[int]]:
         """Distinct in-vocabulary ids shaped like real prompts, for models built without a tokenizer."""

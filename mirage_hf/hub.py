@@ -432,6 +432,22 @@ def adapter_card(
     base_text = f"[{base}](https://huggingface.co/{base})" if on_hub else f"`{Path(base).name}` (a local folder)"
     images, options = results["images"], results["options"]
     trained = "prompts and couplings" + (f" and a rank-{options['lora_r']} LoRA" if options.get("lora_r") else "")
+    anchor = options.get("method", "prompts") == "anchor"
+    if anchor:
+        trained = "added fake anchor (the prompts and couplings are stored unchanged, so the adapter loads as any)"
+    method = (
+        f"One fake anchor for `{results['generator']}` was added beside the detector's class anchors (its logit joins "
+        "the fake class, so p(fake) = 1 - p(real) over every anchor), placed from the new images and trained alone "
+        f"for {options['steps']} steps of AdamW (learning rate {options['learning_rate']:g}, batches of "
+        f"{options['batch_size']}, half new fakes and half reals) on the detector's own loss and distillation of its "
+        f"p(fake) on the real images (weight {options['distill_weight']:g}); the prompts, class anchors and "
+        "calibration are the base detector's"
+        if anchor
+        else f"{options['steps']} steps of AdamW (learning rate {options['learning_rate']:g}, batches of "
+        f"{options['batch_size']}, half new fakes and half reals), starting from the detector's own trained weights, "
+        f"on the detector's own loss plus an L2 penalty toward its weights (weight {options['anchor_weight']:g}) and "
+        f"distillation of its p(fake) on the real images (weight {options['distill_weight']:g})"
+    )
     forced = ""
     if results.get("forced"):
         forced = (
@@ -477,10 +493,7 @@ Accuracy, real accuracy, fake accuracy and AP (fake = positive) in percent, befo
 {chr(10).join(f"{table}{chr(10)}" for table in tables)}
 ## Method
 
-{options["steps"]} steps of AdamW (learning rate {options["learning_rate"]:g}, batches of {options["batch_size"]}, half
-new fakes and half reals), starting from the detector's own trained weights, on the detector's own loss plus an L2
-penalty toward its weights (weight {options["anchor_weight"]:g}) and distillation of its p(fake) on the real images
-(weight {options["distill_weight"]:g}); see mirage-hf's docs/adaptation.md.
+{method}; see mirage-hf's docs/adaptation.md.
 
 Calibration: temperature {calibration["temperature"]:.4g}, threshold {calibration["threshold"]:.4g}; {calibration_rule}.
 

@@ -125,6 +125,22 @@ def calibrate_logits(logits: torch.Tensor, temperature: float, threshold: float)
     return {"logits": calibrated, "logit_diff": logit_diff, "p_fake": p_fake}
 
 
+class MiraGeAddedAnchors(nn.Module):
+    """Fake anchors added for new generators: a direction and an offset (in cosine units) each, whose logits join
+    the fake class's, so a new generator gets its own anchor and the class anchors stay where they are."""
+
+    def __init__(self, count: int, dim: int):
+        super().__init__()
+        self.directions = nn.Parameter(torch.empty(count, dim))
+        self.offsets = nn.Parameter(torch.empty(count))
+
+    def forward(self, logits: torch.Tensor, image_embeds: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """(real, fake) logits with each anchor's `scale * (cos + offset)` joined to the fake one by logsumexp."""
+        added = scale * (image_embeds @ F.normalize(self.directions, dim=-1).to(image_embeds.dtype).T + self.offsets)
+        fake = torch.logsumexp(torch.cat([logits[:, 1:], added.to(logits.dtype)], 1), 1)
+        return torch.stack([logits[:, 0], fake], 1)
+
+
 class MiraGePromptLearner(nn.Module):
     """Learnable prompts and the tokenised class prompts they are written into.
 
@@ -289,7 +305,7 @@ class MiraGePreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_attention_backend = True
-    _keys_to_ignore_on_load_missing = [r"loss_fn\.memory_bank\."]
+    _keys_to_ignore_on_load_missing = [r"loss_fn\.memory_bank\.", r"added_anchors\."]  # an adapter brings its anchors
     if not hasattr(PreTrainedModel, "activation_checkpointing_enable"):  # older name, in transformers 5.17
         activation_checkpointing_enable = PreTrainedModel.gradient_checkpointing_enable
 
@@ -311,6 +327,9 @@ class MiraGePreTrainedModel(PreTrainedModel):
         elif module is getattr(self, "classifier", None):
             init.normal_(module.weight, std=0.02)
             init.zeros_(module.bias)
+        elif isinstance(module, MiraGeAddedAnchors):  # an offset of -2 keeps an untrained anchor below every cosine
+            init.normal_(module.directions, std=0.02)
+            init.constant_(module.offsets, -2.0)
 
     @torch.no_grad()
     def initialize_weights(self):
@@ -348,6 +367,8 @@ class MiraGeModel(MiraGePreTrainedModel):
         self.prompt_learner = MiraGePromptLearner(config)
         projection_dim = config.clip_config.projection_dim
         self.classifier = nn.Linear(projection_dim, 2) if config.mode == "linear_probe" else None
+        added = config.added_fake_anchors
+        self.added_anchors = MiraGeAddedAnchors(added, projection_dim) if added else None
         self._anchor_cache = None
         self.post_init()
 
@@ -505,7 +526,10 @@ class MiraGeModel(MiraGePreTrainedModel):
         if self.classifier is not None:
             logits = self.classifier(vision.pooler_output)
         else:
-            logits = self.clip.logit_scale.exp() * image_embeds @ text_embeds.to(image_embeds.dtype).T
+            scale = self.clip.logit_scale.exp()
+            logits = scale * image_embeds @ text_embeds.to(image_embeds.dtype).T
+            if self.added_anchors is not None:
+                logits = self.added_anchors(logits, image_embeds, scale)
         return logits, image_embeds, text_embeds, vision
 
     def calibrated(self, logits: torch.Tensor) -> dict[str, torch.Tensor]:

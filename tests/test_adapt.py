@@ -6,11 +6,13 @@ import io
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
+from conftest import scaled_p_fake, with_threshold
 from PIL import Image
 from safetensors import safe_open
-from transformers import pipeline
+from transformers import AutoImageProcessor, pipeline
 
 from mirage_hf import MiraGeForImageClassification
 from mirage_hf.adapt import AdaptError, AdaptOptions, adapt, effect_warnings, image_rows, main, reference_rows
@@ -19,6 +21,7 @@ from mirage_hf.cli import main as detect
 from mirage_hf.data import FAKE, REAL
 from mirage_hf.inference import Detector
 from mirage_hf.synthetic import make_synthetic_genimage
+from mirage_hf.transforms import open_image
 
 FAST = AdaptOptions(steps=3, batch_size=8, eval_batch_size=32, holdout=0.25, generator="diffusion")
 
@@ -79,8 +82,13 @@ def test_adapter_holds_what_changed_and_loads_like_a_detector(adapted, detector_
     expected = logits(adaptation.model, pixel_values)
     base = MiraGeForImageClassification.from_pretrained(detector_dir)
     assert not torch.allclose(expected, logits(base, pixel_values))  # adaptation changed the detector
-    with safe_open(folder / ADAPTER_WEIGHTS_NAME, "pt") as handle:
-        assert set(handle.keys()) == {n for n, p in base.named_parameters() if p.requires_grad}
+    with safe_open(folder / ADAPTER_WEIGHTS_NAME, "pt") as handle:  # the prompts (unchanged) and the added anchor
+        stored = {name: handle.get_tensor(name) for name in handle.keys()}
+    trained = {n for n, p in base.named_parameters() if p.requires_grad}
+    assert set(stored) == trained | {"added_anchors.directions", "added_anchors.offsets"}
+    for name, param in base.named_parameters():
+        if name in trained:
+            torch.testing.assert_close(stored[name], param.detach(), rtol=0, atol=0)
     assert 0 < adaptation.results["adapter_fraction"] < 0.1
     recorded = json.loads((folder / ADAPTER_CONFIG_NAME).read_text())
     assert recorded["base_model_name_or_path"] == str(detector_dir) and len(recorded["base_model_sha256"]) == 64
@@ -118,7 +126,7 @@ def test_the_adapter_card_and_results_hold_the_before_after_table_and_the_base(a
 
 
 def test_lora_adapter_round_trip(detector_dir, world, pixel_values, tmp_path):
-    options = AdaptOptions(steps=2, batch_size=8, holdout=0.0, lora_r=2, learning_rate=0.05)
+    options = AdaptOptions(steps=2, batch_size=8, holdout=0.0, lora_r=2, learning_rate=0.05, method="prompts")
     adaptation = run_adapt(detector_dir, world, options)
     folder = adaptation.save(tmp_path / "lora-adapter", force=True)
     with safe_open(folder / ADAPTER_WEIGHTS_NAME, "pt") as handle:
@@ -133,7 +141,14 @@ def test_adaptation_pulls_the_new_fakes_away_from_the_reals(detector_dir, world)
     """What training guarantees on any model: its own objective improves on the images it trains on."""
     fakes, reals = rows_of(folder_of(world, FAKE), FAKE), rows_of(folder_of(world, REAL), REAL)
     options = AdaptOptions(
-        steps=30, batch_size=8, holdout=0.0, learning_rate=0.02, lora_r=4, anchor_weight=0, distill_weight=0
+        steps=30,
+        batch_size=8,
+        holdout=0.0,
+        learning_rate=0.02,
+        lora_r=4,
+        anchor_weight=0,
+        distill_weight=0,
+        method="prompts",
     )
     adaptation = run_adapt(detector_dir, world, options, fakes=fakes, reals=reals)
     train_rows = [dict(row, subset="train") for row in fakes + reals]
@@ -149,6 +164,47 @@ def test_adaptation_pulls_the_new_fakes_away_from_the_reals(detector_dir, world)
         for name, model in (("before", base), ("after", adaptation.model))
     }
     assert auc["after"] > auc["before"] + 0.1
+
+
+def test_an_added_anchor_catches_new_fakes_the_base_calls_real_and_only_raises_p_fake(detector_dir, world, tmp_path):
+    """The default method adds a fake anchor and trains it alone. New fakes that the base calls real (noise with a red
+    cast, the threshold moved above every score) are caught on the images it learned from, the reals stay
+    real; every image's p(fake) can only rise over the base's (its logit joins the fake class by logsumexp), and
+    the prompts, class anchors and calibration stay the base's."""
+    from accelerate import Accelerator
+
+    from mirage_hf.evaluation import predict
+    from mirage_hf.transforms import Preprocessor
+
+    rng = np.random.default_rng(0)
+    images = {FAKE: tmp_path / "red", REAL: tmp_path / "noise"}
+    for label, folder in images.items():
+        folder.mkdir()
+        for index in range(16):
+            pixels = rng.integers(0, 255, (32, 32, 3)).astype(np.uint8)
+            if label == FAKE:  # a generator with a colour cast
+                pixels[..., 0], pixels[..., 1:] = pixels[..., 0] // 3 + 150, pixels[..., 1:] // 4
+            Image.fromarray(pixels).save(folder / f"{index}.png")
+    rows = {label: rows_of(folder, label) for label, folder in images.items()}
+    every = [dict(row, subset="new") for label in (FAKE, REAL) for row in rows[label]]
+    every += [dict(row, subset=generator) for label in (FAKE, REAL) for generator in ("diffusion", "upsampler")
+              for row in rows_of(folder_of(world, label, "val", generator), label)]  # fmt: skip
+    base = MiraGeForImageClassification.from_pretrained(detector_dir)
+    preprocess = Preprocessor(AutoImageProcessor.from_pretrained(detector_dir), base.config.preprocess)
+    threshold = float(scaled_p_fake(detector_dir, [open_image(row["image"]["path"]) for row in every]).max())
+    strict = with_threshold(detector_dir, tmp_path / "strict", min(0.999, threshold + (1 - threshold) / 2))
+
+    options = AdaptOptions(steps=60, batch_size=8, holdout=0.0, generator="new")
+    adaptation = adapt(str(strict), rows[FAKE], rows[REAL], options, measure_forgetting=False, quiet=True)
+    base = MiraGeForImageClassification.from_pretrained(strict)
+    torch.testing.assert_close(adaptation.model.text_anchors(), base.text_anchors(), rtol=0, atol=0)
+    assert adaptation.model.config.decision_threshold == base.config.decision_threshold
+    p_fake = {name: predict(model, every, preprocess, Accelerator(cpu=True), 64)[2]
+              for name, model in (("base", base), ("adapted", adaptation.model))}  # fmt: skip
+    assert (p_fake["base"] < 0.5).all()  # the base calls every image real
+    assert (p_fake["adapted"] >= p_fake["base"] - 1e-6).all()
+    new_fakes, new_reals = p_fake["adapted"][:16], p_fake["adapted"][16:32]
+    assert (new_fakes >= 0.5).mean() >= 0.9 and (new_reals < 0.5).mean() >= 0.9
 
 
 @pytest.mark.parametrize("lost", ["real_accuracy", "fake_accuracy"])

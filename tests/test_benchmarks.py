@@ -82,8 +82,8 @@ def test_adaptation_benchmark_reports_the_kshot_grid_and_one_timed_adaptation(tm
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "kshot.json").read_text())
     assert report["generators"] == ["diffusion"]  # read from the detector's evaluation data, not typed
-    assert {(row["method"], row["k"]) for row in report["rows"]} == {("guarded", 4), ("plain", 4)}
-    assert "| guarded | diffusion | 4 |" in result.stdout
+    assert {(row["method"], row["k"]) for row in report["rows"]} == {("anchor", 4), ("guarded", 4), ("plain", 4)}
+    assert "| anchor | diffusion | 4 |" in result.stdout and "| guarded | diffusion | 4 |" in result.stdout
 
     command = [sys.executable, "benchmarks/adapt_kshot.py", "--timing", "--timing_model", "tiny", "--timing_steps",
                "2", "--threads", "1", "--output", str(tmp_path / "timing.json")]  # fmt: skip

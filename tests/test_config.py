@@ -44,6 +44,8 @@ def test_placeholder_prompts_fit_the_vocabulary_and_avoid_special_tokens():
         ({"calibration_temperature": -1.0}, "calibration_temperature"),
         ({"prompt_token_ids": [[1, 2, 3]]}, "prompt_token_ids"),
         ({"n_ctx": 20}, "prompt_token_ids"),
+        ({"added_fake_anchors": -1}, "added_fake_anchors"),
+        ({"mode": "linear_probe", "added_fake_anchors": 1}, "added_fake_anchors"),
     ],
 )
 def test_invalid_values_name_the_field(overrides, field):

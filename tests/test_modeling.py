@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from conftest import IMAGE_SIZE, tiny_clip_config
 
-from mirage_hf import MiraGeConfig, MiraGeMemoryBank, MiraGeModel
+from mirage_hf import MiraGeConfig, MiraGeForImageClassification, MiraGeMemoryBank, MiraGeModel
 from mirage_hf.modeling_mirage import MiraGeLoss
 
 MODES = ["zero_shot", "linear_probe", "coop", "maple", "mirage"]
@@ -207,6 +207,28 @@ def threshold_between(p_fake: torch.Tensor) -> float:
     middle = p_fake.sort().values[len(p_fake) // 2 - 1 : len(p_fake) // 2 + 1]
     assert middle[0] < middle[1], "the scores must differ for a threshold between them to exist"
     return middle.mean().item()
+
+
+def test_added_fake_anchors_make_p_fake_one_minus_p_real_over_every_anchor(make_model, pixel_values, tmp_path, caplog):
+    """An added anchor's logit `scale * (cos + offset)` joins the fake class: softmax over (real, fake, added)
+    gives p(real) as the model's; a detector saved without anchors loads with them (switched off) without a
+    warning, so an adapter can bring its own."""
+    model = make_model("mirage").eval()
+    model.save_pretrained(tmp_path / "base")
+    with caplog.at_level("WARNING"):
+        added = MiraGeForImageClassification.from_pretrained(tmp_path / "base", added_fake_anchors=2).eval()
+    assert "added_anchors" not in caplog.text
+    with torch.no_grad():
+        base_logits = model(pixel_values).logits
+        torch.testing.assert_close(added(pixel_values).logits, base_logits, atol=1e-4, rtol=0)  # off: nearly none
+        added.added_anchors.directions.normal_()
+        added.added_anchors.offsets.copy_(torch.tensor([0.3, -0.1]))
+        out = added(pixel_values)
+        embeds, scale = out.image_embeds, added.clip.logit_scale.exp()
+        extra = scale * (embeds @ F.normalize(added.added_anchors.directions, dim=-1).T + added.added_anchors.offsets)
+        every = torch.cat([base_logits, extra], 1)  # temperature 1, threshold 0.5: logits are the raw ones
+    torch.testing.assert_close(1 - out.p_fake, every.softmax(-1)[:, 0])
+    assert (out.p_fake > torch.sigmoid(base_logits[:, 1] - base_logits[:, 0])).all()
 
 
 def test_calibration_moves_the_decision(make_model, pixel_values):

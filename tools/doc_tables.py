@@ -6,13 +6,14 @@
     python tools/doc_tables.py --check [--demo F]                   # exit 1 where a block differs (CI)
 
 A generated block in a markdown file sits between `<!-- table:NAME -->` and `<!-- /table:NAME -->`; NAME says
-which results file and renderer make it (TABLES). The results files live in docs/results/ so that the tables can
-be regenerated without rerunning anything; `--demo`/`--ladder` copy a fresh run's file there first (with
-`--check`, they are compared instead, and nothing is written).
+which results file and renderer make it (TABLES). The results files are kept in the repository (docs/results/,
+the benchmarks' JSON) so that the tables can be regenerated without rerunning anything; `--demo`, `--ladder`, ...
+copy a fresh run's file there first (with `--check`, they are compared instead, and nothing is written).
 """
 
 import argparse
 import difflib
+import importlib.util
 import json
 import re
 import shutil
@@ -21,7 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "results"
-DOCS = ("README.md", "docs/synthetic-data.md")
+DOCS = ("README.md", "docs/synthetic-data.md", "docs/adaptation.md")
 
 
 def demo_table(results: dict) -> str:
@@ -36,16 +37,40 @@ def ladder_table(results: dict) -> str:
     return ladder_tables(results)
 
 
-TABLES = {  # name: (results file in docs/results, renderer, the command that writes the results file)
-    "demo": ("demo_eval_results.json", demo_table, "python train.py"),
-    "ladder": ("ladder_results.json", ladder_table, "python -m mirage_hf.ladder --config demo --seeds 0 1 2"),
-}
+def adaptation_table(results: dict) -> str:
+    """benchmarks/adapt_kshot.py's markdown table of its report (a script, not a module of the package)."""
+    spec = importlib.util.spec_from_file_location("adapt_kshot", ROOT / "benchmarks" / "adapt_kshot.py")
+    script = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # its own helper module (peak_rss)
+    try:
+        spec.loader.exec_module(script)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return script.markdown(results["rows"])
+
+
+TABLES = {  # name: (results file, renderer, the command that writes the file, fenced as code)
+    "demo": (RESULTS / "demo_eval_results.json", demo_table, "python train.py", True),
+    "ladder": (
+        RESULTS / "ladder_results.json", ladder_table, "python -m mirage_hf.ladder --config demo --seeds 0 1 2", True,
+    ),
+    "kshot": (
+        ROOT / "benchmarks" / "results_adapt_kshot.json", adaptation_table,
+        "python train.py && python benchmarks/adapt_kshot.py", False,
+    ),
+    "anchor": (
+        ROOT / "benchmarks" / "results_adapt_anchor.json", adaptation_table,
+        "python benchmarks/adapt_kshot.py --shots 64 --generators gridder banding --methods guarded anchor --output "
+        "benchmarks/results_adapt_anchor.json", False,
+    ),
+}  # fmt: skip
 BLOCK = re.compile(r"(<!-- table:(\w+) -->\n)(.*?)(<!-- /table:\2 -->)", re.S)
 
 
 def render(name: str, source: Path) -> str:
-    _, renderer, _ = TABLES[name]
-    return "```\n" + renderer(json.loads(source.read_text())) + "\n```\n"
+    _, renderer, _, fenced = TABLES[name]
+    table = renderer(json.loads(source.read_text()))
+    return f"```\n{table}\n```\n" if fenced else f"{table}\n"
 
 
 def regenerate(text: str, sources: dict[str, Path]) -> str:
@@ -62,10 +87,10 @@ def regenerate(text: str, sources: dict[str, Path]) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="compare, write nothing; exit 1 on a difference")
-    for name, (_, _, command) in TABLES.items():
+    for name, (_, _, command, _) in TABLES.items():
         parser.add_argument(f"--{name}", type=Path, help=f"results file of a fresh `{command}`")
     args = parser.parse_args(argv)
-    sources = {name: RESULTS / file for name, (file, _, _) in TABLES.items()}
+    sources = {name: file for name, (file, _, _, _) in TABLES.items()}
     for name in TABLES:
         given = getattr(args, name)
         if given and not args.check:

@@ -91,6 +91,17 @@ SABOTAGES = [
         "    if False:\n",
     ),
     Sabotage(
+        "added-anchor-ignored",
+        "an anchor added for a new generator never reaches the fake class (mirage-adapt's default learns nothing)",
+        (
+            "tests/test_modeling.py::test_added_fake_anchors_make_p_fake_one_minus_p_real_over_every_anchor",
+            "tests/test_adapt.py::test_an_added_anchor_catches_new_fakes_the_base_calls_real_and_only_raises_p_fake",
+        ),
+        MODELING,
+        "        fake = torch.logsumexp(torch.cat([logits[:, 1:], added.to(logits.dtype)], 1), 1)\n",
+        "        fake = logits[:, 1] + 0 * added.sum(1)\n",
+    ),
+    Sabotage(
         "ray-resume-rescans",
         "mirage-detect --engine ray --resume scores every file again (duplicate rows in the Parquet output)",
         ("tests/test_ray.py::test_resume_after_an_interrupted_job_scores_only_what_is_missing",),
