@@ -12,7 +12,8 @@ import torch
 from conftest import scaled_p_fake, with_threshold
 from PIL import Image
 from safetensors import safe_open
-from transformers import AutoImageProcessor, pipeline
+from transformers import pipeline
+from transformers.models.auto.image_processing_auto import AutoImageProcessor  # top-level: torchvision-only in 5.17
 
 from mirage_hf import MiraGeForImageClassification
 from mirage_hf.adapt import AdaptError, AdaptOptions, adapt, effect_warnings, image_rows, main, reference_rows
