@@ -58,7 +58,7 @@ from .export import EVAL_RESULTS_FILE, mirage_core
 from .hub import adapter_card
 from .lora import mirage_lora_config
 from .metrics import RESERVED_SUBSETS, format_before_after, to_jsonable
-from .modeling_mirage import MiraGeForImageClassification
+from .modeling_mirage import MiraGeAddedAnchors, MiraGeForImageClassification
 from .progress import hide_library_bars, progress_bar
 from .scan import find_images
 from .scoring import check_model_name
@@ -325,7 +325,6 @@ def add_adaptation_lora(model, r: int):
 
 
 ANCHOR_PREFIX = "added_anchors."
-ANCHOR_OFF = -2.0  # an added anchor's offset below every cosine: its logit then never wins, as if it were absent
 
 
 def with_new_anchor(detector: str, train_fakes, train_reals, preprocess, device):
@@ -373,7 +372,7 @@ def train(model, train_fakes, train_reals, preprocess, options: AdaptOptions, de
     params = optimised_parameters(model, options.method)
     base = {name: param.detach().clone() for name, param in params.items()}
     if options.method == "anchor":
-        base[ANCHOR_PREFIX + "offsets"] = torch.full_like(base[ANCHOR_PREFIX + "offsets"], ANCHOR_OFF)
+        base[ANCHOR_PREFIX + "offsets"] = torch.full_like(base[ANCHOR_PREFIX + "offsets"], MiraGeAddedAnchors.OFF)
     temperature = core.config.calibration_temperature
     steps = options.resolved_steps(len(train_fakes))
     optimizer = torch.optim.AdamW(params.values(), lr=options.learning_rate, weight_decay=0.0)
@@ -424,28 +423,33 @@ def measure(model, rows, preprocess, accelerator, batch_size, quiet=False) -> di
     return results["clean"]
 
 
+def kept_calibration(config, why: str) -> dict:
+    """The calibration record when the base detector's temperature and threshold stay, and why."""
+    return {
+        "temperature": config.calibration_temperature,
+        "threshold": config.decision_threshold,
+        "fitted": False,
+        "rule": f"the base detector's temperature and threshold, kept: {why}",
+    }
+
+
 def refit_calibration(model, holdout, preprocess, accelerator, batch_size, quiet=False) -> dict:
     """Fits T and t on the held-out new images (fakes and reals) when each class has `MIN_PER_CLASS`; otherwise
     the base detector's calibration stays. Returns the record for adapt_results.json and the card."""
     config = mirage_core(model).config
-    kept = {"temperature": config.calibration_temperature, "threshold": config.decision_threshold}
     labels = np.array([row["label"] for row in holdout])
     if min((labels == FAKE).sum(), (labels == REAL).sum()) < MIN_PER_CLASS:
         why = (
             f"{int((labels == REAL).sum())} real and {int((labels == FAKE).sum())} fake held-out images, fewer than "
             f"{MIN_PER_CLASS} per class"
         )
-        return {**kept, "fitted": False, "rule": f"the base detector's temperature and threshold, kept: {why}"}
+        return kept_calibration(config, why)
     labels, diffs, _, _, _ = predict(model, holdout, preprocess, accelerator, batch_size, desc="calibrate", quiet=quiet)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a fallback is reported in the record, and the base's values are kept
         record = calibrate(diffs, labels)
     if not record["fitted"]:
-        return {
-            **kept,
-            "fitted": False,
-            "rule": f"the base detector's temperature and threshold, kept: {record['rule']}",
-        }
+        return kept_calibration(config, record["rule"])
     config.calibration_temperature, config.decision_threshold = record["temperature"], record["threshold"]
     return record
 
@@ -612,9 +616,7 @@ def adapt(
             for param in model.clip.parameters():
                 param.requires_grad_(False)
         if options.method == "anchor":  # the old decision stays where it was: the base's temperature and threshold
-            calibration = {"temperature": model.config.calibration_temperature, "fitted": False,
-                           "threshold": model.config.decision_threshold,
-                           "rule": "the base detector's temperature and threshold, kept: --method anchor"}  # fmt: skip
+            calibration = kept_calibration(model.config, "--method anchor")
         else:
             calibration = refit_calibration(model, holdout, preprocess, accelerator, options.eval_batch_size, quiet)
         after = scored(model)
@@ -726,8 +728,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fraction of the new images held out (default %(default)s)")  # fmt: skip
     parser.add_argument("--lora_r", type=int, default=defaults.lora_r, help="also train a fresh LoRA of this rank")
     parser.add_argument("--method", choices=AdaptOptions.METHODS, default=defaults.method,
-                        help="prompts: retrain the detector's prompts (default); anchor: add a fake anchor for the new "
-                        "generator and train only it, the old anchors, prompts and calibration kept")  # fmt: skip
+                        help="anchor (default): add a fake anchor for the new generator and train only it, the old "
+                        "anchors, prompts and calibration kept; prompts: retrain the detector's prompts")  # fmt: skip
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

@@ -129,6 +129,9 @@ class MiraGeAddedAnchors(nn.Module):
     """Fake anchors added for new generators: a direction and an offset (in cosine units) each, whose logits join
     the fake class's, so a new generator gets its own anchor and the class anchors stay where they are."""
 
+    OFF = -2.0
+    """An offset below every cosine: the anchor's logit then never wins, as if it were absent (untrained anchors)."""
+
     def __init__(self, count: int, dim: int):
         super().__init__()
         self.directions = nn.Parameter(torch.empty(count, dim))
@@ -327,9 +330,9 @@ class MiraGePreTrainedModel(PreTrainedModel):
         elif module is getattr(self, "classifier", None):
             init.normal_(module.weight, std=0.02)
             init.zeros_(module.bias)
-        elif isinstance(module, MiraGeAddedAnchors):  # an offset of -2 keeps an untrained anchor below every cosine
+        elif isinstance(module, MiraGeAddedAnchors):
             init.normal_(module.directions, std=0.02)
-            init.constant_(module.offsets, -2.0)
+            init.constant_(module.offsets, module.OFF)
 
     @torch.no_grad()
     def initialize_weights(self):

@@ -30,6 +30,7 @@ import torch
 
 from .provenance import Provenance
 from .scan import (
+    FLOAT_DECIMALS,
     PROVENANCE_FIELDS,
     SCAN_EXTENSIONS,
     DecodeBatch,
@@ -119,15 +120,12 @@ def local_file(path: str) -> Iterator[str]:
         yield copy.name
 
 
-DECODED_TYPES = {"path": "string", "video": "bool_", "frames_decoded": "int64", "pixels": "binary", "error": "string"}
-
-
 def decoded_schema():
     """What a read task hands the actors, typed (a block of only unreadable files keeps its column types)."""
     import pyarrow as pa
 
-    fields = [(name, getattr(pa, kind)()) for name, kind in DECODED_TYPES.items()]
-    fields.insert(2, ("times", pa.list_(pa.float64())))
+    fields = [("path", pa.string()), ("video", pa.bool_()), ("times", pa.list_(pa.float64())),
+              ("frames_decoded", pa.int64()), ("pixels", pa.binary()), ("error", pa.string())]  # fmt: skip
     return pa.schema(fields + [(name, pa.string()) for name in PROVENANCE_FIELDS])
 
 
@@ -169,8 +167,7 @@ def arrow_schema(fields: Sequence[str]):
     """The Arrow types of the scan's columns (floats in full precision; csv and jsonl round them when written)."""
     import pyarrow as pa
 
-    types = {"frames": pa.int64(), **{name: pa.float64() for name in ("p_fake", "frame", "p_fake_max")}}
-    types.update({name: pa.float64() for name in ("fake_fraction", "spread")})
+    types = {"frames": pa.int64(), **{name: pa.float64() for name in FLOAT_DECIMALS}}
     return pa.schema([(name, types.get(name, pa.string())) for name in fields])
 
 

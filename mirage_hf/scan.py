@@ -74,7 +74,7 @@ class Row(NamedTuple):
     c2pa_validation: str | None = None
 
 
-_FLOATS = {"p_fake": 4, "p_fake_max": 4, "fake_fraction": 4, "spread": 4, "frame": 3}  # decimals written
+FLOAT_DECIMALS = {"p_fake": 4, "p_fake_max": 4, "fake_fraction": 4, "spread": 4, "frame": 3}  # decimals written
 
 
 def columns(stability: bool = False, provenance: bool = False) -> tuple[str, ...]:
@@ -408,7 +408,7 @@ def _video_row(path: str, video: VideoScores, detector: Detector, provenance) ->
 
 def _value(name: str, value):
     """A cell's value as json writes it: probabilities rounded to 4 decimals, instants to 3 (ms)."""
-    return round(value, _FLOATS[name]) if value is not None and name in _FLOATS else value
+    return round(value, FLOAT_DECIMALS[name]) if value is not None and name in FLOAT_DECIMALS else value
 
 
 def _record(row: Row, fields: Sequence[str]) -> dict:
@@ -418,7 +418,7 @@ def _record(row: Row, fields: Sequence[str]) -> dict:
 def _cell(name: str, value) -> str:
     if value is None:
         return ""
-    return f"{value:.{_FLOATS[name]}f}" if name in _FLOATS else str(value)
+    return f"{value:.{FLOAT_DECIMALS[name]}f}" if name in FLOAT_DECIMALS else str(value)
 
 
 def _cells(row: Row, fields: Sequence[str]) -> list[str]:
@@ -429,7 +429,7 @@ def _parsed(name: str, text: str):
     """A csv cell back to its value (the inverse of `_cell`)."""
     if not text:
         return None
-    return float(text) if name in _FLOATS else int(text) if name == "frames" else text
+    return float(text) if name in FLOAT_DECIMALS else int(text) if name == "frames" else text
 
 
 def _csv_text(records: Iterable[Sequence[str]]) -> str:
