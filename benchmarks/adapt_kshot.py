@@ -42,10 +42,10 @@ import torch
 from peak_rss import run_with_peak_rss
 from transformers.utils import logging as hf_logging
 
-from mirage_hf.adapt import AdaptOptions, adapt, base_eval_results, eval_subsets, image_rows
+from mirage_hf.adaptation import AdaptOptions, adapt, base_eval_results, eval_subsets, image_rows
 from mirage_hf.atomic import atomic_write
 from mirage_hf.data import FAKE, REAL
-from mirage_hf.tiny import tiny_clip_config
+from mirage_hf.demo.tiny import tiny_clip_config
 from mirage_hf.train_config import load_preset
 
 METHODS = {
@@ -201,7 +201,7 @@ def timing(args) -> dict:
         started = time.perf_counter()
         with open(log, "w") as handle:
             code, peak_mib = run_with_peak_rss(
-                "mirage_hf.adapt", adapt_args, env=env, stdout=handle, stderr=subprocess.STDOUT
+                "mirage_hf.adaptation", adapt_args, env=env, stdout=handle, stderr=subprocess.STDOUT
             )
         if code != 0:
             raise SystemExit(f"mirage-adapt exited with {code}:\n{log.read_text()[-3000:]}")

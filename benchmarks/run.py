@@ -307,7 +307,7 @@ def latency_rows(args, profile, graphs=None):
     """Single-image latency of the Space's predict path (Detector on CPU, a 640x480 input), for each backend."""
     from PIL import Image
 
-    from mirage_hf.tiny import tiny_image_processor
+    from mirage_hf.demo.tiny import tiny_image_processor
 
     image = Image.new("RGB", (640, 480), "gray")
     processor = tiny_image_processor(profile.image_size)
@@ -338,8 +338,8 @@ def data_rows(args, profile):
     from torch.utils.data import DataLoader
 
     from mirage_hf.data import load_genimage
-    from mirage_hf.synthetic import make_synthetic_genimage
-    from mirage_hf.tiny import tiny_image_processor
+    from mirage_hf.demo.synthetic import make_synthetic_genimage
+    from mirage_hf.demo.tiny import tiny_image_processor
     from mirage_hf.transforms import DetectionCollator, Preprocessor, TrainAugmentation
 
     rows = {}
@@ -363,9 +363,9 @@ def eval_memory_rows(args):
     from accelerate import Accelerator
 
     from mirage_hf.data import load_genimage
+    from mirage_hf.demo.synthetic import make_synthetic_genimage
+    from mirage_hf.demo.tiny import tiny_clip_config, tiny_image_processor
     from mirage_hf.evaluation import predict
-    from mirage_hf.synthetic import make_synthetic_genimage
-    from mirage_hf.tiny import tiny_clip_config, tiny_image_processor
     from mirage_hf.transforms import Preprocessor
 
     model = MiraGeForImageClassification(MiraGeConfig(clip_config=tiny_clip_config(), prompt_depth=2)).eval()

@@ -35,8 +35,8 @@ from transformers import CLIPConfig
 from mirage_hf import MiraGeConfig, MiraGeForImageClassification
 from mirage_hf.atomic import atomic_write
 from mirage_hf.cli import main as detect
-from mirage_hf.export import export_model
-from mirage_hf.tiny import tiny_clip_config, tiny_image_processor
+from mirage_hf.demo.tiny import tiny_clip_config, tiny_image_processor
+from mirage_hf.model_folder import export_model
 
 VIT_B16 = CLIPConfig(
     vision_config={"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,

@@ -8,7 +8,7 @@ subclass: a subclass would be a second class of the same name, and `save_pretrai
 to the Hub as the remote code. Classes loaded as remote code in a process without `mirage_hf` lack these methods.
 """
 
-from .adapter import from_adapter, from_pretrained, save_adapter
+from .adapter_files import from_adapter, from_pretrained, save_adapter
 from .building import from_clip
 from .modeling_mirage import MiraGeModel
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from .export import mirage_core
+from .model_folder import mirage_core
 from .modeling_mirage import MiraGeForImageClassification
 from .onnx_runtime import ONNX_FILES, OnnxModel, onnx_providers
 

@@ -34,16 +34,16 @@ from .checkpoints import (
     save_checkpoint,
 )
 from .data import check_binary_labels, load_data
+from .demo.synthetic import make_synthetic_genimage
+from .demo.tiny import PRETRAINED_TINY_CLIP, save_tiny_clip
 from .evaluation import evaluate, predict
-from .export import BACKEND_EVAL_RESULTS_FILE, EVAL_RESULTS_FILE, export_model, mirage_core
 from .lora import add_lora
 from .metrics import format_comparison_table, format_table, to_jsonable
+from .model_folder import BACKEND_EVAL_RESULTS_FILE, EVAL_RESULTS_FILE, export_model, mirage_core
 from .modeling_mirage import MiraGeForImageClassification
 from .onnx_runtime import ONNX_DIR
 from .progress import hide_library_bars, progress_bar
 from .scoring import ModelNotFound, as_scorer, load_scorer
-from .synthetic import make_synthetic_genimage
-from .tiny import PRETRAINED_TINY_CLIP, save_tiny_clip
 from .train_config import TrainConfig
 from .transforms import (
     BadImageReport,

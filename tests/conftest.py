@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import mirage_hf
-from mirage_hf.tiny import save_tiny_clip, tiny_clip_config  # noqa: F401  (re-exported for the tests)
+from mirage_hf.demo.tiny import save_tiny_clip, tiny_clip_config  # noqa: F401  (re-exported for the tests)
 
 IMAGE_SIZE = 30
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -89,7 +89,7 @@ def openai_vocab_clip_dir(tmp_path_factory):
     placeholder special ids (bos 0, eos 2) its config.json holds."""
     from transformers import CLIPModel
 
-    from mirage_hf.tiny import tiny_image_processor
+    from mirage_hf.demo.tiny import tiny_image_processor
 
     path = tmp_path_factory.mktemp("openai-vocab-clip")
     tokenizer = openai_clip_tokenizer()
@@ -125,7 +125,7 @@ def detector_dir(clip_dir, tmp_path_factory):
     from transformers import AutoTokenizer
     from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
-    from mirage_hf.export import export_model
+    from mirage_hf.model_folder import export_model
 
     torch.manual_seed(0)
     model = mirage_hf.MiraGeForImageClassification.from_clip(clip_dir, mode="mirage", prompt_depth=2)

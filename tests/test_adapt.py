@@ -16,12 +16,12 @@ from transformers import pipeline
 from transformers.models.auto.image_processing_auto import AutoImageProcessor  # top-level: torchvision-only in 5.17
 
 from mirage_hf import MiraGeForImageClassification
-from mirage_hf.adapt import AdaptError, AdaptOptions, adapt, effect_warnings, image_rows, main, reference_rows
-from mirage_hf.adapter import ADAPT_RESULTS_NAME, ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
+from mirage_hf.adaptation import AdaptError, AdaptOptions, adapt, effect_warnings, image_rows, main, reference_rows
+from mirage_hf.adapter_files import ADAPT_RESULTS_NAME, ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
 from mirage_hf.cli import main as detect
 from mirage_hf.data import FAKE, REAL
+from mirage_hf.demo.synthetic import make_synthetic_genimage
 from mirage_hf.inference import Detector
-from mirage_hf.synthetic import make_synthetic_genimage
 from mirage_hf.transforms import open_image
 
 FAST = AdaptOptions(steps=3, batch_size=8, eval_batch_size=32, holdout=0.25, generator="diffusion")
@@ -155,7 +155,7 @@ def test_adaptation_pulls_the_new_fakes_away_from_the_reals(detector_dir, world)
     train_rows = [dict(row, subset="train") for row in fakes + reals]
     from accelerate import Accelerator
 
-    from mirage_hf.adapt import measure
+    from mirage_hf.adaptation import measure
     from mirage_hf.transforms import Preprocessor
 
     base = MiraGeForImageClassification.from_pretrained(detector_dir)
@@ -214,7 +214,7 @@ def test_the_guard_refuses_forgetting_hidden_in_one_class_and_force_writes_it_wi
 ):
     """After adaptation, upsampler's accuracy in one class is 5 points below before while its overall accuracy
     rose: the guard reads each class."""
-    import mirage_hf.adapt as adapt_module
+    import mirage_hf.adaptation as adapt_module
 
     measured, before = adapt_module.measure, {}
 
@@ -323,7 +323,7 @@ def test_reals_passed_as_fakes_are_refused(detector_dir, world, tmp_path):
 def test_an_adapter_refuses_another_base_detector_naming_both(adapted, clip_dir, tmp_path):
     from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
-    from mirage_hf.export import export_model
+    from mirage_hf.model_folder import export_model
 
     _, folder = adapted
     torch.manual_seed(1)

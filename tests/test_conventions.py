@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from transformers import pipeline
 
 from mirage_hf import MiraGeConfig, MiraGeForImageClassification, MiraGeModel
-from mirage_hf.tiny import tiny_tokenizer
+from mirage_hf.demo.tiny import tiny_tokenizer
 
 N_LAYERS, N_HEADS, N_PATCHES, N_CTX = 3, 4, (IMAGE_SIZE // 6) ** 2, 2
 

@@ -16,8 +16,8 @@ from transformers import pipeline
 from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
 from mirage_hf import MiraGeForImageClassification
-from mirage_hf.export import export_model
 from mirage_hf.hub import main, stage_model_repo, upload
+from mirage_hf.model_folder import export_model
 
 FAKE_TOKEN = "hf_FAKEtokenDoNotLeak0123456789"
 REPO, SPACE = "someone/mirage-test", "someone/mirage-test-demo"

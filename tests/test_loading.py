@@ -14,8 +14,8 @@ from PIL import Image
 from transformers import AutoModel, AutoModelForImageClassification, CLIPModel, pipeline
 
 from mirage_hf import MiraGeForImageClassification, MiraGeModel
-from mirage_hf.export import mirage_core
 from mirage_hf.lora import add_lora
+from mirage_hf.model_folder import mirage_core
 
 
 def trained(model, steps=3):
@@ -96,7 +96,7 @@ def test_from_clip_and_loading_a_saved_model_print_no_load_report(clip_dir, tmp_
 def test_from_clip_on_a_checkpoint_lacking_clip_weights_is_a_clear_error(tmp_path, load_reports):
     from safetensors.torch import load_file, save_file
 
-    from mirage_hf.tiny import save_tiny_clip
+    from mirage_hf.demo.tiny import save_tiny_clip
 
     folder = Path(save_tiny_clip(tmp_path, image_size=30))
     weights = load_file(folder / "model.safetensors")

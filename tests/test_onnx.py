@@ -198,7 +198,7 @@ def test_reexport_replaces_the_folder_whole(onnx_model_dir, tmp_path):
 
 def test_eval_only_scores_the_exported_graphs_on_the_same_data(onnx_model_dir, tmp_path):
     """`train.py --eval_only --backend onnx|onnx-int8` gives the table of the graph a deployment runs."""
-    from mirage_hf.synthetic import make_synthetic_genimage
+    from mirage_hf.demo.synthetic import make_synthetic_genimage
     from mirage_hf.training import main
 
     make_synthetic_genimage(tmp_path / "data", generators=["upsampler"], n_train_per_class=1, n_val_per_class=12,

@@ -11,9 +11,9 @@ from transformers import AutoTokenizer, CLIPModel
 from transformers.models.auto.image_processing_auto import AutoImageProcessor  # top-level: torchvision-only in 5.17
 
 from mirage_hf import MiraGeForImageClassification
-from mirage_hf.caption_world import PRETRAINING_GENERATORS, content_scene, render
-from mirage_hf.pretrain_tiny_clip import CLASS_PROMPTS, GATE, gate, pixel_values, pretrain, sha256
-from mirage_hf.tiny import PRETRAINED_TINY_CLIP
+from mirage_hf.demo.caption_world import PRETRAINING_GENERATORS, content_scene, render
+from mirage_hf.demo.pretrain_tiny_clip import CLASS_PROMPTS, GATE, gate, pixel_values, pretrain, sha256
+from mirage_hf.demo.tiny import PRETRAINED_TINY_CLIP
 
 CARD = json.loads((PRETRAINED_TINY_CLIP / "pretraining.json").read_text())
 

@@ -35,8 +35,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from mirage_hf import MiraGeForImageClassification
+from mirage_hf.demo.tiny import tiny_image_processor
 from mirage_hf.inference import Detector
-from mirage_hf.tiny import tiny_image_processor
 from mirage_hf.transforms import (
     MAX_ASPECT_RATIO,
     ImageLoadError,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mirage_hf.data import FEATURES, class_counts, load_genimage, subset_names
-from mirage_hf.synthetic import GENERATORS, make_synthetic_genimage, synthetic_dataset
+from mirage_hf.demo.synthetic import GENERATORS, make_synthetic_genimage, synthetic_dataset
 from mirage_hf.transforms import open_image
 
 

@@ -65,7 +65,7 @@ def test_the_test_split_never_influences_temperature_threshold_or_weights(tmp_pa
     checkpoint, temperature and threshold must be identical, because they come from held-out training images."""
     import shutil
 
-    from mirage_hf.synthetic import make_synthetic_genimage
+    from mirage_hf.demo.synthetic import make_synthetic_genimage
 
     root = make_synthetic_genimage(
         tmp_path / "data", generators=["upsampler"], n_train_per_class=120, n_val_per_class=8, image_size=16
@@ -193,7 +193,7 @@ def test_checkpoints_hold_only_what_trains_and_refuse_another_clip(tmp_path):
     from safetensors.torch import load_file
 
     from mirage_hf.checkpoints import FrozenBaseMismatch
-    from mirage_hf.tiny import save_tiny_clip
+    from mirage_hf.demo.tiny import save_tiny_clip
 
     args = ["--max_steps", "2", "--save_every", "2", "--calibrate", "null"]
     run(tmp_path, *args)
@@ -231,7 +231,7 @@ def test_prompt_only_training_on_the_shipped_clip_meets_the_in_distribution_bar(
 
 
 def test_corrupt_images_are_reported_by_path_and_skipped(tmp_path, caplog):
-    from mirage_hf.synthetic import make_synthetic_genimage
+    from mirage_hf.demo.synthetic import make_synthetic_genimage
 
     root = make_synthetic_genimage(
         tmp_path / "data", generators=["upsampler"], n_train_per_class=20, n_val_per_class=6, image_size=16
@@ -300,7 +300,7 @@ def free_port() -> int:
 def test_two_process_training_and_eval_only_each_rank_on_its_own_shard(tmp_path):
     """DDP on 2 CPU processes (gloo): each rank trains on its own batches and scores its own part of the test set,
     and every evaluation image is counted exactly once; the same for --eval_only."""
-    from mirage_hf.synthetic import make_synthetic_genimage
+    from mirage_hf.demo.synthetic import make_synthetic_genimage
 
     root = make_synthetic_genimage(
         tmp_path / "data", generators=["upsampler"], n_train_per_class=40, n_val_per_class=5, image_size=16
@@ -380,7 +380,7 @@ def test_ufd_layout_in_bf16(tmp_path, monkeypatch):
     from PIL import Image
 
     import mirage_hf.training as training
-    from mirage_hf.export import mirage_core
+    from mirage_hf.model_folder import mirage_core
 
     dtypes = []
     build_model = training.build_model

@@ -18,8 +18,8 @@ from PIL import Image
 
 from mirage_hf import video
 from mirage_hf.cli import main
+from mirage_hf.demo.synthetic import synthetic_dataset
 from mirage_hf.inference import Detector
-from mirage_hf.synthetic import synthetic_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 

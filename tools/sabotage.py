@@ -78,7 +78,7 @@ SABOTAGES = [
             "tests/test_adapt.py::test_the_guard_refuses_forgetting_hidden_in_one_class_and_force_writes_it_with_a_note"
             "[fake_accuracy]",
         ),
-        "mirage_hf/adapt.py",
+        "mirage_hf/adaptation.py",
         'GUARDED = {"real_accuracy": "real accuracy", "fake_accuracy": "fake accuracy"}\n',
         'GUARDED = {"accuracy": "accuracy"}\n',
     ),
@@ -86,7 +86,7 @@ SABOTAGES = [
         "one-fake-adapts",
         "mirage-adapt trains on one fake with none held out, without a word",
         ("tests/test_adapt.py::test_too_few_fakes_are_refused_saying_how_many_are_needed",),
-        "mirage_hf/adapt.py",
+        "mirage_hf/adaptation.py",
         "    if shortfall and not force:\n",
         "    if False:\n",
     ),

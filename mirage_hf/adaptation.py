@@ -11,7 +11,7 @@ says why and what each changes). Before and after, it scores the detector's earl
 of its `eval_results.json`, or `--reference`) and the held-out part of the new images; it refuses to write the
 adapter when an old generator loses more than `--max_forgetting` points of real or of fake accuracy (`--force`
 writes it anyway, and the card says so). The output is a PEFT-style adapter folder
-(`mirage_hf.adapter`) that `from_pretrained`, `pipeline()`, `mirage-detect --model` and the Space load on top of
+(`mirage_hf.adapter_files`) that `from_pretrained`, `pipeline()`, `mirage-detect --model` and the Space load on top of
 the base detector.
 
 Exit codes: 0 the adapter was written; 1 usage error or unusable input (no images, no model, no reference data);
@@ -42,7 +42,7 @@ from transformers import get_cosine_schedule_with_warmup
 from transformers.models.auto.image_processing_auto import AutoImageProcessor  # top-level: torchvision-only in 5.17
 from transformers.utils import cached_file
 
-from .adapter import (
+from .adapter_files import (
     ADAPT_RESULTS_NAME,
     detector_fingerprint,
     is_detector_adapter,
@@ -53,16 +53,16 @@ from .building import offline_if_hub_unreachable
 from .calibration import MIN_PER_CLASS, calibrate
 from .cli import _Parser as UsageParser
 from .data import FAKE, REAL, load_data
+from .demo.synthetic import make_synthetic_genimage
 from .evaluation import evaluate, predict
-from .export import EVAL_RESULTS_FILE, mirage_core
 from .hub import adapter_card
 from .lora import mirage_lora_config
 from .metrics import RESERVED_SUBSETS, format_before_after, to_jsonable
+from .model_folder import EVAL_RESULTS_FILE, mirage_core
 from .modeling_mirage import MiraGeAddedAnchors, MiraGeForImageClassification
 from .progress import hide_library_bars, progress_bar
 from .scan import find_images
 from .scoring import check_model_name
-from .synthetic import make_synthetic_genimage
 from .training import SYNTHETIC_DIR, SYNTHETIC_STAMP
 from .transforms import BadImageReport, DetectionCollator, ImageLoadError, Preprocessor, TrainAugmentation, open_image
 

@@ -1,4 +1,4 @@
-"""The captioned world the shipped tiny CLIP was pretrained on (`mirage_hf.pretrain_tiny_clip`).
+"""The captioned world the shipped tiny CLIP was pretrained on (`mirage_hf.demo.pretrain_tiny_clip`).
 
 Scenes of the demo's kind with one named shape in them, each rendered twice: as a camera photo and by one of six
 pretraining generators whose causes (upsampling, smoothing, missing sensor noise, grid seams, quantisation) are

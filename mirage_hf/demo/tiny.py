@@ -3,7 +3,7 @@
 A real transformers `CLIPModel` folder (weights, BPE tokenizer, image processor), so everything that runs on it
 runs unchanged on `openai/clip-vit-large-patch14`. `save_tiny_clip` writes random weights that know nothing of
 images or words; `PRETRAINED_TINY_CLIP` is the folder shipped in the package, pretrained on a captioned world by
-`mirage_hf.pretrain_tiny_clip` (its README says on what and how long): the demo's backbone.
+`mirage_hf.demo.pretrain_tiny_clip` (its README says on what and how long): the demo's backbone.
 """
 
 import os
@@ -14,7 +14,7 @@ import torch
 from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
 
 PROMPT_WORDS = ("a", "photo", "of", "real", "fake", "x", "image", "ai", "generated")
-PRETRAINED_TINY_CLIP = files("mirage_hf") / "tiny_pretrained_clip"  # package data: found from any directory
+PRETRAINED_TINY_CLIP = files("mirage_hf.demo") / "tiny_pretrained_clip"  # package data: found from any directory
 
 
 def tiny_tokenizer(words=PROMPT_WORDS) -> CLIPTokenizer:

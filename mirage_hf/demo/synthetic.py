@@ -17,7 +17,7 @@ import numpy as np
 from datasets import Dataset
 from PIL import Image
 
-from .data import FAKE, FEATURES, REAL
+from ..data import FAKE, FEATURES, REAL
 from .rendering import SENSOR_NOISE, blur, posterise, resample, scene, sensor_noise, tile_seams, to_uint8
 
 _FOLDERS = {REAL: "nature", FAKE: "ai"}  # GenImage's class folder names
