@@ -49,6 +49,14 @@ def adaptation_table(results: dict) -> str:
     return script.markdown(results["rows"])
 
 
+def house_table(after: dict) -> str:
+    """tools/house.py's before/after table: before is the measurement of the commit the redesign started from."""
+    spec = importlib.util.spec_from_file_location("house", ROOT / "tools" / "house.py")
+    house = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(house)
+    return house.comparison(json.loads((RESULTS / "house_before.json").read_text()), after)
+
+
 TABLES = {  # name: (results file, renderer, the command that writes the file, fenced as code)
     "demo": (RESULTS / "demo_eval_results.json", demo_table, "python train.py", True),
     "ladder": (
@@ -62,6 +70,10 @@ TABLES = {  # name: (results file, renderer, the command that writes the file, f
         ROOT / "benchmarks" / "results_adapt_anchor.json", adaptation_table,
         "python benchmarks/adapt_kshot.py --shots 64 --generators gridder banding --methods guarded anchor --output "
         "benchmarks/results_adapt_anchor.json", False,
+    ),
+    "house": (
+        RESULTS / "house_after.json", house_table,
+        "python tools/house.py --json docs/results/house_after.json", False,
     ),
 }  # fmt: skip
 BLOCK = re.compile(r"(<!-- table:(\w+) -->\n)(.*?)(<!-- /table:\2 -->)", re.S)
