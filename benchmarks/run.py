@@ -138,7 +138,7 @@ def inference_rows(args, profile, device):
     def mirage(model, autocast_dtype=None):
         def run():
             with torch.inference_mode(), autocast(device, autocast_dtype):
-                model.detect(pixels)
+                model(pixel_values=pixels)
 
         return run
 
@@ -151,7 +151,7 @@ def inference_rows(args, profile, device):
         def run():
             with torch.no_grad():
                 model._anchor_cache = None
-                model.detect(pixels)
+                model(pixel_values=pixels)
 
         return run
 
@@ -232,7 +232,7 @@ def sync_checks(profile, device):
 
     def eval_forward():
         with torch.inference_mode(), autocast(device, torch.bfloat16):
-            model.detect(pixels)
+            model(pixel_values=pixels)
 
     checks = {}
     training_step = prompts_only_step(model, pixels, labels, device, torch.bfloat16)
@@ -288,7 +288,7 @@ def onnx_rows(args, profile, device, graphs):
 
         def eager(pixels=pixels):
             with torch.inference_mode(), autocast(device, cast):
-                sdpa.detect(pixels)
+                sdpa(pixel_values=pixels)
 
         variants[(f"bare CLIP tower, {precision}, SDPA, batch {batch}", batch)] = bare
         variants[(f"PyTorch {precision} eager (torch backend), batch {batch}", batch)] = eager

@@ -516,28 +516,38 @@ class MiraGeModel(MiraGePreTrainedModel):
             raise ValueError(f"labels must have shape ({batch},), one class index per image, got {tuple(labels.shape)}")
         return labels.long()
 
-    def detect(self, pixel_values: torch.Tensor):
-        """Uncalibrated logits, normalised image embeddings and anchors (None in linear_probe mode)."""
-        return self._detect(pixel_values)[:3]
+    # ------------------------------------------------------------------------------------------- stages
 
-    def _detect(self, pixel_values, output_hidden_states: bool = False, output_attentions: bool = False):
-        """`detect`, plus the vision tower's output (hidden states and attentions on request)."""
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: bool | int | list[int] | None = None,
+        output_attentions: bool | None = None,
+    ) -> BaseModelOutputWithPooling:
+        """The image stage: the vision tower with this model's vision prompts (`encode_image`).
+
+        As in CLIP, `pooler_output` holds the projected, not normalised, image features; hidden states and
+        attentions (unset flags come from the config) include the prompt tokens (see `MiraGeOutput`).
+        """
         self.check_pixel_values(pixel_values)
-        text_embeds, vision_prompts = self.prompts_and_anchors()
-        vision = self.encode_image(pixel_values, vision_prompts, output_hidden_states, output_attentions)
-        image_embeds = F.normalize(vision.pooler_output, dim=-1)
-        if self.classifier is not None:
-            logits = self.classifier(vision.pooler_output)
-        else:
-            scale = self.clip.logit_scale.exp()
-            logits = scale * image_embeds @ text_embeds.to(image_embeds.dtype).T
-            if self.added_anchors is not None:
-                logits = self.added_anchors(logits, image_embeds, scale)
-        return logits, image_embeds, text_embeds, vision
+        config = self.config
+        output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        output_attentions = config.output_attentions if output_attentions is None else output_attentions
+        # in training the text tower runs once, for the anchors; the vision prompts need only the prompt learner
+        vision_prompts = self.prompt_learner()[1] if self.training else self.prompts_and_anchors()[1]
+        return self.encode_image(pixel_values, vision_prompts, output_hidden_states, output_attentions)
 
-    def calibrated(self, logits: torch.Tensor) -> dict[str, torch.Tensor]:
-        """`calibrate_logits` with this model's stored temperature and threshold: the calibrated output fields."""
-        return calibrate_logits(logits, self.config.calibration_temperature, self.config.decision_threshold)
+    def get_logits(self, image_features: torch.Tensor, text_anchors: torch.Tensor | None) -> torch.Tensor:
+        """Uncalibrated (real, fake) logits of projected image features: the linear head in `linear_probe` mode,
+        else the scaled cosines to the anchors (`text_anchors()`), added fake anchors joined to the fake class."""
+        if self.classifier is not None:
+            return self.classifier(image_features)
+        image_embeds = F.normalize(image_features, dim=-1)
+        scale = self.clip.logit_scale.exp()
+        logits = scale * image_embeds @ text_anchors.to(image_embeds.dtype).T
+        if self.added_anchors is not None:
+            logits = self.added_anchors(logits, image_embeds, scale)
+        return logits
 
     def forward(
         self,
@@ -547,31 +557,27 @@ class MiraGeModel(MiraGePreTrainedModel):
         return_dict: bool | None = None,
         **kwargs,
     ) -> MiraGeOutput | tuple:
-        return self._output(pixel_values, None, output_hidden_states, output_attentions, return_dict)
+        """`get_image_features`, `text_anchors` and `get_logits`, calibrated by `calibrate_logits`."""
+        vision = self.get_image_features(pixel_values, output_hidden_states, output_attentions)
+        logits = self.get_logits(vision.pooler_output, self.text_anchors())
+        return self._returned(self.detection_output(logits, vision), return_dict)
 
-    def _output(self, pixel_values, labels, output_hidden_states, output_attentions, return_dict):
-        """The forward pass behind both heads, following transformers' conventions.
-
-        Unset flags come from the config; `return_dict=False` (or `config.return_dict=False`, or
-        `config.torchscript=True`) gives `to_tuple()`: the fields that are set, in order.
-        """
+    def detection_output(self, logits: torch.Tensor, vision: BaseModelOutputWithPooling, **losses) -> MiraGeOutput:
+        """The output fields of uncalibrated `logits` and the image stage's output (plus any loss terms)."""
         config = self.config
-        output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
-        output_attentions = config.output_attentions if output_attentions is None else output_attentions
-        if return_dict is None:
-            return_dict = config.return_dict and not getattr(config, "torchscript", False)
-        if labels is not None:
-            labels = self.check_labels(labels, pixel_values)
-        logits, image_embeds, text_embeds, vision = self._detect(pixel_values, output_hidden_states, output_attentions)
-        terms = {} if labels is None else self.loss_fn(logits, image_embeds, text_embeds, labels.to(logits.device))
-        output = MiraGeOutput(
-            loss=terms.get("loss"),
-            **self.calibrated(logits),
-            image_embeds=image_embeds,
-            **{f"loss_{name}": value for name, value in terms.items() if name != "loss"},
+        return MiraGeOutput(
+            **calibrate_logits(logits, config.calibration_temperature, config.decision_threshold),
+            image_embeds=F.normalize(vision.pooler_output, dim=-1),
             hidden_states=vision.hidden_states,
             attentions=vision.attentions,
+            **losses,
         )
+
+    def _returned(self, output: MiraGeOutput, return_dict: bool | None) -> MiraGeOutput | tuple:
+        """transformers' rule: `return_dict=False` (or `config.return_dict=False`, or `config.torchscript=True`)
+        gives `to_tuple()`, the fields that are set, in order."""
+        if return_dict is None:
+            return_dict = self.config.return_dict and not getattr(self.config, "torchscript", False)
         return output if return_dict else output.to_tuple()
 
 
@@ -594,7 +600,17 @@ class MiraGeForImageClassification(MiraGeModel):
         return_dict: bool | None = None,
         **kwargs,
     ) -> MiraGeOutput | tuple:
-        return self._output(pixel_values, labels, output_hidden_states, output_attentions, return_dict)
+        """`MiraGeModel.forward`, plus `loss` and its unweighted terms (`loss_ce`, ...) when `labels` are given."""
+        if labels is None:
+            return super().forward(pixel_values, output_hidden_states, output_attentions, return_dict)
+        labels = self.check_labels(labels, pixel_values)
+        vision = self.get_image_features(pixel_values, output_hidden_states, output_attentions)
+        text_anchors = self.text_anchors()
+        logits = self.get_logits(vision.pooler_output, text_anchors)
+        image_embeds = F.normalize(vision.pooler_output, dim=-1)
+        terms = self.loss_fn(logits, image_embeds, text_anchors, labels.to(logits.device))
+        losses = {f"loss_{name}" if name != "loss" else name: value for name, value in terms.items()}
+        return self._returned(self.detection_output(logits, vision, **losses), return_dict)
 
 
 __all__ = [

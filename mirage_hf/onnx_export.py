@@ -33,17 +33,16 @@ FP32_TOLERANCE = 1e-4  # max |p(fake) difference| from PyTorch that an fp32 expo
 
 
 class CalibratedEvalPath(nn.Module):
-    """The model's own eval path as the graph's three outputs; traced inside `frozen_anchors`, so that its text
-    anchors and vision prompts enter the graph as constants."""
+    """The model's own `forward` in eval mode, as the graph's three outputs; traced inside `frozen_anchors`, so
+    that its text anchors and vision prompts enter the graph as constants."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model.eval()
 
     def forward(self, pixel_values):
-        logits, _, _ = self.model.detect(pixel_values)
-        calibrated = self.model.calibrated(logits)  # the model's one calibration rule (`calibrate_logits`)
-        return tuple(calibrated[name] for name in SCORE_FIELDS)
+        output = self.model(pixel_values=pixel_values, return_dict=True)
+        return tuple(output[name] for name in SCORE_FIELDS)
 
 
 @contextmanager
@@ -141,12 +140,13 @@ def export_onnx(model_dir, opset: int = OPSET, quantize: bool = True) -> Path:
     export_info.json, and an fp32 graph that differs by more than FP32_TOLERANCE is refused.
     """
     require_onnx("ONNX export")
-    from .modeling_mirage import MiraGeForImageClassification
+    from transformers import AutoModelForImageClassification
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir} is not a detector folder (no config.json); export it with train.py")
-    model = MiraGeForImageClassification.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True).eval()
+    model = AutoModelForImageClassification.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True)
+    model.eval()  # a detector, or an adapter on one
     vision = model.config.clip_config.vision_config
     probe = torch.randn(3, vision.num_channels, vision.image_size, vision.image_size, generator=torch.Generator())
 

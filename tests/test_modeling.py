@@ -181,9 +181,11 @@ def test_cached_anchors_do_not_depend_on_the_autocast_of_the_call_that_filled_th
     model = make_model("mirage").eval()
     with torch.inference_mode():
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            _, _, filled_under_autocast = model.detect(pixel_values)
+            model(pixel_values)
+            filled_under_autocast = model.text_anchors()
         model._anchor_cache = None
-        _, _, filled_in_fp32 = model.detect(pixel_values)
+        model(pixel_values)
+        filled_in_fp32 = model.text_anchors()
     assert filled_under_autocast.dtype == torch.float32
     torch.testing.assert_close(filled_under_autocast, filled_in_fp32, rtol=0, atol=0)
 
@@ -253,7 +255,7 @@ def test_output_carries_the_raw_logit_difference_and_the_calibrated_p_fake(make_
     the threshold, which lies between the inputs' scores."""
     model = make_model(mode).eval()
     with torch.no_grad():
-        logits, _, _ = model.detect(pixel_values)
+        logits = model.get_logits(model.get_image_features(pixel_values).pooler_output, model.text_anchors())
         z = logits[:, 1] - logits[:, 0]
         model.config.calibration_temperature = 0.4
         model.config.decision_threshold = threshold_between(torch.sigmoid(z / 0.4))
