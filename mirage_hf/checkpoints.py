@@ -10,7 +10,6 @@ states, and a fingerprint of the CLIP they were trained on. Resuming rebuilds th
 the fingerprint, and loads the rest.
 """
 
-import hashlib
 import json
 import logging
 import os
@@ -22,6 +21,7 @@ from safetensors.torch import load_file
 from transformers.utils import cached_file
 
 from .atomic import commit, staging_path
+from .file_hashes import sha256_of_files
 
 logger = logging.getLogger(__name__)
 
@@ -41,13 +41,7 @@ def frozen_base_fingerprint(clip_name_or_path: str) -> dict:
     """
     folder = Path(cached_file(clip_name_or_path, "config.json")).parent
     weights = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
-    digest = hashlib.sha256()
-    for path in [folder / "config.json", *weights]:
-        digest.update(path.name.encode())
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 24), b""):
-                digest.update(block)
-    return {"clip_model": str(clip_name_or_path), "sha256": digest.hexdigest()}
+    return {"clip_model": str(clip_name_or_path), "sha256": sha256_of_files([folder / "config.json", *weights])}
 
 
 def _frozen_parameters(model) -> set[str]:

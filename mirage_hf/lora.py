@@ -23,9 +23,26 @@ def mirage_lora_config(
     dropout: float = 0.0,
     towers: tuple[str, ...] = ("vision",),
     projections: tuple[str, ...] = ("q_proj", "v_proj"),
+    target_modules: str | None = None,
+    save_trainable_modules: bool = True,
 ) -> LoraConfig:
-    """LoRA on exactly the `projections` (attention: q_proj, k_proj, v_proj, out_proj; MLP: fc1, fc2) of every
-    layer of the chosen CLIP `towers`; prompts/head stay trainable. A name that matches no module is an error."""
+    """The one LoRA config of the package: LoRA on exactly the `projections` (attention: q_proj, k_proj, v_proj,
+    out_proj; MLP: fc1, fc2) of every layer of the chosen CLIP `towers` (a name that matches no module is an error),
+    or on `target_modules`, a pattern an adapter recorded. `save_trainable_modules` puts the prompts (and head) in
+    peft's `modules_to_save` (training with `add_lora`); adaptation keeps them trainable under their own names."""
+    target = target_modules or lora_target_modules(model, towers, projections)
+    trainable_modules = ["prompt_learner"] + (["classifier"] if model.classifier is not None else [])
+    return LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=target,
+        modules_to_save=trainable_modules if save_trainable_modules else None,
+    )
+
+
+def lora_target_modules(model: MiraGeModel, towers: tuple[str, ...], projections: tuple[str, ...]) -> str:
+    """The pattern of the `projections` of every layer of the CLIP `towers`; ValueError for a name matching none."""
     unknown = set(towers) - set(TOWERS)
     if unknown or not towers:
         raise ValueError(f"lora_towers must be a non-empty subset of {sorted(TOWERS)}, got {list(towers)}")
@@ -42,11 +59,7 @@ def mirage_lora_config(
             f"lora_projections {missing or list(projections)} match no module of the CLIP {'/'.join(towers)} "
             f"layers; choose from {sorted(available)}"
         )
-    target = layers + f"({'|'.join(map(re.escape, projections))})"
-    trainable_modules = ["prompt_learner"] + (["classifier"] if model.classifier is not None else [])
-    return LoraConfig(
-        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target, modules_to_save=trainable_modules
-    )
+    return layers + f"({'|'.join(map(re.escape, projections))})"
 
 
 def add_lora(model: MiraGeModel, **lora_options) -> PeftModel:

@@ -10,16 +10,17 @@ from sklearn.metrics import roc_auc_score
 from transformers import AutoTokenizer, CLIPModel
 from transformers.models.auto.image_processing_auto import AutoImageProcessor  # top-level: torchvision-only in 5.17
 
-from mirage_hf import MiraGeForImageClassification
+from mirage_hf import MiraGeForImageClassification, from_clip
 from mirage_hf.demo.caption_world import PRETRAINING_GENERATORS, content_scene, render
-from mirage_hf.demo.pretrain_tiny_clip import CLASS_PROMPTS, GATE, gate, pixel_values, pretrain, sha256
+from mirage_hf.demo.pretrain_tiny_clip import CLASS_PROMPTS, GATE, gate, pixel_values, pretrain
 from mirage_hf.demo.tiny import PRETRAINED_TINY_CLIP
+from mirage_hf.file_hashes import sha256_of_files
 
 CARD = json.loads((PRETRAINED_TINY_CLIP / "pretraining.json").read_text())
 
 
 def test_the_shipped_weights_are_the_ones_the_card_describes():
-    assert sha256(PRETRAINED_TINY_CLIP / "model.safetensors") == CARD["sha256"]
+    assert sha256_of_files([PRETRAINED_TINY_CLIP / "model.safetensors"], with_names=False) == CARD["sha256"]
     assert f"`{CARD['sha256']}`" in (PRETRAINED_TINY_CLIP / "README.md").read_text()
 
 
@@ -63,7 +64,7 @@ def test_the_class_prompts_are_whole_words_of_the_shipped_tokenizer():
 
 @pytest.fixture(scope="module")
 def zero_shot():
-    return MiraGeForImageClassification.from_clip(PRETRAINED_TINY_CLIP, mode="zero_shot").eval()
+    return from_clip(MiraGeForImageClassification, PRETRAINED_TINY_CLIP, mode="zero_shot").eval()
 
 
 def test_the_real_and_fake_anchors_start_apart(zero_shot):

@@ -66,8 +66,8 @@ def test_the_wheel_ships_the_pretrained_tiny_clip_and_the_demo_finds_it(installe
     site, env = installed
     script = (
         "import json; from mirage_hf.training import resolve_clip; from mirage_hf.train_config import parse_args; "
-        "from mirage_hf.demo.pretrain_tiny_clip import sha256; from pathlib import Path; p = Path(resolve_clip(parse_args([]))); "
-        "print(json.dumps([str(p), sha256(p / 'model.safetensors'), json.loads((p / 'pretraining.json').read_text())['sha256']]))"
+        "from mirage_hf.file_hashes import sha256_of_files; from pathlib import Path; p = Path(resolve_clip(parse_args([]))); "
+        "print(json.dumps([str(p), sha256_of_files([p / 'model.safetensors'], with_names=False), json.loads((p / 'pretraining.json').read_text())['sha256']]))"
     )
     folder, actual, card = json.loads(run([sys.executable, "-c", script], cwd=tmp_path, env=env))
     assert Path(folder).is_relative_to(site) and actual == card

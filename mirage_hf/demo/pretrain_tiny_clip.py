@@ -9,7 +9,6 @@ its zero-shot numbers and the sha256. Never run inside the demo: the demo loads 
 """
 
 import argparse
-import hashlib
 import io
 import json
 import time
@@ -21,6 +20,7 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 from transformers import CLIPModel, get_cosine_schedule_with_warmup
 
+from ..file_hashes import sha256_of_files
 from .caption_world import PRETRAINING_GENERATORS, caption, captioned_pairs, content_scene, render, vocabulary
 from .tiny import PROMPT_WORDS, tiny_clip_config, tiny_image_processor, tiny_tokenizer
 
@@ -222,10 +222,6 @@ def _auc(scores: np.ndarray, n_real: int) -> float:
     return round(100 * roc_auc_score(labels, scores), 1)
 
 
-def sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 CARD = """# tiny-pretrained-clip
 
 A tiny transformers `CLIPModel` pretrained with CLIP's contrastive loss on a generated world, for mirage-hf's
@@ -303,7 +299,7 @@ def save(model, tokenizer, processor, out: Path, facts: dict) -> dict:
         **facts,
         **gate(model, tokenizer, processor, n_pairs=facts["n_pairs"]),
         **zero_shot(model, tokenizer, processor, n=facts["n_eval"]),
-        "sha256": sha256(out / "model.safetensors"),
+        "sha256": sha256_of_files([out / "model.safetensors"], with_names=False),
     }
     write_card(out, facts)
     return facts
