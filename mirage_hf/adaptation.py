@@ -46,7 +46,6 @@ from .adapter_files import (
     ADAPT_RESULTS_NAME,
     detector_fingerprint,
     is_detector_adapter,
-    lora_config,
     save_detector_adapter,
 )
 from .building import offline_if_hub_unreachable
@@ -315,9 +314,10 @@ def add_adaptation_lora(model, r: int):
     stay trainable under their own names. Returns (peft model, the LoRA's settings for the adapter file)."""
     from peft import get_peft_model
 
-    settings = {"r": r, "alpha": 2 * r, "target_modules": mirage_lora_config(model, r=r).target_modules}
+    config = mirage_lora_config(model, r=r, alpha=2 * r, save_trainable_modules=False)
+    settings = {"r": r, "alpha": 2 * r, "target_modules": config.target_modules}
     trainable = set(trained_parameters(model))
-    peft_model = get_peft_model(model, lora_config(settings))
+    peft_model = get_peft_model(model, config)
     for name, param in mirage_core(peft_model).named_parameters():
         if name in trainable:
             param.requires_grad_(True)

@@ -1,7 +1,7 @@
-"""Building a MiraGe detector on a pretrained CLIP checkpoint: `MiraGeForImageClassification.from_clip`.
+"""Building a MiraGe detector on a pretrained CLIP checkpoint: `mirage_hf.from_clip(MiraGeForImageClassification, id)`.
 
-Package-side (attached to the model classes by `mirage_hf.extensions`), because only building needs a tokenizer
-and the CLIP checkpoint; the remote-code model file scores without either. The class prompts are tokenised once
+A function of the package, not a method of the model classes, because only building needs a tokenizer and the
+CLIP checkpoint; the remote-code model file scores without either. The class prompts are tokenised once
 with the checkpoint's own tokenizer and stored in the config, so the saved model needs no tokenizer.
 """
 
@@ -16,8 +16,9 @@ from .configuration_mirage import MiraGeConfig
 ADDED_TO_CLIP = (r"^prompt_learner\.", r"^classifier\.", r"^loss_fn\.")
 
 
-def from_clip(cls, name_or_path, *, tokenizer=None, dtype=torch.float32, **config_overrides):
-    """Builds a MiraGe model on a pretrained CLIP (Hub id or local folder with weights and tokenizer).
+def from_clip(model_class, name_or_path, *, tokenizer=None, dtype=torch.float32, **config_overrides):
+    """Builds a `model_class` (`MiraGeModel` or `MiraGeForImageClassification`) on a pretrained CLIP (Hub id or
+    local folder with weights and tokenizer), e.g. `from_clip(MiraGeForImageClassification, "openai/clip-...")`.
 
     The CLIP weights go into `model.clip` (frozen); the class prompts are tokenised with the checkpoint's
     tokenizer (or `tokenizer`) and stored in the config, so the saved model needs no tokenizer. The weights
@@ -33,10 +34,10 @@ def from_clip(cls, name_or_path, *, tokenizer=None, dtype=torch.float32, **confi
         tokenizer = tokenizer or _load_tokenizer(name_or_path)
         _check_tokenizer_fits(tokenizer, config.clip_config.text_config, name_or_path)
         config = build_config(prompt_token_ids=_tokenize_class_prompts(tokenizer, config), **config_overrides)
-    model, info = _loading_class(cls).from_pretrained(
+    model, info = _loading_class(model_class).from_pretrained(
         name_or_path, config=config, dtype=dtype, output_loading_info=True
     )
-    model.__class__ = cls  # the loading class differs from `cls` in the ignore list alone
+    model.__class__ = model_class  # the loading class differs from `model_class` in the ignore list alone
     model._keys_to_ignore_on_load_missing -= set(ADDED_TO_CLIP)
     if info["missing_keys"]:  # only CLIP's own weights can be left
         raise ValueError(f"{name_or_path!r} lacks CLIP weights: {', '.join(sorted(info['missing_keys'])[:5])} ...")

@@ -22,7 +22,8 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers.models.auto.image_processing_auto import AutoImageProcessor  # top-level: torchvision-only in 5.17
 
 from . import __version__
-from .adapter_files import ADAPT_RESULTS_NAME, ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, DETECTOR
+from .adapter_config import MiraGeAdapterConfig
+from .adapter_files import ADAPT_RESULTS_NAME, ADAPTER_WEIGHTS_NAME, is_detector_adapter
 from .configuration_mirage import MiraGeConfig
 from .inference import DEFAULT_UNSURE_MARGIN
 from .metrics import format_before_after, format_comparison_table, format_table
@@ -377,15 +378,7 @@ the pixels the model was calibrated on.
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
 
 
-ADAPTER_FILES = (
-    ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, ADAPT_RESULTS_NAME, "config.json", "preprocessor_config.json"
-)  # fmt: skip
-
-
-def is_adapter_folder(folder) -> bool:
-    """Whether `folder` holds an adapter on a trained detector (`mirage-adapt`'s output)."""
-    path = Path(folder) / ADAPTER_CONFIG_NAME
-    return path.is_file() and json.loads(path.read_text()).get("base_kind") == DETECTOR
+ADAPTER_FILES = (ADAPTER_WEIGHTS_NAME, ADAPT_RESULTS_NAME, "config.json", "preprocessor_config.json")
 
 
 def _adapter_usage(repo_id: str) -> str:
@@ -395,15 +388,15 @@ The adapter holds only what adaptation changed; the `mirage-hf` package loads it
 (downloaded at the recorded revision, and refused if its weights' sha256 differs):
 
 ```python
-import mirage_hf  # registers MiraGe with the Auto classes and teaches from_pretrained to read adapters
+import mirage_hf  # registers MiraGe and its adapters with the Auto classes
 from transformers import pipeline
 
 detector = pipeline("image-classification", model="{repo_id}")
 detector("photo.jpg")  # [{{'label': 'fake', 'score': ...}}, {{'label': 'real', 'score': ...}}]
 ```
 
-or `mirage-detect photos/ --model {repo_id}`, or `MiraGeForImageClassification.from_pretrained("{repo_id}")`
-(`from_adapter(folder, base_model=...)` puts a local copy of the downloaded folder on a local copy of the base).
+or `mirage-detect photos/ --model {repo_id}`, or `AutoModelForImageClassification.from_pretrained("{repo_id}")`
+(`mirage_hf.from_adapter(MiraGeForImageClassification, folder, base_model=...)` puts a local copy of the downloaded folder on a local copy of the base).
 It ships no model code: without `mirage-hf`, `trust_remote_code` cannot load it.
 """
 
@@ -416,7 +409,7 @@ def adapter_card(
     `name` defaults to the repo's or the folder's."""
     adapter_dir = Path(adapter_dir)
     results = json.loads((adapter_dir / ADAPT_RESULTS_NAME).read_text())
-    adapter = json.loads((adapter_dir / ADAPTER_CONFIG_NAME).read_text())
+    adapter = MiraGeAdapterConfig.from_pretrained(adapter_dir).to_dict()
     base, revision = adapter["base_model_name_or_path"], adapter["base_model_revision"]
     name = name or (repo_id or adapter_dir.name).split("/")[-1]
     on_hub = _is_hub_id(base)
@@ -505,8 +498,8 @@ Calibration: temperature {calibration["temperature"]:.4g}, threshold {calibratio
 def _stage_adapter(adapter_dir: Path, target: Path, repo_id: str, license, base_model) -> None:
     """The adapter's files and card; its base must be a Hub repo (`base_model` renames a local base that was
     published; loading still checks the weights' sha256)."""
-    adapter = json.loads((adapter_dir / ADAPTER_CONFIG_NAME).read_text())
-    base = base_model or adapter["base_model_name_or_path"]
+    adapter = MiraGeAdapterConfig.from_pretrained(adapter_dir)
+    base = base_model or adapter.base_model_name_or_path
     if not _is_hub_id(base):
         raise ValueError(
             f"the adapter's base detector {base!r} is a local folder, which the Hub cannot load: publish it first "
@@ -519,9 +512,9 @@ def _stage_adapter(adapter_dir: Path, target: Path, repo_id: str, license, base_
     for name in ADAPTER_FILES:
         shutil.copy2(adapter_dir / name, target / name)
     if base_model:
-        revision = None if base_model != adapter["base_model_name_or_path"] else adapter["base_model_revision"]
-        adapter.update(base_model_name_or_path=base_model, base_model_revision=revision)
-        (target / ADAPTER_CONFIG_NAME).write_text(json.dumps(adapter, indent=2, sort_keys=True) + "\n")
+        revision = None if base_model != adapter.base_model_name_or_path else adapter.base_model_revision
+        adapter.base_model_name_or_path, adapter.base_model_revision = base_model, revision
+        adapter.to_json_file(target / "config.json")
     results = json.loads((adapter_dir / ADAPT_RESULTS_NAME).read_text())
     license = choose_license(results.get("reference") or "", license)
     adapter_card(target, repo_id, license).save(target / "README.md")
@@ -580,7 +573,7 @@ def stage_model_repo(
         raise FileNotFoundError(f"no model folder {str(model_dir)!r}")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"staging folder {out_dir} is not empty; choose a new one")
-    if is_adapter_folder(model_dir):
+    if is_detector_adapter(model_dir):
         _stage_adapter(model_dir, out_dir / "model", repo_id, license, base_model)
     else:
         card = _model_card(model_dir, repo_id, license, base_model, datasets, space_repo_id)

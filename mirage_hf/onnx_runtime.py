@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from transformers.utils import cached_file
 
+from .adapter_config import load_detector_config
 from .configuration_mirage import MiraGeConfig
 
 ONNX_DIR = "onnx"
@@ -72,7 +73,7 @@ class OnnxModel:
     @classmethod
     def from_pretrained(cls, name_or_path, backend: str = "onnx", providers=None):
         """Loads `onnx/model.onnx` ("onnx") or `onnx/model_quantized.onnx` ("onnx-int8") from a folder or Hub id."""
-        config = MiraGeConfig.from_pretrained(name_or_path)
+        config = load_detector_config(name_or_path)  # a detector's, or the adapted one of an adapter
         config.name_or_path = str(name_or_path)  # as a PyTorch model's: what it was loaded as (the Space names it)
         paths = {}
         for name in (ONNX_FILES[backend], INFO_FILE):

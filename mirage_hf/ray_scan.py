@@ -28,6 +28,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
+from .adapter_config import load_detector_config
 from .provenance import Provenance
 from .scan import (
     FLOAT_DECIMALS,
@@ -238,7 +239,6 @@ def scan_dataset(
     for an autoscaling pool; `detector_options` go to `Detector.from_pretrained` in each actor (backend, device,
     dtype, preprocess, unsure_margin). Connects to Ray as `ray.init()` does when no session is open."""
     ray = import_ray()
-    from transformers import AutoConfig
     from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
     from .transforms import scoring_preprocessor
@@ -246,7 +246,7 @@ def scan_dataset(
     media = media or MediaOptions()
     if not ray.is_initialized():
         ray.init()
-    config = AutoConfig.from_pretrained(model)
+    config = load_detector_config(model)
     preprocess = scoring_preprocessor(
         AutoImageProcessor.from_pretrained(model), config, detector_options.get("preprocess")
     )

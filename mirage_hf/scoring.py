@@ -12,9 +12,9 @@ import os
 import numpy as np
 import torch
 from huggingface_hub.utils import HFValidationError, validate_repo_id
+from transformers import AutoModelForImageClassification
 
 from .model_folder import mirage_core
-from .modeling_mirage import MiraGeForImageClassification
 from .onnx_runtime import ONNX_FILES, OnnxModel, onnx_providers
 
 BACKENDS = ("torch", *ONNX_FILES)  # what scores images: PyTorch, or ONNX Runtime on one of the exported graphs
@@ -103,7 +103,7 @@ def load_scorer(name_or_path, backend: str = "torch", device=None, dtype=None, c
     check_model_name(name_or_path)
     if backend != "torch":
         return OnnxModel.from_pretrained(name_or_path, backend, onnx_providers(device))
-    model = MiraGeForImageClassification.from_pretrained(
+    model = AutoModelForImageClassification.from_pretrained(  # a detector, or an adapter on one
         name_or_path, dtype=dtype or torch.float32, use_safetensors=True
     )
     model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Subset
 from transformers import get_cosine_schedule_with_warmup
 from transformers.models.auto.image_processing_auto import AutoImageProcessor  # top-level: torchvision-only in 5.17
 
-from .building import clip_config_dict, offline_if_hub_unreachable
+from .building import clip_config_dict, from_clip, offline_if_hub_unreachable
 from .calibration import calibrate
 from .checkpoints import (
     frozen_base_fingerprint,
@@ -101,7 +101,7 @@ def build_model(cfg: TrainConfig, clip_path: str):
     options = cfg.model_options()
     if cfg.eval_preprocess:  # recorded in the model: it is scored (and calibrated) with it from now on
         options["preprocess"] = cfg.eval_preprocess
-    model = MiraGeForImageClassification.from_clip(clip_path, **options)
+    model = from_clip(MiraGeForImageClassification, clip_path, **options)
     if cfg.lora_r:
         model = add_lora(
             model, r=cfg.lora_r, alpha=cfg.lora_alpha, towers=tuple(cfg.lora_towers),

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import mirage_hf
+from mirage_hf import from_clip
 from mirage_hf.demo.tiny import save_tiny_clip, tiny_clip_config  # noqa: F401  (re-exported for the tests)
 
 IMAGE_SIZE = 30
@@ -110,7 +111,7 @@ def make_model(clip_dir):
     def build(mode="mirage", cls=mirage_hf.MiraGeForImageClassification, **overrides):
         torch.manual_seed(0)
         overrides.setdefault("prompt_depth", 2)
-        return cls.from_clip(clip_dir, mode=mode, **overrides)
+        return from_clip(cls, clip_dir, mode=mode, **overrides)
 
     return build
 
@@ -128,7 +129,7 @@ def detector_dir(clip_dir, tmp_path_factory):
     from mirage_hf.model_folder import export_model
 
     torch.manual_seed(0)
-    model = mirage_hf.MiraGeForImageClassification.from_clip(clip_dir, mode="mirage", prompt_depth=2)
+    model = mirage_hf.from_clip(mirage_hf.MiraGeForImageClassification, clip_dir, mode="mirage", prompt_depth=2)
     fake = AutoTokenizer.from_pretrained(clip_dir).convert_tokens_to_ids("fake</w>")
     torch.manual_seed(4)
     with torch.no_grad():

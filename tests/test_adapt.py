@@ -12,12 +12,12 @@ import torch
 from conftest import scaled_p_fake, with_threshold
 from PIL import Image
 from safetensors import safe_open
-from transformers import pipeline
+from transformers import AutoModel, AutoModelForImageClassification, pipeline
 from transformers.models.auto.image_processing_auto import AutoImageProcessor  # top-level: torchvision-only in 5.17
 
-from mirage_hf import MiraGeForImageClassification
+from mirage_hf import MiraGeForImageClassification, from_adapter, from_clip
 from mirage_hf.adaptation import AdaptError, AdaptOptions, adapt, effect_warnings, image_rows, main, reference_rows
-from mirage_hf.adapter_files import ADAPT_RESULTS_NAME, ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
+from mirage_hf.adapter_files import ADAPT_RESULTS_NAME, ADAPTER_WEIGHTS_NAME
 from mirage_hf.cli import main as detect
 from mirage_hf.data import FAKE, REAL
 from mirage_hf.demo.synthetic import make_synthetic_genimage
@@ -91,12 +91,13 @@ def test_adapter_holds_what_changed_and_loads_like_a_detector(adapted, detector_
         if name in trained:
             torch.testing.assert_close(stored[name], param.detach(), rtol=0, atol=0)
     assert 0 < adaptation.results["adapter_fraction"] < 0.1
-    recorded = json.loads((folder / ADAPTER_CONFIG_NAME).read_text())
+    recorded = json.loads((folder / "config.json").read_text())
     assert recorded["base_model_name_or_path"] == str(detector_dir) and len(recorded["base_model_sha256"]) == 64
 
     for loaded in (
-        MiraGeForImageClassification.from_pretrained(folder),
-        MiraGeForImageClassification.from_adapter(folder),
+        AutoModelForImageClassification.from_pretrained(folder),
+        AutoModel.from_pretrained(folder),
+        from_adapter(MiraGeForImageClassification, folder),
     ):
         torch.testing.assert_close(logits(loaded, pixel_values), expected)
         assert loaded.config.decision_threshold == adaptation.model.config.decision_threshold
@@ -133,9 +134,9 @@ def test_lora_adapter_round_trip(detector_dir, world, pixel_values, tmp_path):
     with safe_open(folder / ADAPTER_WEIGHTS_NAME, "pt") as handle:
         names = set(handle.keys())
     assert any(name.startswith("lora.") and "lora_B" in name for name in names)
-    assert json.loads((folder / ADAPTER_CONFIG_NAME).read_text())["lora"]["r"] == 2
+    assert json.loads((folder / "config.json").read_text())["lora"]["r"] == 2
     expected = logits(adaptation.model, pixel_values)
-    torch.testing.assert_close(logits(MiraGeForImageClassification.from_pretrained(folder), pixel_values), expected)
+    torch.testing.assert_close(logits(AutoModelForImageClassification.from_pretrained(folder), pixel_values), expected)
 
 
 def test_adaptation_pulls_the_new_fakes_away_from_the_reals(detector_dir, world):
@@ -327,11 +328,11 @@ def test_an_adapter_refuses_another_base_detector_naming_both(adapted, clip_dir,
 
     _, folder = adapted
     torch.manual_seed(1)
-    other = MiraGeForImageClassification.from_clip(clip_dir, mode="mirage", prompt_depth=2)
+    other = from_clip(MiraGeForImageClassification, clip_dir, mode="mirage", prompt_depth=2)
     other_dir = export_model(other, AutoImageProcessor.from_pretrained(clip_dir), tmp_path / "other-detector")
-    recorded = json.loads((folder / ADAPTER_CONFIG_NAME).read_text())["base_model_name_or_path"]
+    recorded = json.loads((folder / "config.json").read_text())["base_model_name_or_path"]
     with pytest.raises(ValueError, match="trained on the detector") as error:
-        MiraGeForImageClassification.from_adapter(folder, base_model=other_dir)
+        from_adapter(MiraGeForImageClassification, folder, base_model=other_dir)
     assert recorded in str(error.value) and str(other_dir) in str(error.value)
 
     with pytest.raises(AdaptError, match="is an adapter"):
@@ -381,13 +382,12 @@ def test_mirage_push_stages_an_adapter_with_its_base_in_the_card(adapted, tmp_pa
           "you/detector", "--staging_dir", str(tmp_path / "s"), "--license", "cc-by-nc-sa-4.0", "--dry_run"])  # fmt: skip
     staged = tmp_path / "s" / "model"
     assert {p.name for p in staged.iterdir()} == {
-        ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, ADAPT_RESULTS_NAME, "config.json", "preprocessor_config.json",
-        "README.md",
+        ADAPTER_WEIGHTS_NAME, ADAPT_RESULTS_NAME, "config.json", "preprocessor_config.json", "README.md",
     }  # fmt: skip
     card = ModelCard.load(staged / "README.md")
     assert card.data.base_model == "you/detector" and card.data.base_model_relation == "adapter"
     assert 'pipeline("image-classification", model="you/adapter")' in card.text
-    assert json.loads((staged / ADAPTER_CONFIG_NAME).read_text())["base_model_name_or_path"] == "you/detector"
+    assert json.loads((staged / "config.json").read_text())["base_model_name_or_path"] == "you/detector"
     assert "repo_type='space'" in capsys.readouterr().out
     assert (tmp_path / "s" / "space" / "app.py").is_file()
 

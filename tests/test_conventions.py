@@ -9,7 +9,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import pipeline
 
-from mirage_hf import MiraGeConfig, MiraGeForImageClassification, MiraGeModel
+from mirage_hf import MiraGeConfig, MiraGeForImageClassification, MiraGeModel, from_clip
 from mirage_hf.demo.tiny import tiny_tokenizer
 
 N_LAYERS, N_HEADS, N_PATCHES, N_CTX = 3, 4, (IMAGE_SIZE // 6) ** 2, 2
@@ -253,7 +253,7 @@ def test_keys_to_ignore_on_save_exist_and_stay_out_of_the_saved_file(make_model,
 
 
 def test_openai_vocabulary_tokenises_the_class_prompts_as_openai_does(openai_vocab_clip_dir):
-    model = MiraGeForImageClassification.from_clip(openai_vocab_clip_dir, prompt_depth=2)
+    model = from_clip(MiraGeForImageClassification, openai_vocab_clip_dir, prompt_depth=2)
     real, fake = model.config.prompt_token_ids
     assert real == [49406, 320, 1125, 539, 320, 1532, 269, 49407]  # <sot> a photo of a real . <eot>
     assert fake[:5] == real[:5] and fake[6:] == real[6:] and fake[5] != real[5]
@@ -267,12 +267,12 @@ def test_a_tokenizer_of_another_vocabulary_is_refused(clip_dir, openai_vocab_cli
     path = {"openai": openai_vocab_clip_dir, "tiny": clip_dir}[checkpoint]
     other = {"openai": openai_clip_tokenizer, "tiny": tiny_tokenizer}[tokenizer]()
     with pytest.raises(ValueError, match="tokenizer does not fit the CLIP checkpoint"):
-        MiraGeForImageClassification.from_clip(path, tokenizer=other, prompt_depth=2)
+        from_clip(MiraGeForImageClassification, path, tokenizer=other, prompt_depth=2)
 
 
 def test_the_checkpoint_s_own_tokenizer_passed_explicitly_is_accepted(openai_vocab_clip_dir):
-    model = MiraGeForImageClassification.from_clip(
-        openai_vocab_clip_dir, tokenizer=openai_clip_tokenizer(), prompt_depth=2
+    model = from_clip(
+        MiraGeForImageClassification, openai_vocab_clip_dir, tokenizer=openai_clip_tokenizer(), prompt_depth=2
     )
     assert model.config.prompt_token_ids[0][1:3] == [320, 1125]
 

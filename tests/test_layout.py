@@ -1,5 +1,6 @@
-"""The Hub file holds the model; what needs the package is attached to the model classes in one place; the
-package's modules import each other without a circle."""
+"""The Hub file holds the model; what needs the package is a function of the package, and importing it changes
+no model class; adapter folders have a config type of their own; the package's modules import each other without a
+circle."""
 
 import ast
 import configparser
@@ -12,14 +13,15 @@ from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForImageClassification
+from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
 
 import mirage_hf
-from mirage_hf import MiraGeForImageClassification, MiraGeModel
+from mirage_hf import MiraGeAdapterConfig, MiraGeForImageClassification, MiraGeModel, modeling_mirage
+from mirage_hf.adapter_files import detector_fingerprint, save_detector_adapter
 from mirage_hf.building import ADDED_TO_CLIP
-from mirage_hf.extensions import PACKAGE_METHODS
 
 PACKAGE = Path(mirage_hf.__file__).parent
+PACKAGE_FUNCTIONS = ("from_clip", "save_adapter", "from_adapter")
 
 
 def test_the_remote_code_saved_with_a_model_holds_the_model_only(make_model, tmp_path):
@@ -32,20 +34,41 @@ def test_the_remote_code_saved_with_a_model_holds_the_model_only(make_model, tmp
     }
     defined = {node.name for node in ast.walk(tree) if isinstance(node, ast.FunctionDef | ast.ClassDef)}
     assert not imported & {"AutoTokenizer", "contextvars", "CLIPConfig", "PreTrainedConfig"}
-    # from_pretrained is transformers' own (the file overrides it to freeze CLIP); the package wraps it for adapters
-    package_only = set(PACKAGE_METHODS) - {"from_pretrained"}
-    assert not defined & {"from_clip", "clip_config_dict", "init_context_from_words", *package_only}
+    assert not defined & {"clip_config_dict", "init_context_from_words", *PACKAGE_FUNCTIONS}
     assert not {name for name in defined if "tokeni" in name}
 
 
-def test_package_methods_reach_every_model_class_and_every_loaded_model(make_model, tmp_path):
-    for name, method in PACKAGE_METHODS.items():
-        for cls in (MiraGeModel, MiraGeForImageClassification):
-            assert inspect.getattr_static(cls, name) is method, (cls, name)
-    make_model("mirage").save_pretrained(tmp_path)
-    loaded = AutoModelForImageClassification.from_pretrained(tmp_path)
-    assert type(loaded) is MiraGeForImageClassification
-    assert all(callable(getattr(loaded, name)) for name in PACKAGE_METHODS)
+def test_importing_the_package_leaves_the_model_classes_as_the_model_file_defines_them():
+    """No method is attached at import: every attribute of the model classes is defined in modeling_mirage.py, so
+    the `from_pretrained` that runs is the one a reader finds there (or transformers'); the package's functions are
+    plain functions of `mirage_hf`."""
+    for cls in (MiraGeModel, MiraGeForImageClassification):
+        for name, value in vars(cls).items():
+            function = getattr(inspect.unwrap(getattr(value, "__func__", value)), "__code__", None)
+            assert function is None or function.co_filename == modeling_mirage.__file__, (cls.__name__, name)
+        assert not any(name in vars(cls) for name in PACKAGE_FUNCTIONS)
+    assert all(inspect.isfunction(getattr(mirage_hf, name)) for name in PACKAGE_FUNCTIONS)
+
+
+def test_an_adapter_folder_resolves_through_the_auto_classes_to_its_own_config_and_loader(make_model, tmp_path):
+    """`mirage-adapt`'s folder says what it is in config.json: AutoConfig gives the adapter config (base, adapted
+    detector config), and the Auto model classes give the base detector with the adapter applied."""
+    from transformers.models.auto.image_processing_auto import AutoImageProcessor
+
+    from mirage_hf.model_folder import export_model
+
+    model = make_model("mirage")
+    detector = export_model(model, AutoImageProcessor.from_pretrained(model.config.clip_name_or_path), tmp_path / "d")
+    model.config.decision_threshold = 0.3  # the adapted calibration
+    save_detector_adapter(model, detector_fingerprint(detector), tmp_path / "adapter")
+    config = AutoConfig.from_pretrained(tmp_path / "adapter")
+    assert type(config) is MiraGeAdapterConfig and config.base_model_name_or_path == str(detector)
+    assert config.detector_config.decision_threshold == 0.3
+    for auto, cls in ((AutoModelForImageClassification, MiraGeForImageClassification), (AutoModel, MiraGeModel)):
+        loaded = auto.from_pretrained(tmp_path / "adapter")
+        assert type(loaded) is cls and loaded.config.decision_threshold == 0.3
+        assert loaded.mirage_adapter["base_model"] == str(detector)
+    assert type(AutoConfig.from_pretrained(detector)) is mirage_hf.MiraGeConfig
 
 
 @pytest.mark.missing_weights_expected

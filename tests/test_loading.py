@@ -13,7 +13,7 @@ from conftest import tiny_clip_config
 from PIL import Image
 from transformers import AutoModel, AutoModelForImageClassification, CLIPModel, pipeline
 
-from mirage_hf import MiraGeForImageClassification, MiraGeModel
+from mirage_hf import MiraGeForImageClassification, MiraGeModel, from_adapter, from_clip, save_adapter
 from mirage_hf.lora import add_lora
 from mirage_hf.model_folder import mirage_core
 
@@ -66,7 +66,7 @@ def test_from_pretrained_leaves_prompts_finite_and_small(clip_dir, make_model, t
 def test_from_clip_without_tokenizer_is_a_clear_error(tmp_path):
     CLIPModel(tiny_clip_config()).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="needs the CLIP tokenizer"):
-        MiraGeForImageClassification.from_clip(tmp_path, prompt_depth=2)
+        from_clip(MiraGeForImageClassification, tmp_path, prompt_depth=2)
 
 
 def test_from_clip_rejects_a_checkpoint_that_is_not_clip(tmp_path):
@@ -76,13 +76,13 @@ def test_from_clip_rejects_a_checkpoint_that_is_not_clip(tmp_path):
         tmp_path
     )
     with pytest.raises(ValueError, match="is not a CLIP checkpoint.*model_type='bert'"):
-        MiraGeForImageClassification.from_clip(tmp_path)
+        from_clip(MiraGeForImageClassification, tmp_path)
 
 
 def test_from_clip_and_loading_a_saved_model_print_no_load_report(clip_dir, tmp_path, load_reports, capfd):
     """The weights MiraGe adds to a CLIP are new by design: no table may call them MISSING, in any mode."""
     for mode in ("linear_probe", "coop", "mirage"):
-        model = MiraGeForImageClassification.from_clip(clip_dir, mode=mode, prompt_depth=2)
+        model = from_clip(MiraGeForImageClassification, clip_dir, mode=mode, prompt_depth=2)
         model.save_pretrained(tmp_path / mode)
         MiraGeForImageClassification.from_pretrained(tmp_path / mode)
         MiraGeModel.from_pretrained(tmp_path / mode)
@@ -103,14 +103,14 @@ def test_from_clip_on_a_checkpoint_lacking_clip_weights_is_a_clear_error(tmp_pat
     del weights["visual_projection.weight"]
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match="lacks CLIP weights: clip.visual_projection.weight"):
-        MiraGeForImageClassification.from_clip(folder, prompt_depth=2)
+        from_clip(MiraGeForImageClassification, folder, prompt_depth=2)
     (report,) = load_reports  # transformers' own table names the CLIP weight, and only it
     assert "visual_projection.weight" in report and "prompt_learner" not in report
 
 
 def test_ctx_init_shorter_than_n_ctx_is_a_clear_error(clip_dir):
     with pytest.raises(ValueError, match="ctx_init 'a photo' has 2 tokens, fewer than n_ctx=3"):
-        MiraGeForImageClassification.from_clip(clip_dir, ctx_init="a photo", n_ctx=3, prompt_depth=2)
+        from_clip(MiraGeForImageClassification, clip_dir, ctx_init="a photo", n_ctx=3, prompt_depth=2)
 
 
 @pytest.mark.parametrize("mode", ["linear_probe", "mirage"])
@@ -177,15 +177,15 @@ def test_adapter_holds_only_trainable_weights_and_rebuilds_the_model(make_model,
     from safetensors import safe_open
 
     model = trained(make_model("mirage", n_ctx=3))
-    model.save_adapter(tmp_path)
+    save_adapter(model, tmp_path)
     with safe_open(tmp_path / "mirage_adapter.safetensors", "pt") as handle:
         assert set(handle.keys()) == {n for n, p in model.named_parameters() if p.requires_grad}
     adapter_config = json.loads((tmp_path / "mirage_adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == str(clip_dir)
     assert adapter_config["mirage_config"]["n_ctx"] == 3
-    rebuilt = MiraGeForImageClassification.from_adapter(tmp_path).eval()
+    rebuilt = from_adapter(MiraGeForImageClassification, tmp_path).eval()
     torch.testing.assert_close(logits(rebuilt, pixel_values), logits(model, pixel_values))
-    rebuilt_on = MiraGeForImageClassification.from_adapter(tmp_path, base_model=clip_dir).eval()
+    rebuilt_on = from_adapter(MiraGeForImageClassification, tmp_path, base_model=clip_dir).eval()
     torch.testing.assert_close(logits(rebuilt_on, pixel_values), logits(model, pixel_values))
 
 

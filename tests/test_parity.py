@@ -77,7 +77,7 @@ def model_dirs(clip_dir, image_paths, tmp_path_factory):
     is the median of the images' temperature-scaled scores over both modes, so that the verdicts split where that
     median lies (here far from 0.5: the scores an unfolded threshold would leave a user to compare)."""
     torch.manual_seed(0)
-    model = mirage_hf.MiraGeForImageClassification.from_clip(clip_dir, mode="mirage", prompt_depth=2).eval()
+    model = mirage_hf.from_clip(mirage_hf.MiraGeForImageClassification, clip_dir, mode="mirage", prompt_depth=2).eval()
     with torch.no_grad():
         model.prompt_learner.text_prompts[1].normal_(std=0.5)
     model.config.calibration_temperature = TEMPERATURE
