@@ -11,8 +11,8 @@ says why and what each changes). Before and after, it scores the detector's earl
 of its `eval_results.json`, or `--reference`) and the held-out part of the new images; it refuses to write the
 adapter when an old generator loses more than `--max_forgetting` points of real or of fake accuracy (`--force`
 writes it anyway, and the card says so). The output is a PEFT-style adapter folder
-(`mirage_hf.adapter_files`) that `from_pretrained`, `pipeline()`, `mirage-detect --model` and the Space load on top of
-the base detector.
+(`mirage_hf.adapter_files`) that `AutoModelForImageClassification`, `pipeline()`, `mirage-detect --model` and the
+Space load on top of the base detector.
 
 Exit codes: 0 the adapter was written; 1 usage error or unusable input (no images, no model, no reference data);
 3 the forgetting guard refused to write it.

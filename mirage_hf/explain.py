@@ -31,7 +31,7 @@ def explain(model, pixel_values: torch.Tensor, steps: int = 32) -> torch.Tensor:
     """(B, H_patches, W_patches) float32 map: each patch's integrated-gradients share of the log-odds change.
 
     `model` is a `MiraGeModel` / `MiraGeForImageClassification` (any mode, in eval mode); `pixel_values` as for
-    `model.detect`. Works inside `torch.inference_mode()` too.
+    `model.forward`. Works inside `torch.inference_mode()` too.
     """
     vision_config = model.config.clip_config.vision_config
     patch = vision_config.patch_size

@@ -523,8 +523,10 @@ class MiraGeModel(MiraGePreTrainedModel):
         pixel_values: torch.Tensor,
         output_hidden_states: bool | int | list[int] | None = None,
         output_attentions: bool | None = None,
+        vision_prompts: list[torch.Tensor] | None = None,
     ) -> BaseModelOutputWithPooling:
-        """The image stage: the vision tower with this model's vision prompts (`encode_image`).
+        """The image stage: the vision tower with the vision prompts (`encode_image`); by default this model's,
+        `forward` passes the ones it computed with the anchors (`prompts_and_anchors`).
 
         As in CLIP, `pooler_output` holds the projected, not normalised, image features; hidden states and
         attentions (unset flags come from the config) include the prompt tokens (see `MiraGeOutput`).
@@ -533,21 +535,24 @@ class MiraGeModel(MiraGePreTrainedModel):
         config = self.config
         output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
         output_attentions = config.output_attentions if output_attentions is None else output_attentions
-        # in training the text tower runs once, for the anchors; the vision prompts need only the prompt learner
-        vision_prompts = self.prompt_learner()[1] if self.training else self.prompts_and_anchors()[1]
+        if vision_prompts is None:
+            vision_prompts = self.prompts_and_anchors()[1]
         return self.encode_image(pixel_values, vision_prompts, output_hidden_states, output_attentions)
 
-    def get_logits(self, image_features: torch.Tensor, text_anchors: torch.Tensor | None) -> torch.Tensor:
-        """Uncalibrated (real, fake) logits of projected image features: the linear head in `linear_probe` mode,
-        else the scaled cosines to the anchors (`text_anchors()`), added fake anchors joined to the fake class."""
-        if self.classifier is not None:
-            return self.classifier(image_features)
+    def get_logits(
+        self, image_features: torch.Tensor, text_anchors: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Uncalibrated (real, fake) logits of projected image features, and the L2-normalised image embeddings: the
+        linear head in `linear_probe` mode, else the scaled cosines to the anchors (`text_anchors()`), added fake
+        anchors joined to the fake class."""
         image_embeds = F.normalize(image_features, dim=-1)
+        if self.classifier is not None:
+            return self.classifier(image_features), image_embeds
         scale = self.clip.logit_scale.exp()
         logits = scale * image_embeds @ text_anchors.to(image_embeds.dtype).T
         if self.added_anchors is not None:
             logits = self.added_anchors(logits, image_embeds, scale)
-        return logits
+        return logits, image_embeds
 
     def forward(
         self,
@@ -557,17 +562,22 @@ class MiraGeModel(MiraGePreTrainedModel):
         return_dict: bool | None = None,
         **kwargs,
     ) -> MiraGeOutput | tuple:
-        """`get_image_features`, `text_anchors` and `get_logits`, calibrated by `calibrate_logits`."""
-        vision = self.get_image_features(pixel_values, output_hidden_states, output_attentions)
-        logits = self.get_logits(vision.pooler_output, self.text_anchors())
-        return self._returned(self.detection_output(logits, vision), return_dict)
+        """`get_image_features` and `get_logits` on the anchors and prompts of `prompts_and_anchors` (computed once),
+        calibrated by `calibrate_logits`."""
+        text_anchors, vision_prompts = self.prompts_and_anchors()
+        vision = self.get_image_features(pixel_values, output_hidden_states, output_attentions, vision_prompts)
+        logits, image_embeds = self.get_logits(vision.pooler_output, text_anchors)
+        return self._returned(self.detection_output(logits, image_embeds, vision), return_dict)
 
-    def detection_output(self, logits: torch.Tensor, vision: BaseModelOutputWithPooling, **losses) -> MiraGeOutput:
-        """The output fields of uncalibrated `logits` and the image stage's output (plus any loss terms)."""
+    def detection_output(
+        self, logits: torch.Tensor, image_embeds: torch.Tensor, vision: BaseModelOutputWithPooling, **losses
+    ) -> MiraGeOutput:
+        """The output fields of uncalibrated `logits`, the image embeddings and the image stage's output (plus any
+        loss terms)."""
         config = self.config
         return MiraGeOutput(
             **calibrate_logits(logits, config.calibration_temperature, config.decision_threshold),
-            image_embeds=F.normalize(vision.pooler_output, dim=-1),
+            image_embeds=image_embeds,
             hidden_states=vision.hidden_states,
             attentions=vision.attentions,
             **losses,
@@ -604,13 +614,12 @@ class MiraGeForImageClassification(MiraGeModel):
         if labels is None:
             return super().forward(pixel_values, output_hidden_states, output_attentions, return_dict)
         labels = self.check_labels(labels, pixel_values)
-        vision = self.get_image_features(pixel_values, output_hidden_states, output_attentions)
-        text_anchors = self.text_anchors()
-        logits = self.get_logits(vision.pooler_output, text_anchors)
-        image_embeds = F.normalize(vision.pooler_output, dim=-1)
+        text_anchors, vision_prompts = self.prompts_and_anchors()
+        vision = self.get_image_features(pixel_values, output_hidden_states, output_attentions, vision_prompts)
+        logits, image_embeds = self.get_logits(vision.pooler_output, text_anchors)
         terms = self.loss_fn(logits, image_embeds, text_anchors, labels.to(logits.device))
         losses = {f"loss_{name}" if name != "loss" else name: value for name, value in terms.items()}
-        return self._returned(self.detection_output(logits, vision, **losses), return_dict)
+        return self._returned(self.detection_output(logits, image_embeds, vision, **losses), return_dict)
 
 
 __all__ = [

@@ -255,7 +255,7 @@ def test_output_carries_the_raw_logit_difference_and_the_calibrated_p_fake(make_
     the threshold, which lies between the inputs' scores."""
     model = make_model(mode).eval()
     with torch.no_grad():
-        logits = model.get_logits(model.get_image_features(pixel_values).pooler_output, model.text_anchors())
+        logits, _ = model.get_logits(model.get_image_features(pixel_values).pooler_output, model.text_anchors())
         z = logits[:, 1] - logits[:, 0]
         model.config.calibration_temperature = 0.4
         model.config.decision_threshold = threshold_between(torch.sigmoid(z / 0.4))
