@@ -444,10 +444,10 @@ def refit_calibration(model, holdout, preprocess, accelerator, batch_size, quiet
             f"{MIN_PER_CLASS} per class"
         )
         return kept_calibration(config, why)
-    labels, diffs, _, _, _ = predict(model, holdout, preprocess, accelerator, batch_size, desc="calibrate", quiet=quiet)
+    scored = predict(model, holdout, preprocess, accelerator, batch_size, desc="calibrate", quiet=quiet)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a fallback is reported in the record, and the base's values are kept
-        record = calibrate(diffs, labels)
+        record = calibrate(scored.logit_diff, scored.labels)
     if not record["fitted"]:
         return kept_calibration(config, record["rule"])
     config.calibration_temperature, config.decision_threshold = record["temperature"], record["threshold"]

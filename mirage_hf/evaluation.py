@@ -5,6 +5,8 @@ one float per image; the shards are gathered at the end. Images are never held b
 stays flat whatever the size of the set.
 """
 
+from typing import NamedTuple
+
 import numpy as np
 from accelerate.utils import gather_object
 from datasets import IterableDataset
@@ -40,11 +42,21 @@ def _shard(dataset, accelerator):
     return dataset.shard(num_shards=accelerator.num_processes, index=accelerator.process_index, contiguous=True)
 
 
+class Predictions(NamedTuple):
+    """What `predict` returns, one entry per readable image (gathered from all processes)."""
+
+    labels: np.ndarray  # 0 real, 1 fake (int64)
+    logit_diff: np.ndarray  # the model's uncalibrated ranking score (float32)
+    p_fake: np.ndarray  # the calibrated probability (float32)
+    subsets: list  # the generator (subset) of each image
+    bad_images: BadImageReport  # the files that could not be read
+
+
 def predict(model, dataset, preprocess, accelerator, batch_size=64, num_workers=0, desc="eval", quiet=False):
     """The model's output for every readable image: its label, logit difference and calibrated p(fake).
 
-    Returns (labels, logit_diff, p_fake, subsets, BadImageReport), gathered from all processes; `logit_diff` and
-    `p_fake` are the model's `MiraGeOutput` fields (uncalibrated ranking score, calibrated probability). `model` is
+    Returns `Predictions`, gathered from all processes; `logit_diff` and `p_fake` are the model's `MiraGeOutput`
+    fields (uncalibrated ranking score, calibrated probability). `model` is
     a MiraGe model (inside any training wrapper) or any scorer of `mirage_hf.scoring`, such as an `OnnxModel`
     evaluating an exported graph on the same data.
     """
@@ -78,7 +90,7 @@ def predict(model, dataset, preprocess, accelerator, batch_size=64, num_workers=
         report.count += count - len(examples)
     concat = lambda arrays, dtype: np.concatenate(arrays) if arrays else np.zeros(0, dtype)  # noqa: E731
     diffs, p_fakes = concat(all_diffs, np.float32), concat(all_p_fakes, np.float32)
-    return concat(all_labels, np.int64), diffs, p_fakes, all_subsets, report
+    return Predictions(concat(all_labels, np.int64), diffs, p_fakes, all_subsets, report)
 
 
 def evaluate(model, dataset, preprocess, accelerator, robustness=False, batch_size=64, num_workers=0, quiet=False):
@@ -92,12 +104,14 @@ def evaluate(model, dataset, preprocess, accelerator, robustness=False, batch_si
         ]
     results, clean_report = {}, None
     for name, condition in conditions:
-        labels, diffs, p_fake, subsets, report = predict(
+        scored = predict(
             model, dataset, condition, accelerator, batch_size, num_workers, desc=f"eval {name}", quiet=quiet
         )
-        if not labels.size:
-            raise ValueError(f"no readable image in the evaluation data ({report.summary()})")
+        if not scored.labels.size:
+            raise ValueError(f"no readable image in the evaluation data ({scored.bad_images.summary()})")
         # ranking metrics on the logit difference (no temperature changes them), the rest on calibrated p(fake)
-        results[name] = per_subset_metrics(labels, p_fake, subsets, threshold=FAKE_FROM, scores=diffs)
-        clean_report = clean_report or report
+        results[name] = per_subset_metrics(
+            scored.labels, scored.p_fake, scored.subsets, threshold=FAKE_FROM, scores=scored.logit_diff
+        )
+        clean_report = clean_report or scored.bad_images
     return results, clean_report

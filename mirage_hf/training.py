@@ -449,12 +449,10 @@ def calibrate_model(cfg, accelerator, model, calibration_set, preprocess) -> dic
 
     Returns the record of how they were chosen (`calibration.calibrate`), for eval_results.json and the card.
     """
-    labels, diffs, _, _, report = predict(
-        model, calibration_set, preprocess, accelerator, cfg.eval_batch_size, desc="calibrate"
-    )
-    if report.count:
-        logger.warning("calibration data: %s", report.summary())
-    calibration = calibrate(diffs, labels, method=cfg.calibrate, target_fpr=cfg.target_fpr)
+    scored = predict(model, calibration_set, preprocess, accelerator, cfg.eval_batch_size, desc="calibrate")
+    if scored.bad_images.count:
+        logger.warning("calibration data: %s", scored.bad_images.summary())
+    calibration = calibrate(scored.logit_diff, scored.labels, method=cfg.calibrate, target_fpr=cfg.target_fpr)
     model.config.calibration_temperature = calibration["temperature"]
     model.config.decision_threshold = calibration["threshold"]
     logger.info(
@@ -494,11 +492,11 @@ class Evaluation:
         )
         score = mean["accuracy"]
         if self.calibration_set is not None:
-            labels, diffs, _, _, _ = predict(
+            scored = predict(
                 model, self.calibration_set, self.preprocess, self.accelerator, self.cfg.eval_batch_size,
                 desc="validate",
             )  # fmt: skip
-            score = -float(np.logaddexp(0.0, -(2.0 * labels - 1.0) * diffs).mean())  # held-out cross-entropy
+            score = -float(np.logaddexp(0.0, -(2.0 * scored.labels - 1.0) * scored.logit_diff).mean())  # held-out cross-entropy
             logger.info("step %d: held-out cross-entropy %.3g", state.global_step, -score)
         if state.best_score is None or score > state.best_score:
             state.best_score = score

@@ -201,7 +201,7 @@ def test_an_added_anchor_catches_new_fakes_the_base_calls_real_and_only_raises_p
     base = MiraGeForImageClassification.from_pretrained(strict)
     torch.testing.assert_close(adaptation.model.text_anchors(), base.text_anchors(), rtol=0, atol=0)
     assert adaptation.model.config.decision_threshold == base.config.decision_threshold
-    p_fake = {name: predict(model, every, preprocess, Accelerator(cpu=True), 64)[2]
+    p_fake = {name: predict(model, every, preprocess, Accelerator(cpu=True), 64).p_fake
               for name, model in (("base", base), ("adapted", adaptation.model))}  # fmt: skip
     assert (p_fake["base"] < 0.5).all()  # the base calls every image real
     assert (p_fake["adapted"] >= p_fake["base"] - 1e-6).all()

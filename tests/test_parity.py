@@ -157,7 +157,7 @@ def test_evaluation_scores_as_the_pipeline(model_dirs, image_paths, pipeline_sco
     scorer = load_scorer(model_dirs[mode], device="cpu")
     preprocess = scoring_preprocessor(AutoImageProcessor.from_pretrained(model_dirs[mode]), scorer.config)
     rows = [{"image": path, "label": index % 2, "subset": "parity"} for index, path in enumerate(image_paths)]
-    _, _, p_fake, _, _ = predict(scorer, rows, preprocess, Accelerator(cpu=True), batch_size=3)
+    p_fake = predict(scorer, rows, preprocess, Accelerator(cpu=True), batch_size=3).p_fake
     np.testing.assert_allclose(p_fake, pipeline_scores[mode], rtol=0, atol=PARITY)
 
 

@@ -54,7 +54,8 @@ def test_evaluation_and_the_detector_score_a_model_in_training_through_the_same_
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 255, (34, 40, 3), dtype=np.uint8)) for _ in range(5)]
     rows = [{"image": image, "label": index % 2} for index, image in enumerate(images)]
-    _, diffs, p_fake, _, _ = predict(model, rows, Preprocessor(processor), Accelerator(cpu=True), batch_size=2)
+    scored = predict(model, rows, Preprocessor(processor), Accelerator(cpu=True), batch_size=2)
+    diffs, p_fake = scored.logit_diff, scored.p_fake
     assert model.training and model.get_base_model().training
     scorer = TorchScorer(model)
     outputs = scorer(Preprocessor(processor)(images))
