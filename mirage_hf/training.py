@@ -496,7 +496,8 @@ class Evaluation:
                 model, self.calibration_set, self.preprocess, self.accelerator, self.cfg.eval_batch_size,
                 desc="validate",
             )  # fmt: skip
-            score = -float(np.logaddexp(0.0, -(2.0 * scored.labels - 1.0) * scored.logit_diff).mean())  # held-out cross-entropy
+            margins = (2.0 * scored.labels - 1.0) * scored.logit_diff
+            score = -float(np.logaddexp(0.0, -margins).mean())  # held-out cross-entropy
             logger.info("step %d: held-out cross-entropy %.3g", state.global_step, -score)
         if state.best_score is None or score > state.best_score:
             state.best_score = score
