@@ -216,8 +216,8 @@ SABOTAGES = [
         "AP, ROC AUC and TPR@5%FPR rank by the calibrated p(fake), which saturates",
         ("tests/test_calibration.py::test_ranking_metrics_equal_sklearn_on_the_logit_difference_at_any_temperature",),
         "mirage_hf/evaluation.py",
-        "threshold=FAKE_FROM, scores=diffs)",
-        "threshold=FAKE_FROM, scores=p_fake)",
+        "threshold=FAKE_FROM, scores=scored.logit_diff\n",
+        "threshold=FAKE_FROM, scores=scored.p_fake\n",
     ),
     Sabotage(
         "resume-rescans-everything",
