@@ -50,11 +50,11 @@ from .adapter_files import (
 )
 from .building import offline_if_hub_unreachable
 from .calibration import MIN_PER_CLASS, calibrate
+from .cards import adapter_card
 from .cli import _Parser as UsageParser
 from .data import FAKE, REAL, load_data
 from .demo.synthetic import make_synthetic_genimage
 from .evaluation import evaluate, predict
-from .hub import adapter_card
 from .lora import mirage_lora_config
 from .metrics import RESERVED_SUBSETS, format_before_after, to_jsonable
 from .model_folder import EVAL_RESULTS_FILE, mirage_core

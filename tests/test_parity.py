@@ -23,9 +23,10 @@ from PIL import Image
 from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
 import mirage_hf
+from mirage_hf.cards import ONNX_SNIPPET
 from mirage_hf.evaluation import predict
 from mirage_hf.explain import _seen_box
-from mirage_hf.hub import ONNX_SNIPPET, stage_model_repo
+from mirage_hf.hub import stage_model_repo
 from mirage_hf.inference import Detector
 from mirage_hf.model_folder import export_model
 from mirage_hf.onnx_export import export_onnx
