@@ -46,21 +46,17 @@ from .scan import (
     ScanOutputError,
     count_labels,
     default_num_workers,
-    done_marker,
+    done_paths,
     find_images,
-    foreign_parts,
-    merged_rows,
-    part_path,
-    read_rows,
     resume_columns,
     resumed_rows,
     score_batches,
-    wait_for_parts,
     write_output,
     write_rows,
 )
 from .scan import columns as output_fields
 from .scoring import BACKENDS, ModelNotFound, check_backend_options, check_model_name
+from .shards import foreign_parts, scan_shard
 from .stability import STABILITY_COPIES
 from .transforms import IMAGE_EXTENSIONS, PREPROCESS_MODES
 from .video import DEFAULT_MAX_FRAMES, VIDEO_EXTENSIONS
@@ -313,9 +309,9 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace, world
             parser.error("--device: CUDA is not available on this machine")
 
 
-def _progress_bar(args, total: int, done: int, desc: str | None = None, quiet: bool | None = None) -> tqdm:
-    """Images per second and ETA on stderr; none for --quiet or a single batch."""
-    show = not (args.quiet if quiet is None else quiet) and total - done > args.batch_size
+def _progress_bar(args, total: int, done: int, desc: str | None = None, quiet: bool = False) -> tqdm:
+    """Images per second and ETA on stderr; none for --quiet, `quiet` or a single batch."""
+    show = not (args.quiet or quiet) and total - done > args.batch_size
     return progress_bar(
         total=total, initial=done, unit="img", desc=desc, file=sys.stderr, disable=not show, smoothing=0.1
     )
@@ -332,11 +328,6 @@ def _fields(args) -> tuple[str, ...]:
     return output_fields(args.stability, args.provenance)
 
 
-def _done(rows) -> set[str]:
-    """The files that have their own row among `rows` (a video's frame rows alone do not make it done)."""
-    return {row.path for row in rows if row.frame is None}
-
-
 def _scan(args, paths: PathList, score) -> Counter:
     """One process: rows streamed to --output or stdout (csv, jsonl), or written whole at the end (table, json).
     `score(paths, progress_bar)` yields the rows of `paths` batch by batch (this process's, or a Ray job's)."""
@@ -348,7 +339,7 @@ def _scan(args, paths: PathList, score) -> Counter:
             _write_whole(lambda handle: write_rows(rows, args.format, handle, width, _fields(args)), args.output)
         return counts
     fields = resume_columns(args.output, args.format, _fields(args)) if args.resume else _fields(args)
-    done = _done(count_labels(resumed_rows(args.output, args.format), counts)) if args.resume else ()
+    done = done_paths(count_labels(resumed_rows(args.output, args.format), counts)) if args.resume else ()
     todo = PathList(path for path in paths if path not in done) if done else paths
     writer = RowWriter(args.format, args.output, append=args.resume, fields=fields)
     try:
@@ -360,11 +351,11 @@ def _scan(args, paths: PathList, score) -> Counter:
     return counts
 
 
-def _local_scorer(args, detector: Detector, media: MediaOptions):
-    """This process's `_scan` scorer: DataLoader workers decode, the detector scores here."""
+def _local_scorer(args, detector: Detector, media: MediaOptions, processes_per_machine: int = 1):
+    """This process's scorer (`_scan`, `scan_shard`): DataLoader workers decode, the detector scores here."""
 
     def score(paths: PathList, bar):
-        workers = _num_workers(args, len(paths))
+        workers = _num_workers(args, len(paths), processes_per_machine)
         return score_batches(detector, paths, args.batch_size, workers, args.explain, bar, media)
 
     return score
@@ -392,7 +383,7 @@ def _scan_parquet(args, model: str, paths: PathList, media: MediaOptions) -> Cou
     adds files for the paths not yet in it. Returns the labels of every file the folder holds."""
     if args.overwrite:
         ray_scan.remove_output(args.output)
-    done = _done(ray_scan.parquet_rows(args.output)) if args.resume else set()
+    done = done_paths(ray_scan.parquet_rows(args.output)) if args.resume else set()
     todo = PathList(path for path in paths if path not in done)
     if todo:
         _ray_dataset(args, model, todo, media).write_parquet(args.output)
@@ -411,53 +402,6 @@ def _write_whole(write, output: str | None) -> None:
         handle.seek(0)
         shutil.copyfileobj(handle, sys.stdout)
     sys.stdout.flush()
-
-
-def _scan_shard(args, detector: Detector, paths: PathList, state, media: MediaOptions) -> Counter | None:
-    """One process of `accelerate launch`: files rank, rank + N, ... into its part; the main process then merges
-    every part (after the rows of a resumed --output) into --output. Returns the counts on the main process."""
-    rank, world, output = state.process_index, state.num_processes, args.output
-    part = part_path(output, rank, world)
-    if os.path.exists(done_marker(part)):
-        os.remove(done_marker(part))
-    resume_output = args.resume and os.path.exists(output)
-    fields = resume_columns(output, args.format, _fields(args)) if resume_output else _fields(args)
-    if args.resume:
-        resume_columns(part, "jsonl", _fields(args))
-    if state.is_main_process and resume_output:
-        list(resumed_rows(output, args.format))  # repairs a cut last line once, before any process reads it
-    state.wait_for_everyone()  # no process may see a marker or a cut line left by an earlier run
-    done = set()
-    if args.resume:
-        if resume_output:
-            done.update(_done(read_rows(output, args.format)))
-        done.update(_done(resumed_rows(part, "jsonl")))
-    mine = (path for index, path in enumerate(paths) if index % world == rank)
-    todo = PathList(path for path in mine if path not in done)
-    shard_size = len(range(rank, len(paths), world))
-    del done
-    writer = RowWriter("jsonl", part, append=args.resume, fields=_fields(args))
-    workers = _num_workers(args, len(todo), int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    try:
-        quiet = args.quiet or not state.is_main_process  # one bar on the terminal: the main process's shard
-        with _progress_bar(args, shard_size, shard_size - len(todo), f"shard {rank + 1}/{world}", quiet) as bar:
-            for rows in score_batches(detector, todo, args.batch_size, workers, progress=bar, media=media):
-                writer.write(rows)
-    finally:
-        writer.close()
-    open(done_marker(part), "w").close()
-    if not state.is_main_process:
-        return None
-    wait_for_parts(output, world)
-    parts = [part_path(output, index, world) for index in range(world)]
-    counts = Counter()
-    rows = merged_rows(parts, read_rows(output, args.format) if resume_output else ())
-    width = max(map(len, paths)) if args.format == "table" else 0
-    write_output(lambda handle: write_rows(count_labels(rows, counts), args.format, handle, width, fields), output)
-    for part in parts:
-        os.remove(part)
-        os.remove(done_marker(part))
-    return counts
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -535,7 +479,9 @@ def main(argv: list[str] | None = None) -> int:
         if state is None:
             counts = _scan(args, paths, _local_scorer(args, detector, media))
         else:
-            counts = _scan_shard(args, detector, paths, state, media)
+            score = _local_scorer(args, detector, media, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+            progress = functools.partial(_progress_bar, args)
+            counts = scan_shard(score, paths, state, args.output, args.format, _fields(args), args.resume, progress)
     except ScanOutputError as err:
         print(f"{PROG}: cannot resume: {err}", file=sys.stderr)
         return 1

@@ -1,5 +1,5 @@
 """Scanning an archive: the file list, decoding in DataLoader workers, rows written as they are scored, resume
-from an existing output, and the shards of an `accelerate launch` run merged into one output.
+from an existing output (the shards of an `accelerate launch` run: mirage_hf/shards.py).
 
 A video is sampled in the main process (its header read, `mirage_hf.video`) and cut into chunks of at most one
 batch of frames that the workers decode like images; its row follows its last chunk, after its frame rows
@@ -19,7 +19,6 @@ import itertools
 import json
 import os
 import sys
-import time
 from array import array
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -629,61 +628,9 @@ class RowWriter:
             self.handle.close()
 
 
-# --------------------------------------------------------------------------- shards of a multi-process scan
-
-
-def part_path(output: str, rank: int, world: int) -> str:
-    """Where process `rank` of `world` writes its rows (jsonl) before the main process merges them."""
-    return f"{output}.part-{rank:05d}-of-{world:05d}.jsonl"
-
-
-def done_marker(part: str) -> str:
-    """The empty file a process writes beside its part when the part is complete (what `wait_for_parts` awaits)."""
-    return part + ".done"
-
-
-def foreign_parts(output: str, world: int) -> list[str]:
-    """Part files of `output` left by a run with another number of processes."""
-    return sorted(
-        p for p in glob.glob(glob.escape(output) + ".part-*-of-*.jsonl") if not p.endswith(f"{world:05d}.jsonl")
-    )
-
-
-def wait_for_parts(output: str, world: int, poll_seconds: float = 0.5) -> None:
-    """Blocks until every process marked its part done. Files, not a collective: shards may finish hours apart,
-    past any process-group timeout, and a dead process ends the whole launch anyway."""
-    pending = [part_path(output, rank, world) for rank in range(world)]
-    announced = False
-    while pending := [part for part in pending if not os.path.exists(done_marker(part))]:
-        if not announced:
-            print(f"mirage-detect: waiting for {len(pending)} other shard(s) to finish", file=sys.stderr)
-            announced = True
-        time.sleep(poll_seconds)
-
-
-def _file_groups(rows: Iterable[Row]) -> Iterator[list[Row]]:
-    """Rows grouped per file: its frame rows, then its own row."""
-    group = []
-    for row in rows:
-        group.append(row)
-        if row.frame is None:
-            yield group
-            group = []
-
-
-def merged_rows(parts: list[str], earlier: Iterable[Row] = ()) -> Iterator[Row]:
-    """The `earlier` rows (a resumed output), then the parts' files interleaved one by one (each with its frame
-    rows), which restores input order for the round-robin shards. Files already among the earlier rows are
-    dropped: a merge killed after its rename but before the parts were deleted is redone without duplicates."""
-    seen = set()
-    for row in earlier:
-        if row.frame is None:
-            seen.add(row.path)
-        yield row
-    for groups in itertools.zip_longest(*(_file_groups(read_rows(part, "jsonl")) for part in parts)):
-        for group in groups:
-            if group is not None and group[-1].path not in seen:
-                yield from group
+def done_paths(rows: Iterable[Row]) -> set[str]:
+    """The files that have their own row among `rows` (a video's frame rows alone do not make it done)."""
+    return {row.path for row in rows if row.frame is None}
 
 
 def count_labels(rows: Iterable[Row], counts: Counter) -> Iterator[Row]:

@@ -272,7 +272,8 @@ def test_memory_stays_flat_from_a_short_to_a_long_video(detector_dir, tmp_path):
 def test_shard_parts_merge_each_video_with_its_frame_rows_in_input_order(tmp_path):
     """Round-robin shards hold files 0, 2, ... and 1, 3, ...; the merge interleaves files, not rows, so a video's
     frame rows stay before its own row and the input order comes back."""
-    from mirage_hf.scan import Row, RowWriter, merged_rows
+    from mirage_hf.scan import Row, RowWriter
+    from mirage_hf.shards import merged_rows
 
     def video(path, frames):
         return [Row(path, "real", 0.1, None, frame=0.5 + t) for t in range(frames)] + [
