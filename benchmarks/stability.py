@@ -28,10 +28,10 @@ import numpy as np
 import torch
 
 from mirage_hf.atomic import atomic_write
+from mirage_hf.data_sources import load_split, resolve_dataset
 from mirage_hf.evaluation import condition_name
 from mirage_hf.inference import Detector
 from mirage_hf.train_config import parse_args
-from mirage_hf.training import load_split, resolve_dataset
 from mirage_hf.transforms import ROBUSTNESS_SWEEP, degrade, open_image
 
 UNSURE_MARGIN = 0.05  # mirage-detect's default

@@ -51,8 +51,9 @@ from .adapter_files import (
 from .building import offline_if_hub_unreachable
 from .calibration import MIN_PER_CLASS, calibrate
 from .cards import adapter_card
-from .cli import _Parser as UsageParser
+from .commands import UsageParser, add_quiet
 from .data import FAKE, REAL, load_data
+from .data_sources import SYNTHETIC_DIR, stamped_options
 from .demo.synthetic import make_synthetic_genimage
 from .evaluation import evaluate, predict
 from .lora import mirage_lora_config
@@ -62,7 +63,6 @@ from .modeling_mirage import MiraGeAddedAnchors, MiraGeForImageClassification
 from .progress import hide_library_bars, progress_bar
 from .scan import find_images
 from .scoring import check_model_name
-from .training import SYNTHETIC_DIR, SYNTHETIC_STAMP
 from .transforms import BadImageReport, DetectionCollator, ImageLoadError, Preprocessor, TrainAugmentation, open_image
 
 PROG = "mirage-adapt"
@@ -217,7 +217,7 @@ def too_few_fakes(n: int, holdout: float) -> str | None:
 
 
 def base_eval_results(detector: str) -> dict | None:
-    """The detector's `eval_results.json` (from training or `--eval_only`), or None."""
+    """The detector's `eval_results.json` (from training or `mirage-eval`), or None."""
     path = cached_file(detector, EVAL_RESULTS_FILE, _raise_exceptions_for_missing_entries=False)
     return json.loads(Path(path).read_text()) if path else None
 
@@ -226,13 +226,13 @@ def eval_subsets(eval_results: dict) -> list[str]:
     return [name for name in eval_results["clean"] if name not in RESERVED_SUBSETS]
 
 
-def synthetic_options(detector: str, eval_results: dict) -> dict | None:
-    """The options `train.py` generated the "synthetic" data with: recorded in eval_results.json, or in the
-    run's `synthetic-data/options.json` beside a local model folder (runs from before that record)."""
+def recorded_synthetic_options(detector: str, eval_results: dict) -> dict | None:
+    """The options `train.py` generated the detector's "synthetic" evaluation data with: recorded in
+    eval_results.json, or in the run's `synthetic-data/options.json` beside a local model folder (runs from before
+    that record)."""
     if eval_results.get("synthetic"):
         return dict(eval_results["synthetic"])
-    stamp = Path(detector).parent / SYNTHETIC_DIR / SYNTHETIC_STAMP  # beside a training run's model/
-    return json.loads(stamp.read_text()) if stamp.is_file() else None
+    return stamped_options(Path(detector).parent / SYNTHETIC_DIR)  # beside a training run's model/
 
 
 def reference_rows(detector: str, source: str | None, split: str | None, workdir: Path) -> tuple[list[dict], str]:
@@ -249,7 +249,7 @@ def reference_rows(detector: str, source: str | None, split: str | None, workdir
         )
     subsets, dataset, eval_split = eval_subsets(eval_results), eval_results["eval_dataset"], eval_results["eval_split"]
     if dataset == "synthetic":
-        options = synthetic_options(detector, eval_results)
+        options = recorded_synthetic_options(detector, eval_results)
         if options is None:
             raise AdaptError(
                 f"{detector} was evaluated on generated data whose options are not recorded; pass --reference"
@@ -718,21 +718,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--force", action="store_true", help="write the adapter even when the guard refuses (the "
                         "card says so), no reference data exists or the new fakes are too few")  # fmt: skip
     parser.add_argument("--steps", type=int, help="optimiser steps (default: 10 passes over the fakes, 100 to 400)")
-    parser.add_argument("--batch_size", type=int, default=defaults.batch_size)
-    parser.add_argument("--learning_rate", type=float, default=defaults.learning_rate)
+    parser.add_argument("--batch_size", type=int, default=defaults.batch_size,
+                        help="images per step, half new fakes and half reals (default %(default)s)")  # fmt: skip
+    parser.add_argument("--learning_rate", type=float, default=defaults.learning_rate,
+                        help="AdamW learning rate (default %(default)s)")  # fmt: skip
     parser.add_argument("--anchor_weight", type=float, default=defaults.anchor_weight,
                         help="L2 penalty toward the detector's weights (default %(default)s; 0 = off)")  # fmt: skip
     parser.add_argument("--distill_weight", type=float, default=defaults.distill_weight,
                         help="distillation of the detector's scores on reals (default %(default)s; 0 = off)")  # fmt: skip
     parser.add_argument("--holdout", type=float, default=defaults.holdout,
                         help="fraction of the new images held out (default %(default)s)")  # fmt: skip
-    parser.add_argument("--lora_r", type=int, default=defaults.lora_r, help="also train a fresh LoRA of this rank")
+    parser.add_argument(
+        "--lora_r",
+        type=int,
+        default=defaults.lora_r,
+        help="also train a fresh LoRA of this rank (default %(default)s: none)",
+    )
     parser.add_argument("--method", choices=AdaptOptions.METHODS, default=defaults.method,
                         help="anchor (default): add a fake anchor for the new generator and train only it, the old "
                         "anchors, prompts and calibration kept; prompts: retrain the detector's prompts")  # fmt: skip
-    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--seed", type=int, default=defaults.seed,
+                        help="seed of the hold-out split, the batches and the new weights (default %(default)s)")  # fmt: skip
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_quiet(parser, "progress bar")
     return parser
 
 

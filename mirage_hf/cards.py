@@ -192,7 +192,7 @@ PyTorch model's), `logit_diff` and `p_fake`. With `mirage-hf` installed:
     if results is None or not cost_path.is_file():
         return text + (
             "\nThe accuracy cost of the int8 graph has not been measured for this model "
-            "(`python train.py --eval_only --model DIR --backend onnx-int8 --dataset ...` measures it).\n"
+            "(`mirage-eval --model DIR --backend onnx-int8 --dataset ...` measures it).\n"
         )
     int8 = json.loads(cost_path.read_text())
     if (int8["eval_dataset"], int8.get("eval_split")) != (results["eval_dataset"], results.get("eval_split")):
@@ -209,7 +209,7 @@ PyTorch model's), `logit_diff` and `p_fake`. With `mirage-hf` installed:
     return (
         text
         + f"""
-Accuracy cost of int8 on the evaluation data above (`train.py --eval_only --backend onnx-int8`), in percent:
+Accuracy cost of int8 on the evaluation data above (`mirage-eval --backend onnx-int8`), in percent:
 
 | subset | PyTorch fp32 | ONNX Runtime int8 | difference |
 |---|---|---|---|

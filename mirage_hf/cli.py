@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from . import ray_scan
 from .building import offline_if_hub_unreachable
+from .commands import UsageParser, add_quiet, non_negative_float, non_negative_int, positive_float, positive_int
 from .inference import DEFAULT_UNSURE_MARGIN, Detector, check_unsure_margin
 from .progress import hide_library_bars, progress_bar
 from .provenance import C2paReader, read_provenance
@@ -66,41 +67,6 @@ DEFAULT_MODEL = os.path.join("outputs", "demo", "model")  # where `python train.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        """Usage errors exit with 1: exit code 2 is taken by "some images could not be read"."""
-        self.print_usage(sys.stderr)
-        self.exit(1, f"{self.prog}: error: {message}\n")
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
 def _actors(text: str) -> int | tuple[int, int]:
     """--concurrency: N actors, or MIN,MAX for an autoscaling pool."""
     try:
@@ -120,7 +86,7 @@ def _margin(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = UsageParser(
         prog=PROG,
         description="Detect AI-generated images and videos with a MiraGe detector (calibrated p(fake) per file).",
         epilog="Exit codes: 0 all scored, 2 some files unreadable or no image found, 1 usage error or no model.",
@@ -142,10 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--model",
         help=f"detector folder or Hub id (default: {DEFAULT_MODEL}, the folder `python train.py` exports)",
     )
-    parser.add_argument("--batch_size", type=_positive_int, default=32, help="images per forward pass (default 32)")
+    parser.add_argument("--batch_size", type=positive_int, default=32, help="images per forward pass (default 32)")
     parser.add_argument(
         "--num_workers",
-        type=_non_negative_int,
+        type=non_negative_int,
         help="DataLoader processes decoding images while the model scores; 0 decodes in the main process "
         f"(default: the usable CPUs less one, at most 8; here {default_num_workers()})",
     )
@@ -177,13 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
     sampling = parser.add_mutually_exclusive_group()
     sampling.add_argument(
         "--max_frames",
-        type=_positive_int,
+        type=positive_int,
         default=DEFAULT_MAX_FRAMES,
         help=f"frames scored per video, uniform over its duration (default {DEFAULT_MAX_FRAMES}; fewer when the "
         "video has fewer); its row holds their mean p(fake), judged like an image's",
     )
     sampling.add_argument(
-        "--fps", type=_positive_float, help="instead of --max_frames: frames scored per second of video"
+        "--fps", type=positive_float, help="instead of --max_frames: frames scored per second of video"
     )
     parser.add_argument("--frames", action="store_true", help="also write a row per scored video frame")
     parser.add_argument(
@@ -229,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write per image an overlay PNG (red: pulls towards fake, blue: towards real) into DIR; costs "
         "about 32 forward and backward passes per batch (integrated gradients, see mirage_hf.explain)",
     )
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary line")
+    add_quiet(parser, "progress bar and no summary line")
     ray = parser.add_argument_group('Ray Data, for more than one machine (pip install "mirage-hf[ray]")')
     ray.add_argument(
         "--engine",
@@ -249,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="scoring actors, or the bounds of an autoscaling pool (default 1)",
     )
     ray.add_argument(
-        "--num_gpus_per_actor", type=_non_negative_float, default=0.0, help="GPUs each scoring actor holds (default 0)"
+        "--num_gpus_per_actor", type=non_negative_float, default=0.0, help="GPUs each scoring actor holds (default 0)"
     )
     return parser
 

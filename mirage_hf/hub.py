@@ -22,6 +22,7 @@ from transformers.models.auto.image_processing_auto import AutoImageProcessor  #
 from .adapter_config import MiraGeAdapterConfig
 from .adapter_files import ADAPT_RESULTS_NAME, ADAPTER_WEIGHTS_NAME, is_detector_adapter
 from .cards import SPACE_TEMPLATE, adapter_card, choose_license, is_hub_id, is_repo_id, model_card, space_card
+from .commands import one_line_errors
 from .configuration_mirage import MiraGeConfig
 from .model_folder import EVAL_RESULTS_FILE
 from .onnx_runtime import INFO_FILE, ONNX_DIR
@@ -191,7 +192,7 @@ def format_calls(calls: list[tuple[str, dict]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Publish a trained MiraGe detector (model repo and Gradio Space).")
     parser.add_argument(
         "--model_dir", required=True, help="Exported model folder (e.g. outputs/demo/model) or mirage-adapt's adapter."
@@ -208,8 +209,14 @@ def main(argv=None) -> None:
     parser.add_argument("--private", action="store_true", help="Create private repos.")
     parser.add_argument("--staging_dir", help="New or empty folder to stage into (default: a new temporary one).")
     parser.add_argument("--dry_run", action="store_true", help="Stage and print the Hub calls without making them.")
+    return parser
+
+
+def main(argv=None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
-    try:
+    # no such folder, a licence to choose, a used staging folder: one line
+    with one_line_errors(parser.prog, OSError, ValueError):
         staged = stage_model_repo(
             args.model_dir,
             args.staging_dir or tempfile.mkdtemp(prefix="mirage-push-"),
@@ -219,8 +226,6 @@ def main(argv=None) -> None:
             base_model=args.base_model,
             datasets=args.datasets,
         )
-    except (OSError, ValueError) as error:  # no such folder, a licence to choose, a used staging folder: one line
-        raise SystemExit(f"{parser.prog}: {error}") from None
     print(f"staged in {staged}")
     if args.dry_run:
         calls = planned_calls(staged, args.repo_id, args.space_repo_id, args.private)

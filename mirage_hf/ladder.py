@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from .configuration_mirage import MIRAGE_MODES
+from .data_sources import resolve_dataset
 from .metrics import format_comparison_table
 from .train_config import parse_args
-from .training import resolve_dataset, train
+from .training import train
 
 METRICS = ("accuracy", "average_precision", "roc_auc")
 

@@ -17,7 +17,7 @@ from .modeling_mirage import MiraGeModel
 from .transforms import image_processor_for
 
 EVAL_RESULTS_FILE = "eval_results.json"  # the results a model folder (and a training run's folder) holds
-BACKEND_EVAL_RESULTS_FILE = "eval_results_{backend}.json"  # what `--eval_only --backend ...` measured, in ONNX_DIR
+BACKEND_EVAL_RESULTS_FILE = "eval_results_{backend}.json"  # what `mirage-eval --backend ...` measured, in ONNX_DIR
 
 
 def mirage_core(model) -> MiraGeModel:

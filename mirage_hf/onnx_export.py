@@ -157,7 +157,7 @@ def export_onnx(model_dir, opset: int = OPSET, quantize: bool = True) -> Path:
     return model_dir / ONNX_DIR
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mirage-export-onnx",
         description="Export a MiraGe detector folder to ONNX: MODEL_DIR/onnx/model.onnx (fp32) and "
@@ -166,7 +166,11 @@ def main(argv=None) -> int:
     parser.add_argument("model_dir", metavar="MODEL_DIR", help="a detector folder (e.g. outputs/demo/model)")
     parser.add_argument("--opset", type=int, default=OPSET, help=f"ONNX opset (default {OPSET})")
     parser.add_argument("--no_quantize", action="store_true", help="write only the fp32 graph")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # the libraries' progress bars and advice are noise in a command-line tool

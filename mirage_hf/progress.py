@@ -1,10 +1,14 @@
-"""Progress bars: tqdm's on a terminal; where stderr is a file or a pipe (a log, CI, `2> run.log`), plain lines now
-and then instead of carriage-return redraws that a log shows as one endless line."""
+"""What a run shows as it goes. Progress bars: tqdm's on a terminal; where stderr is a file or a pipe (a log, CI,
+`2> run.log`), plain lines now and then instead of carriage-return redraws that a log shows as one endless line.
+Messages: one logger, on the main process only."""
 
+import logging
 import re
 import sys
 
 import datasets
+from accelerate.logging import MultiProcessAdapter
+from accelerate.state import PartialState
 from tqdm import std
 from tqdm.auto import tqdm
 from tqdm.autonotebook import tqdm as display_tqdm  # already imported by tqdm.auto: the notebook's, or std's
@@ -46,3 +50,28 @@ def hide_library_bars() -> None:
     hf_logging.disable_progress_bar()
     if not IN_NOTEBOOK and not sys.stderr.isatty():
         datasets.disable_progress_bars()
+
+
+class RunLogger(MultiProcessAdapter):
+    """accelerate's logger (the main process only, unless told otherwise) that names the rank only where there are
+    several: "[RANK 0]" in front of every line of a one-process run tells a user nothing."""
+
+    def process(self, msg, kwargs):
+        kwargs.setdefault("stacklevel", 2)
+        state = PartialState()
+        return (f"[RANK {state.process_index}] {msg}" if state.num_processes > 1 else msg), kwargs
+
+
+logger = RunLogger(logging.getLogger("mirage_hf"), {})
+
+
+def configure_logging():
+    """Progress messages (rank 0 only, through accelerate's logger); the libraries' INFO chatter and their loading
+    and saving bars (transformers' "Loading weights", "Writing model shards") stay hidden."""
+    hide_library_bars()
+    base = logging.getLogger("mirage_hf")
+    base.setLevel(logging.INFO)
+    if not base.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        base.addHandler(handler)

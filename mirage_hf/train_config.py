@@ -13,11 +13,11 @@ import typing
 from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
+import torch
 import yaml
 from transformers import HfArgumentParser
-from transformers.hf_argparser import string_to_bool
 
 from .calibration import METHODS
 from .configuration_mirage import PREPROCESS_MODES, MiraGeConfig
@@ -65,9 +65,117 @@ ModelOptions = dataclasses.make_dataclass(
 ModelOptions.__doc__ = "The model options of `train.py`, passed to `from_clip`: declared once, in MiraGeConfig."
 
 
+ROBUSTNESS_HELP = (
+    "Also evaluate under "
+    + "; ".join(f"{kind} {', '.join(f'{value:g}' for value in values)}" for kind, values in ROBUSTNESS_SWEEP.items())
+    + "."
+)
+
+
 @dataclass
-class TrainConfig(ModelOptions):
-    """Everything `train.py` does, as typed options; the model's own come from MiraGeConfig through ModelOptions."""
+class EvaluationOptions:
+    """What an evaluation reads: the test data, where results go and how it runs. `mirage-train` evaluates as it
+    trains and `mirage-eval` evaluates a saved model, both with these options."""
+
+    DEFAULT_PRESET: ClassVar[str | None] = None  # the preset `--config` defaults to
+    DESCRIPTION: ClassVar[str] = ""  # the command's --help
+
+    # --- data --------------------------------------------------------------------------------------
+    dataset: str = option(
+        "synthetic",
+        'Training data: "synthetic" (generated), "genimage:<root>", "ufd:<root>", a folder, a file or a Hub id.',
+    )
+    eval_dataset: str | None = option(None, "Test data (same forms); defaults to `dataset`.")
+    eval_split: str = option("val", 'Split of the test data (default "val").')
+    eval_subsets: list[str] | None = option(None, "Generators (subsets) to test on; None = all.")
+    image_column: str = option("image", 'Column holding the image in a Hub or file data set (default "image").')
+    label_column: str = option("label", 'Column holding the label, 0 real / 1 fake (default "label").')
+    subset_column: str | None = option(None, "Column naming each image's generator (subset); None = one subset.")
+    streaming: bool = option(False, "Stream a Hub data set instead of downloading it whole (default False).")
+    max_eval_samples: int | None = option(None, "Test on at most this many images (None = all).")
+    synthetic: dict = option(
+        dict,
+        "Options of the generated data set (generators, n_train_per_class, n_val_per_class, image_size).",
+        factory=True,
+    )
+    eval_preprocess: Literal[PREPROCESS_MODES] | None = option(
+        None,
+        '"resize" (the CLIP processor\'s resize + centre crop) or "center_crop" (no resize: keeps artefacts). '
+        "Training stores it in the model's config (default resize); mirage-eval defaults to the model's.",
+    )
+
+    # --- running -----------------------------------------------------------------------------------
+    output_dir: str = option("outputs/demo", 'Folder for the results, model and checkpoints (default "outputs/demo").')
+    seed: int = option(0, "Seed of the data order, augmentation, sampling and generated data (default 0).")
+    eval_batch_size: int = option(64, "Images per forward pass when evaluating (default 64).")
+    num_workers: int = option(2, "DataLoader worker processes decoding images; 0 = in the main process (default 2).")
+    torch_threads: int | None = option(
+        None,
+        "CPU threads torch may use (None: torch's default, one per core). Tiny models run faster on one: the demo "
+        "preset sets 1 (benchmarks/BENCHMARKS.md has the measurement).",
+    )
+    mixed_precision: Literal["no", "bf16", "fp16"] = option("no", '"no", "bf16" or "fp16" (Accelerate).')
+
+    # --- evaluation --------------------------------------------------------------------------------
+    robustness: bool = option(False, ROBUSTNESS_HELP)
+
+    def __post_init__(self):
+        for name, annotation in typing.get_type_hints(type(self)).items():
+            if typing.get_origin(annotation) is ClassVar:
+                continue
+            kinds, value = _kinds(annotation), getattr(self, name)
+            if float in kinds and isinstance(value, str | int) and not isinstance(value, bool):
+                setattr(self, name, float(value))  # YAML reads "1e-3" as a string
+            elif any(typing.get_origin(kind) is list for kind in kinds):
+                if isinstance(value, str):
+                    setattr(self, name, [value])  # `train_subsets: sd14` in a preset is a one-element list
+                elif value == [None]:
+                    setattr(self, name, None)  # `--train_subsets None`
+            allowed = _choices(kinds)
+            if allowed and getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+
+    def use_threads(self) -> None:
+        """Applies `torch_threads` to this process."""
+        if self.torch_threads:
+            torch.set_num_threads(self.torch_threads)
+
+
+@dataclass
+class EvalConfig(EvaluationOptions):
+    """`mirage-eval`: a trained model folder or Hub id, scored by a backend on the test data of EvaluationOptions."""
+
+    DESCRIPTION: ClassVar[str] = (
+        "Evaluate a trained MiraGe detector (a folder or Hub id) on a data set: prints the tables and writes "
+        "<output_dir>/eval_results.json; exports nothing."
+    )
+
+    model: str | None = field(
+        default=None, metadata={"help": "The trained MiraGe folder or Hub id to evaluate.", "required": True}
+    )
+    compile: bool = option(
+        False, "Evaluate with the image encoder under torch.compile (opt-in; pays off on large sets)."
+    )
+    backend: Literal["torch", "onnx", "onnx-int8"] = option(
+        "torch",
+        '"torch", or ONNX Runtime on the graphs mirage-export-onnx wrote: "onnx" (fp32) or "onnx-int8" (quantized), '
+        "to measure what the export costs in accuracy.",
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_backend_options(self.backend, compile=self.compile)
+        if not self.model:
+            raise ValueError("mirage-eval needs --model <trained MiraGe folder or Hub id>")
+
+
+@dataclass
+class TrainConfig(EvaluationOptions, ModelOptions):
+    """Everything `train.py` does, as typed options; the model's own come from MiraGeConfig through ModelOptions,
+    the evaluation's from EvaluationOptions."""
+
+    DEFAULT_PRESET: ClassVar[str | None] = "demo"
+    DESCRIPTION: ClassVar[str] = "Train a MiraGe detector with Accelerate."
 
     clip_model: str = option(
         "tiny-random",
@@ -75,8 +183,10 @@ class TrainConfig(ModelOptions):
         '"tiny-random": a tiny random CLIP built locally (tests that need only shapes).',
     )
     lora_r: int = option(0, "LoRA rank on the CLIP projections of lora_projections (0 = prompts only, the paper's).")
-    lora_alpha: int = 16
-    lora_towers: list[str] = field(default_factory=lambda: ["vision"])
+    lora_alpha: int = option(16, "LoRA scaling numerator: updates are scaled by lora_alpha / lora_r (default 16).")
+    lora_towers: list[str] = option(
+        lambda: ["vision"], 'CLIP towers that get LoRA: "vision" and/or "text" (default vision).', factory=True
+    )
     lora_projections: list[str] = option(
         lambda: ["q_proj", "v_proj"],
         "Projections that get LoRA: q_proj, k_proj, v_proj, out_proj, fc1, fc2.",
@@ -89,63 +199,35 @@ class TrainConfig(ModelOptions):
     )
 
     # --- data --------------------------------------------------------------------------------------
-    dataset: str = option(
-        "synthetic",
-        'Training data: "synthetic" (generated), "genimage:<root>", "ufd:<root>", a folder, a file or a Hub id.',
-    )
-    eval_dataset: str | None = option(None, "Test data (same forms); defaults to `dataset`.")
-    train_split: str = "train"
-    eval_split: str = "val"
+    train_split: str = option("train", 'Split of the training data (default "train").')
     train_subsets: list[str] | None = option(
         None, 'Generators (subsets) to train on; None = all. GenImage protocol: ["stable_diffusion_v_1_4"].'
     )
-    eval_subsets: list[str] | None = None
-    image_column: str = "image"
-    label_column: str = "label"
-    subset_column: str | None = None
-    streaming: bool = False
-    max_train_samples: int | None = None
-    max_eval_samples: int | None = None
-    synthetic: dict = option(
-        dict,
-        "Options of the generated data set (generators, n_train_per_class, n_val_per_class, image_size).",
-        factory=True,
-    )
-    flip_prob: float = 0.5
-    resize_prob: float = 0.1
-    blur_prob: float = 0.1
-    jpeg_prob: float = 0.1
-    eval_preprocess: Literal[PREPROCESS_MODES] | None = option(
-        None,
-        '"resize" (the CLIP processor\'s resize + centre crop) or "center_crop" (no resize: keeps artefacts). '
-        "Training stores it in the model's config (default resize); --eval_only defaults to the model's.",
-    )
+    max_train_samples: int | None = option(None, "Train on at most this many images (None = all).")
+    flip_prob: float = option(0.5, "Probability of a horizontal flip of a training image (default 0.5).")
+    resize_prob: float = option(0.1, "Probability of a down-then-up resize of a training image (default 0.1).")
+    blur_prob: float = option(0.1, "Probability of a Gaussian blur of a training image (default 0.1).")
+    jpeg_prob: float = option(0.1, "Probability of a JPEG re-compression of a training image (default 0.1).")
 
     # --- optimisation ------------------------------------------------------------------------------
-    output_dir: str = "outputs/demo"
-    seed: int = 0
-    num_epochs: int = 1
-    max_steps: int | None = None
-    batch_size: int = 32
-    eval_batch_size: int = 64
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 2e-3
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.05
-    max_grad_norm: float = 1.0
-    mixed_precision: Literal["no", "bf16", "fp16"] = option("no", '"no", "bf16" or "fp16" (Accelerate).')
-    gradient_checkpointing: bool = False
-    num_workers: int = 2
-    torch_threads: int | None = option(
-        None,
-        "CPU threads torch may use (None: torch's default, one per core). Tiny models run faster on one: the demo "
-        "preset sets 1 (benchmarks/BENCHMARKS.md has the measurement).",
+    num_epochs: int = option(1, "Passes over the training data, unless max_steps is set (default 1).")
+    max_steps: int | None = option(None, "Optimiser steps to train for; None = num_epochs (needed when streaming).")
+    batch_size: int = option(32, "Training images per batch and process (default 32).")
+    gradient_accumulation_steps: int = option(1, "Batches accumulated per optimiser step (default 1).")
+    learning_rate: float = option(2e-3, "Peak AdamW learning rate, after warm-up, before cosine decay (default 2e-3).")
+    weight_decay: float = option(0.0, "AdamW weight decay (default 0).")
+    warmup_ratio: float = option(0.05, "Fraction of the steps the learning rate warms up over (default 0.05).")
+    max_grad_norm: float = option(1.0, "Clip the gradients' global norm to this; 0 = no clipping (default 1).")
+    gradient_checkpointing: bool = option(
+        False, "Recompute CLIP's activations in the backward pass: less memory, more time (default False)."
     )
     eval_every: int = option(
         0, "Evaluate (and export the model if it is the best so far) every N optimiser steps; 0 = each epoch end."
     )
     save_every: int = option(0, "Checkpoint every N optimiser steps (for resume); 0 = each epoch end.")
-    checkpoints_total_limit: int = 2
+    checkpoints_total_limit: int = option(
+        2, "Checkpoints kept in <output_dir>/checkpoints, the oldest removed (default 2)."
+    )
     resume_from_checkpoint: str | None = option(
         None, 'A checkpoint folder, or "latest" (the newest complete one in <output_dir>/checkpoints).'
     )
@@ -154,52 +236,18 @@ class TrainConfig(ModelOptions):
         10, "Log the loss terms, averaged over the last N optimiser steps (each log waits once for the GPU)."
     )
 
-    # --- evaluation --------------------------------------------------------------------------------
-    eval_only: bool = False
-    model: str | None = option(None, "For --eval_only: a trained MiraGe folder or Hub id.")
-    robustness: bool = option(
-        False,
-        "Also evaluate under "
-        + "; ".join(
-            f"{kind} {', '.join(f'{value:g}' for value in values)}" for kind, values in ROBUSTNESS_SWEEP.items()
-        )
-        + ".",
-    )
+    # --- calibration -------------------------------------------------------------------------------
     calibrate: Literal[METHODS] | None = option(
         "balanced_accuracy",
         'After training, choose the threshold on held-out data: "balanced_accuracy", "target_fpr" or None.',
     )
-    target_fpr: float = 0.05
+    target_fpr: float = option(0.05, 'With calibrate "target_fpr": the false-positive rate to hold (default 0.05).')
     calibration_holdout: float = option(
         0.1, "Fraction of the training data held out (never trained on) for calibration."
     )
-    compile: bool = option(
-        False, "Evaluate with the image encoder under torch.compile (opt-in; pays off on large sets)."
-    )
-    backend: Literal["torch", "onnx", "onnx-int8"] = option(
-        "torch",
-        'For --eval_only: "torch", or ONNX Runtime on the graphs mirage-export-onnx wrote: "onnx" (fp32) or '
-        '"onnx-int8" (quantized), to measure what the export costs in accuracy.',
-    )
 
     def __post_init__(self):
-        for name, annotation in typing.get_type_hints(TrainConfig).items():
-            kinds, value = _kinds(annotation), getattr(self, name)
-            if float in kinds and isinstance(value, str | int) and not isinstance(value, bool):
-                setattr(self, name, float(value))  # YAML reads "1e-3" as a string
-            elif any(typing.get_origin(kind) is list for kind in kinds):
-                if isinstance(value, str):
-                    setattr(self, name, [value])  # `train_subsets: sd14` in a preset is a one-element list
-                elif value == [None]:
-                    setattr(self, name, None)  # `--train_subsets None`
-            allowed = _choices(kinds)
-            if allowed and getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if self.backend != "torch" and not self.eval_only:
-            raise ValueError(f"--backend {self.backend} scores an exported model: use it with --eval_only --model DIR")
-        check_backend_options(self.backend, compile=self.compile)
-        if self.eval_only and not self.model:
-            raise ValueError("--eval_only needs --model <trained MiraGe folder or Hub id>")
+        super().__post_init__()
         if not 0.0 <= self.calibration_holdout < 1.0:
             raise ValueError(f"calibration_holdout must lie in [0, 1), got {self.calibration_holdout}")
         if self.log_every < 1:
@@ -269,24 +317,26 @@ class OptionParser(HfArgumentParser):
             action.choices = [*action.choices, None] if action.choices else None
 
 
-def build_parser(preset: dict | None = None) -> OptionParser:
-    parser = OptionParser(TrainConfig, description="Train or evaluate a MiraGe detector with Accelerate.")
+def build_parser(preset: dict | None = None, config_class=TrainConfig) -> OptionParser:
+    """The command line of `config_class` (TrainConfig: mirage-train, EvalConfig: mirage-eval)."""
+    parser = OptionParser(config_class, description=config_class.DESCRIPTION)
+    default = config_class.DEFAULT_PRESET or "none: the preprocessing stored in the model"
     parser.add_argument(
         "--config",
-        help=f"a shipped preset ({', '.join(preset_names())}) or a YAML/JSON file (default: demo; none with "
-        "--eval_only, which then scores with the preprocessing stored in the model)",
+        help=f"a shipped preset ({', '.join(preset_names())}) or a YAML/JSON file (default: {default})",
     )
     parser.set_defaults(**(preset or {}))
     return parser
 
 
-def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    """`--config <preset or file>` sets the defaults; `--<option> <value>` overrides them."""
+def parse_args(argv: list[str] | None = None, config_class=TrainConfig):
+    """`--config <preset or file>` sets the defaults; `--<option> <value>` overrides them. A preset holds training
+    options too: `config_class` takes the ones it has."""
     first = argparse.ArgumentParser(add_help=False)
     first.add_argument("--config")
-    first.add_argument("--eval_only", nargs="?", const="true", default="false", type=string_to_bool)
-    known = first.parse_known_args(argv)[0]
-    preset = known.config or (None if known.eval_only else "demo")
-    values = vars(build_parser(load_preset(preset) if preset else {}).parse_args(argv))
+    preset = first.parse_known_args(argv)[0].config or config_class.DEFAULT_PRESET
+    names = {f.name for f in dataclasses.fields(config_class)}
+    defaults = {name: value for name, value in load_preset(preset).items() if name in names} if preset else {}
+    values = vars(build_parser(defaults, config_class).parse_args(argv))
     values.pop("config")
-    return TrainConfig(**values)
+    return config_class(**values)

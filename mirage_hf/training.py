@@ -5,19 +5,14 @@ Accelerate, evaluation by `evaluation.predict`, and only rank 0 writes files.
 """
 
 import dataclasses
-import json
-import logging
 import math
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.logging import MultiProcessAdapter
-from accelerate.state import PartialState
 from accelerate.utils import set_seed
 from datasets import IterableDataset
 from torch.utils.data import DataLoader, Subset
@@ -33,38 +28,23 @@ from .checkpoints import (
     resolve_resume,
     save_checkpoint,
 )
-from .data import check_binary_labels, load_data
-from .demo.synthetic import make_synthetic_genimage
+from .commands import one_line_errors
+from .data_sources import load_split, resolve_dataset
 from .demo.tiny import PRETRAINED_TINY_CLIP, save_tiny_clip
-from .evaluation import evaluate, predict
+from .evaluation import Evaluation, predict
 from .lora import add_lora
-from .metrics import format_comparison_table, format_table, to_jsonable
-from .model_folder import BACKEND_EVAL_RESULTS_FILE, EVAL_RESULTS_FILE, export_model, mirage_core
+from .metrics import to_jsonable
+from .model_folder import mirage_core
 from .modeling_mirage import MiraGeForImageClassification
-from .onnx_runtime import ONNX_DIR
-from .progress import hide_library_bars, progress_bar
-from .scoring import ModelNotFound, as_scorer, load_scorer
+from .progress import configure_logging, logger, progress_bar
+from .scoring import ModelNotFound
 from .train_config import TrainConfig
 from .transforms import (
     BadImageReport,
     DetectionCollator,
     Preprocessor,
     TrainAugmentation,
-    scoring_preprocessor,
 )
-
-
-class RunLogger(MultiProcessAdapter):
-    """accelerate's logger (the main process only, unless told otherwise) that names the rank only where there are
-    several: "[RANK 0]" in front of every line of a one-process run tells a user nothing."""
-
-    def process(self, msg, kwargs):
-        kwargs.setdefault("stacklevel", 2)
-        state = PartialState()
-        return (f"[RANK {state.process_index}] {msg}" if state.num_processes > 1 else msg), kwargs
-
-
-logger = RunLogger(logging.getLogger("mirage_hf"), {})
 
 # ------------------------------------------------------------------------------------------- building
 
@@ -110,57 +90,6 @@ def build_model(cfg: TrainConfig, clip_path: str):
     if cfg.gradient_checkpointing:
         mirage_core(model).activation_checkpointing_enable()
     return model
-
-
-SYNTHETIC_DIR = "synthetic-data"  # in a run's output folder
-SYNTHETIC_STAMP = "options.json"  # the generator options a synthetic-data folder was made with
-
-
-def made_with(root: Path, options: dict) -> bool:
-    """Whether `root` holds a generated data set made with `options`."""
-    stamp = root / SYNTHETIC_STAMP
-    return stamp.is_file() and json.loads(stamp.read_text()) == options
-
-
-def synthetic_options(cfg: TrainConfig) -> dict:
-    """What the "synthetic" data is generated with (`make_synthetic_genimage`); eval_results.json records it, so
-    that `mirage-adapt` can regenerate the evaluation data."""
-    return {"seed": cfg.seed, **cfg.synthetic}
-
-
-def resolve_dataset(cfg: TrainConfig, source: str) -> str:
-    """ "synthetic" becomes a generated GenImage-layout folder (made once, deterministic for the options). With
-    --eval_only, the folder of the run that trained the model is used when it was made with the same options."""
-    if source != "synthetic":
-        return source
-    options = synthetic_options(cfg)
-    trained_with = Path(cfg.model or "").parent / SYNTHETIC_DIR
-    if cfg.eval_only and made_with(trained_with, options):
-        return f"genimage:{trained_with}"
-    root = Path(cfg.output_dir) / SYNTHETIC_DIR
-    if not made_with(root, options):
-        make_synthetic_genimage(root, **options)
-        (root / SYNTHETIC_STAMP).write_text(json.dumps(options))
-    return f"genimage:{root}"
-
-
-def load_split(cfg: TrainConfig, source: str, split: str, subsets, max_samples):
-    """One split in the standard image/label/subset schema, filtered and checked before any long work."""
-    ds = load_data(
-        source, split=split, image_column=cfg.image_column, label_column=cfg.label_column,
-        subset_column=cfg.subset_column, streaming=cfg.streaming,
-    )  # fmt: skip
-    if subsets:
-        wanted = set(subsets)
-        ds = ds.filter(lambda subset: subset in wanted, input_columns="subset")
-    if max_samples:
-        ds = (
-            ds.take(max_samples)
-            if isinstance(ds, IterableDataset)
-            else ds.shuffle(seed=cfg.seed).select(range(min(max_samples, len(ds))))
-        )
-    check_binary_labels(ds, f"{source} [{split}{', ' + ', '.join(subsets) if subsets else ''}]")
-    return ds
 
 
 class IndexedRows(torch.utils.data.Dataset):
@@ -277,18 +206,6 @@ class TrainingLog:
             logger.warning("training: %s", self.bad_images.summary(), main_process_only=False)  # per process
 
 
-def configure_logging():
-    """Progress messages (rank 0 only, through accelerate's logger); the libraries' INFO chatter and their loading
-    and saving bars (transformers' "Loading weights", "Writing model shards") stay hidden."""
-    hide_library_bars()
-    base = logging.getLogger("mirage_hf")
-    base.setLevel(logging.INFO)
-    if not base.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        base.addHandler(handler)
-
-
 def empty_batch_loss(model):
     """A zero loss touching every trainable parameter, so DDP stays in step when a batch was all bad files."""
     return sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
@@ -327,14 +244,9 @@ def make_accelerator(**options) -> Accelerator:
     return Accelerator(cpu=several_processes and not torch.cuda.is_available(), **options)
 
 
-def use_threads(cfg: TrainConfig) -> None:
-    if cfg.torch_threads:
-        torch.set_num_threads(cfg.torch_threads)
-
-
 def train(cfg: TrainConfig) -> dict:
     """Builds data and model, trains for `max_steps` or `num_epochs`, then calibrates, evaluates and exports."""
-    use_threads(cfg)
+    cfg.use_threads()
     accelerator = make_accelerator(
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -466,132 +378,14 @@ def calibrate_model(cfg, accelerator, model, calibration_set, preprocess) -> dic
     return calibration
 
 
-class Evaluation:
-    """The test set and where results go: periodic evaluation during training, and the final report."""
-
-    def __init__(self, cfg, accelerator, eval_set, preprocess, image_processor, calibration_set=None):
-        self.cfg, self.accelerator, self.eval_set = cfg, accelerator, eval_set
-        self.preprocess, self.image_processor = preprocess, image_processor
-        self.calibration_set = calibration_set  # held-out training images: they choose the checkpoint and T, t
-        self.model_dir = Path(cfg.output_dir) / "model"
-
-    def evaluate_and_export(self, model, state: TrainState):
-        """Evaluates the model in training; exports it to `model_dir` when it is the best yet.
-
-        "Best" is the lowest cross-entropy on the held-out training images when there are some (the test split is
-        only reported, never used to choose), else the mean test accuracy.
-        """
-        results, _ = evaluate(
-            model, self.eval_set, self.preprocess, self.accelerator, batch_size=self.cfg.eval_batch_size,
-            num_workers=self.cfg.num_workers,
-        )  # fmt: skip
-        mean = results["clean"]["mean"]
-        self.accelerator.log({f"eval/{k}": v for k, v in mean.items() if isinstance(v, float)}, step=state.global_step)
-        logger.info(
-            "step %d: mean accuracy %.4f, mean AP %.4f", state.global_step, mean["accuracy"], mean["average_precision"]
-        )
-        score = mean["accuracy"]
-        if self.calibration_set is not None:
-            scored = predict(
-                model, self.calibration_set, self.preprocess, self.accelerator, self.cfg.eval_batch_size,
-                desc="validate",
-            )  # fmt: skip
-            margins = (2.0 * scored.labels - 1.0) * scored.logit_diff
-            score = -float(np.logaddexp(0.0, -margins).mean())  # held-out cross-entropy
-            logger.info("step %d: held-out cross-entropy %.3g", state.global_step, -score)
-        if state.best_score is None or score > state.best_score:
-            state.best_score = score
-            if self.accelerator.is_main_process:
-                eval_results = to_jsonable({"step": state.global_step, **results})
-                export_model(model, self.image_processor, self.model_dir, eval_results=eval_results)
-        self.accelerator.wait_for_everyone()
-
-    def final(self, model, export: bool = False, calibration: dict | None = None) -> dict:
-        """Evaluates (with the robustness sweep if asked), prints the tables and writes eval_results.json.
-
-        With `export`, the model is exported once, with these results, as `model_dir`. `calibration` is the record
-        of how this run chose T and t; None when it fitted none.
-        """
-        cfg, accelerator = self.cfg, self.accelerator
-        results, report = evaluate(
-            model, self.eval_set, self.preprocess, accelerator, robustness=cfg.robustness,
-            batch_size=cfg.eval_batch_size, num_workers=cfg.num_workers,
-        )  # fmt: skip
-        config = as_scorer(model).config
-        summary = to_jsonable(
-            {
-                "model": cfg.model or str(self.model_dir),
-                "backend": cfg.backend,
-                "eval_dataset": cfg.eval_dataset or cfg.dataset,
-                "eval_split": cfg.eval_split,
-                "synthetic": synthetic_options(cfg) if (cfg.eval_dataset or cfg.dataset) == "synthetic" else None,
-                "preprocess": self.preprocess.mode,
-                "threshold": config.decision_threshold,
-                "temperature": config.calibration_temperature,
-                "calibration": calibration,
-                "bad_images": report.count,
-                **results,
-            }
-        )
-        if accelerator.is_main_process:
-            print(results_table(summary))
-            if cfg.robustness:
-                print(format_comparison_table(results, metric="accuracy", title="robustness: accuracy per condition"))
-                print(
-                    format_comparison_table(results, metric="average_precision", title="robustness: AP per condition")
-                )
-            if report.count:
-                print(report.summary())
-            out = Path(cfg.output_dir)
-            out.mkdir(parents=True, exist_ok=True)
-            (out / EVAL_RESULTS_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-            onnx_dir = Path(cfg.model or "", ONNX_DIR)
-            if cfg.backend != "torch" and onnx_dir.is_dir():  # next to the graph it measures, for the model card
-                (onnx_dir / BACKEND_EVAL_RESULTS_FILE.format(backend=cfg.backend)).write_text(
-                    json.dumps(summary, indent=2) + "\n"
-                )
-            if export:
-                export_model(model, self.image_processor, self.model_dir, eval_results=summary)
-                print(f"model written to {self.model_dir}")
-            print(f"results written to {out / EVAL_RESULTS_FILE}")
-        accelerator.wait_for_everyone()
-        return summary
-
-
-def results_table(summary: dict) -> str:
-    """The clean table an evaluation prints, from its eval_results.json summary (docs quote it through this too)."""
-    title = (
-        f"threshold {summary['threshold']:.3f}, temperature {summary['temperature']:.3f}, "
-        f"preprocessing: {summary['preprocess']}, backend: {summary['backend']}"
-    )
-    return format_table(summary["clean"], title=title)
-
-
-def evaluate_only(cfg: TrainConfig) -> dict:
-    """Evaluates a trained model folder or Hub id (`--eval_only --model ...`); exports nothing."""
-    use_threads(cfg)
-    accelerator = make_accelerator(mixed_precision=cfg.mixed_precision)
-    configure_logging()
-    scorer = load_scorer(cfg.model, cfg.backend, device=accelerator.device, compile=cfg.compile)
-    image_processor = AutoImageProcessor.from_pretrained(cfg.model)
-    source = resolve_dataset(cfg, cfg.eval_dataset or cfg.dataset)
-    eval_set = load_split(cfg, source, cfg.eval_split, cfg.eval_subsets, cfg.max_eval_samples)
-    preprocess = scoring_preprocessor(image_processor, scorer.config, cfg.eval_preprocess)
-    return Evaluation(cfg, accelerator, eval_set, preprocess, image_processor).final(scorer)
-
-
 def main(argv=None) -> dict:
     from .train_config import parse_args
 
     prog = Path(sys.argv[0]).name or "train.py"
-    try:
+    with one_line_errors(prog, FileNotFoundError, ValueError):  # no such preset, options that do not fit
         cfg = parse_args(argv)
-    except (FileNotFoundError, ValueError) as error:  # no such preset, options that do not fit: a usage error
-        raise SystemExit(f"{prog}: {error}") from None
-    try:
-        return evaluate_only(cfg) if cfg.eval_only else train(cfg)
-    except (ClipUnavailable, ModelNotFound) as error:  # a set-up problem, not a bug: one line, not a traceback
-        raise SystemExit(f"{prog}: {error}") from None
+    with one_line_errors(prog, ClipUnavailable, ModelNotFound):  # a set-up problem, not a bug
+        return train(cfg)
 
 
 def script() -> None:

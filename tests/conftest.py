@@ -26,6 +26,11 @@ TINY_TRAIN_ARGS = [
     "--prompt_depth", "2", "--batch_size", "8", "--eval_batch_size", "16", "--num_workers", "0",
     "--memory_bank_size", "32", "--lora_r", "4", "--learning_rate", "0.01",
 ]  # fmt: skip
+TINY_EVAL_ARGS = [
+    arg for option in zip(TINY_TRAIN_ARGS[::2], TINY_TRAIN_ARGS[1::2], strict=True)
+    if option[0] in ("--synthetic", "--eval_batch_size", "--num_workers") for arg in option
+]  # fmt: skip
+"""The options of TINY_TRAIN_ARGS that mirage-eval takes: the same generated data, scored the same way."""
 
 
 @pytest.fixture(autouse=True)

@@ -19,7 +19,7 @@ def test_every_generated_table_in_the_docs_is_the_rendering_of_its_results_file(
 
 def test_the_demo_table_is_what_the_demo_prints(capsys):
     """The block is exactly the text training prints after the demo (results_table), title line included."""
-    from mirage_hf.training import results_table
+    from mirage_hf.evaluation import results_table
 
     results = json.loads((doc_tables.RESULTS / "demo_eval_results.json").read_text())
     printed = results_table(results)

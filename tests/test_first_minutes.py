@@ -13,7 +13,7 @@ import pytest
 from conftest import TINY_TRAIN_ARGS as TINY
 from PIL import Image
 
-from mirage_hf import cli, hub, training
+from mirage_hf import cli, evaluate_model, hub, training
 from mirage_hf.progress import progress_bar
 
 
@@ -40,7 +40,7 @@ def test_usage_errors_are_one_line_naming_what_to_change(detector_dir, tmp_path,
     assert "config file 'nonexistent' not found" in one_line_exit(training.main, ["--config", "nonexistent"])
     missing = str(tmp_path / "no-such-model")
     expected = f"no model folder {missing!r} (and the name is not a Hub id)"
-    assert expected in one_line_exit(training.main, ["--eval_only", "--model", missing])
+    assert expected in one_line_exit(evaluate_model.main, ["--model", missing])
     assert f"no model folder {missing!r}" in one_line_exit(hub.main, ["--model_dir", missing, "--repo_id", "a/b"])
     Image.new("RGB", (8, 8)).save(tmp_path / "photo.png")
     capsys.readouterr()
@@ -66,9 +66,7 @@ def test_a_run_shows_nothing_a_user_cannot_act_on_and_ends_saying_where_its_file
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         training.main(["--config", "demo", "--output_dir", str(tmp_path / "run"), *TINY, "--max_steps", "2"])
-        training.main(
-            ["--eval_only", "--model", str(tmp_path / "run" / "model"), "--output_dir", str(tmp_path / "eval")]
-        )
+        evaluate_model.main(["--model", str(tmp_path / "run" / "model"), "--output_dir", str(tmp_path / "eval")])
     out, err = capfd.readouterr()
     for noise in ("Loading weights", "Writing model shards", "[RANK", "\r"):
         assert noise not in out + err, noise

@@ -196,17 +196,17 @@ def test_reexport_replaces_the_folder_whole(onnx_model_dir, tmp_path):
     assert sorted(p.name for p in model_dir.iterdir() if p.name.startswith(".")) == []
 
 
-def test_eval_only_scores_the_exported_graphs_on_the_same_data(onnx_model_dir, tmp_path):
-    """`train.py --eval_only --backend onnx|onnx-int8` gives the table of the graph a deployment runs."""
+def test_mirage_eval_scores_the_exported_graphs_on_the_same_data(onnx_model_dir, tmp_path, capsys):
+    """`mirage-eval --backend onnx|onnx-int8` gives the table of the graph a deployment runs."""
     from mirage_hf.demo.synthetic import make_synthetic_genimage
-    from mirage_hf.training import main
+    from mirage_hf.evaluate_model import main
+    from mirage_hf.training import main as train
 
     make_synthetic_genimage(tmp_path / "data", generators=["upsampler"], n_train_per_class=1, n_val_per_class=12,
                             image_size=48)  # fmt: skip
     results = {
         backend: main(
             [
-                "--eval_only",
                 "--model",
                 str(onnx_model_dir),
                 "--backend",
@@ -226,5 +226,6 @@ def test_eval_only_scores_the_exported_graphs_on_the_same_data(onnx_model_dir, t
     torch_all = results["torch"]["clean"]["all"]
     assert torch_all["n"] == 24 and results["onnx"]["clean"]["all"] == pytest.approx(torch_all, abs=1e-4)
     assert results["onnx-int8"]["clean"]["all"]["n"] == 24
-    with pytest.raises(SystemExit, match="--eval_only"):
-        main(["--backend", "onnx"])
+    with pytest.raises(SystemExit) as refused:  # training has no backend: it trains the PyTorch model
+        train(["--backend", "onnx"])
+    assert refused.value.code == 2 and "unrecognized arguments: --backend onnx" in capsys.readouterr().err

@@ -154,7 +154,7 @@ def test_the_space_scores_as_the_pipeline(model_dirs, image_paths, pipeline_scor
 
 @pytest.mark.parametrize("mode", MODES)
 def test_evaluation_scores_as_the_pipeline(model_dirs, image_paths, pipeline_scores, mode):
-    """As `train.py --eval_only --model DIR` scores: the folder's scorer and its calibrated preprocessing."""
+    """As `mirage-eval --model DIR` scores: the folder's scorer and its calibrated preprocessing."""
     scorer = load_scorer(model_dirs[mode], device="cpu")
     preprocess = scoring_preprocessor(AutoImageProcessor.from_pretrained(model_dirs[mode]), scorer.config)
     rows = [{"image": path, "label": index % 2, "subset": "parity"} for index, path in enumerate(image_paths)]

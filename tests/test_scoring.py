@@ -13,7 +13,7 @@ from mirage_hf.evaluation import predict
 from mirage_hf.inference import Detector
 from mirage_hf.lora import add_lora
 from mirage_hf.scoring import SCORE_FIELDS, TorchScorer, check_backend_options, load_scorer
-from mirage_hf.train_config import parse_args
+from mirage_hf.train_config import EvalConfig, parse_args
 from mirage_hf.transforms import Preprocessor
 
 
@@ -42,7 +42,7 @@ def test_every_entry_point_refuses_what_an_onnx_backend_cannot_do_with_one_messa
     assert capsys.readouterr().err.strip().endswith(f"--backend onnx-int8: {expected}")
     if "compile" in options:
         with pytest.raises(ValueError) as caught:
-            parse_args(["--eval_only", "--model", str(detector_dir), "--backend", "onnx-int8", "--compile"])
+            parse_args(["--model", str(detector_dir), "--backend", "onnx-int8", "--compile"], EvalConfig)
         assert str(caught.value) == expected
 
 

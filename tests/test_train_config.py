@@ -1,11 +1,13 @@
 """`train.py` options: typed parsing from the dataclasses, presets as defaults, the model options from MiraGeConfig."""
 
+import configparser
 import dataclasses
+from pathlib import Path
 
 import pytest
 
 from mirage_hf.configuration_mirage import MiraGeConfig
-from mirage_hf.train_config import NOT_OPTIONS, ModelOptions, TrainConfig, parse_args
+from mirage_hf.train_config import NOT_OPTIONS, EvalConfig, ModelOptions, TrainConfig, build_parser, parse_args
 
 
 def test_mixed_precision_no_is_the_word_no():
@@ -51,8 +53,8 @@ def test_the_command_line_overrides_the_preset_which_overrides_the_defaults():
 
 
 def test_inconsistent_options_fail_before_any_work():
-    with pytest.raises(ValueError, match="--eval_only needs --model"):
-        TrainConfig(eval_only=True)
+    with pytest.raises(ValueError, match="mirage-eval needs --model"):
+        EvalConfig()
 
 
 def test_a_preset_with_an_unknown_or_bad_value_fails(tmp_path):
@@ -73,3 +75,28 @@ def test_every_user_facing_mirage_config_field_is_a_train_option_with_its_defaul
         assert getattr(TrainConfig(), name) == (getattr(defaults, name) if name != "class_names" else None), name
     cfg = parse_args(["--anchor_margin", "0.3", "--mode", "coop"])
     assert cfg.model_options()["anchor_margin"] == 0.3 and cfg.model_options()["mode"] == "coop"
+
+
+def test_every_option_of_every_command_says_what_it_does():
+    """Each TrainConfig and EvalConfig field has its help text, and so has every option of every console script in
+    setup.cfg (`--help` is the documentation a user reads first)."""
+    from mirage_hf import adaptation, cli, hub, onnx_export
+
+    for config_class in (TrainConfig, EvalConfig):
+        bare = [f.name for f in dataclasses.fields(config_class) if not f.metadata.get("help", "").strip()]
+        assert not bare, (config_class.__name__, bare)
+    parsers = {
+        "mirage-train": lambda: build_parser(),
+        "mirage-eval": lambda: build_parser(config_class=EvalConfig),
+        "mirage-detect": cli.build_parser,
+        "mirage-adapt": adaptation.build_parser,
+        "mirage-push": hub.build_parser,
+        "mirage-export-onnx": onnx_export.build_parser,
+    }
+    setup = configparser.ConfigParser()
+    setup.read(Path(__file__).parent.parent / "setup.cfg")
+    scripts = [line.split("=")[0].strip() for line in setup["options.entry_points"]["console_scripts"].splitlines()]
+    assert sorted(parsers) == sorted(filter(None, scripts))
+    for script, make_parser in parsers.items():
+        bare = [action.dest for action in make_parser()._actions if not (action.help or "").strip()]
+        assert not bare, (script, bare)

@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_EVAL_ARGS
 from conftest import TINY_TRAIN_ARGS as TINY
 from transformers import pipeline
 
-from mirage_hf import MiraGeForImageClassification
+from mirage_hf import MiraGeForImageClassification, evaluate_model
 from mirage_hf.train_config import parse_args
 from mirage_hf.training import main
 
@@ -148,11 +149,12 @@ def test_a_corrupt_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
     assert "resumed from step 2" in caplog.text
 
 
-def test_eval_only_with_the_robustness_sweep_on_the_generated_data_the_model_was_trained_with(tmp_path):
+def test_mirage_eval_with_the_robustness_sweep_on_the_generated_data_the_model_was_trained_with(tmp_path):
     run(tmp_path / "train", "--max_steps", "2")
-    results = run(
-        tmp_path / "eval", "--eval_only", "--model", str(tmp_path / "train" / "model"), "--robustness"
-    )  # the README's form: the demo preset, another output folder
+    results = evaluate_model.main([
+        "--config", "demo", "--output_dir", str(tmp_path / "eval"), *TINY_EVAL_ARGS,
+        "--model", str(tmp_path / "train" / "model"), "--robustness",
+    ])  # fmt: skip  # the README's form: the demo preset, another output folder
     assert {"clean", "jpeg95", "jpeg30", "blur3", "downscale0.25"} <= set(results)
     assert results["clean"]["all"]["n"] == 32 and (tmp_path / "eval" / "eval_results.json").exists()
     assert not (tmp_path / "eval" / "synthetic-data").exists()  # the training run's copy, not a new one
@@ -165,12 +167,12 @@ def test_the_preprocessing_a_model_was_calibrated_with_is_stored_and_scores_it_b
     run(tmp_path / "resize", "--max_steps", "2", "--eval_preprocess", "resize")
     assert json.loads((tmp_path / "resize" / "model" / "config.json").read_text())["preprocess"] == "resize"
     evaluate = [
-        "--eval_only", "--model", str(model_dir), "--dataset", f"genimage:{tmp_path / 'train' / 'synthetic-data'}",
+        "--model", str(model_dir), "--dataset", f"genimage:{tmp_path / 'train' / 'synthetic-data'}",
         "--num_workers", "0", "--max_eval_samples", "8",
     ]  # fmt: skip
     # The README's command: no --config, no --eval_preprocess -> the model's own, not a preset's.
-    assert main([*evaluate, "--output_dir", str(tmp_path / "e1")])["preprocess"] == "center_crop"
-    overridden = main([*evaluate, "--output_dir", str(tmp_path / "e2"), "--eval_preprocess", "resize"])
+    assert evaluate_model.main([*evaluate, "--output_dir", str(tmp_path / "e1")])["preprocess"] == "center_crop"
+    overridden = evaluate_model.main([*evaluate, "--output_dir", str(tmp_path / "e2"), "--eval_preprocess", "resize"])
     assert overridden["preprocess"] == "resize"
 
 
@@ -247,7 +249,7 @@ def test_corrupt_images_are_reported_by_path_and_skipped(tmp_path, caplog):
 RECORDING_TRAIN_PY = """
 import json, sys
 from accelerate import PartialState
-from mirage_hf import evaluation, training
+from mirage_hf import evaluate_model, evaluation, training
 
 seen = {"train": [], "eval": []}
 train_collate, shard = training.SeededCollator.__call__, evaluation._shard
@@ -262,16 +264,16 @@ def record_eval(dataset, accelerator):
     return part
 
 training.SeededCollator.__call__, evaluation._shard = record_train, record_eval
-training.main(sys.argv[2:])
+{"train": training.main, "eval": evaluate_model.main}[sys.argv[2]](sys.argv[3:])
 state = PartialState()  # the state the run set up
 with open(f"{sys.argv[1]}.rank{state.process_index}.json", "w") as record:
     json.dump({"world_size": state.num_processes, **seen}, record)
 """
 
 
-def launch_two_processes(tmp_path, record: Path, *args) -> list[dict]:
-    """`accelerate launch --multi_gpu` with 2 processes of train.py (torchrun underneath, gloo on CPU, as the
-    scan test does); returns what each rank recorded."""
+def launch_two_processes(tmp_path, record: Path, command: str, *args) -> list[dict]:
+    """`accelerate launch --multi_gpu` with 2 processes of mirage-train or mirage-eval (`command`: train or eval;
+    torchrun underneath, gloo on CPU, as the scan test does); returns what each rank recorded."""
     import subprocess
 
     script = tmp_path / "recording_train.py"
@@ -279,7 +281,7 @@ def launch_two_processes(tmp_path, record: Path, *args) -> list[dict]:
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
-        "--dynamo_backend", "no", str(script), str(record), *map(str, args),
+        "--dynamo_backend", "no", str(script), str(record), command, *map(str, args),
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
@@ -297,9 +299,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_two_process_training_and_eval_only_each_rank_on_its_own_shard(tmp_path):
+def test_two_process_training_and_mirage_eval_each_rank_on_its_own_shard(tmp_path):
     """DDP on 2 CPU processes (gloo): each rank trains on its own batches and scores its own part of the test set,
-    and every evaluation image is counted exactly once; the same for --eval_only."""
+    and every evaluation image is counted exactly once; the same for mirage-eval."""
     from mirage_hf.demo.synthetic import make_synthetic_genimage
 
     root = make_synthetic_genimage(
@@ -312,7 +314,7 @@ def test_two_process_training_and_eval_only_each_rank_on_its_own_shard(tmp_path)
 
     # one epoch of 72 training images (80 less 8 held out for calibration): 4 steps of 2 x 8 images
     ranks = launch_two_processes(
-        tmp_path, tmp_path / "train", "--config", "demo", "--output_dir", tmp_path / "out", *data,
+        tmp_path, tmp_path / "train", "train", "--config", "demo", "--output_dir", tmp_path / "out", *data,
         "--max_steps", "None", "--num_epochs", "1", "--eval_every", "2",
     )  # fmt: skip
     assert [rank["world_size"] for rank in ranks] == [2, 2]
@@ -326,8 +328,8 @@ def test_two_process_training_and_eval_only_each_rank_on_its_own_shard(tmp_path)
     written = json.loads((tmp_path / "out" / "eval_results.json").read_text())
     assert written["clean"]["all"]["n"] == 11 and written["clean"]["all"]["n_real"] == 6
 
-    args = ["--eval_only", "--model", tmp_path / "out" / "model", "--output_dir", tmp_path / "eval", *data]
-    ranks = launch_two_processes(tmp_path, tmp_path / "eval_only", *args)
+    args = ["--model", tmp_path / "out" / "model", "--output_dir", tmp_path / "eval", "--dataset", f"genimage:{root}"]
+    ranks = launch_two_processes(tmp_path, tmp_path / "eval_only", "eval", *args, *TINY_EVAL_ARGS)
     assert [rank["world_size"] for rank in ranks] == [2, 2] and not ranks[0]["train"] and not ranks[1]["train"]
     (first,), (second,) = ranks[0]["eval"], ranks[1]["eval"]
     assert sorted(first + second) == val_files and {len(first), len(second)} == {5, 6}

@@ -26,7 +26,7 @@ DOCS = ("README.md", "docs/synthetic-data.md", "docs/adaptation.md")
 
 
 def demo_table(results: dict) -> str:
-    from mirage_hf.training import results_table
+    from mirage_hf.evaluation import results_table
 
     return results_table(results)
 
