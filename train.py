@@ -1,11 +1,11 @@
 #!/usr/bin/env python
-"""Train or evaluate a MiraGe detector (the `mirage-train` command). With no arguments: the offline demo
+"""Train a MiraGe detector (the `mirage-train` command; `mirage-eval` evaluates a saved one). With no arguments: the offline demo
 (the `demo` preset shipped in mirage_hf/configs).
 
 python train.py                                   # offline demo: tiny CLIP, generated data, a few minutes on CPU
 python train.py --config genimage_sd14 --dataset genimage:/data/GenImage
 accelerate launch --multi_gpu train.py --config genimage_sd14 ...
-python train.py --eval_only --model outputs/demo/model --dataset genimage:/data/GenImage --robustness
+mirage-eval --model outputs/demo/model --dataset genimage:/data/GenImage --robustness
 """
 
 from mirage_hf.training import script

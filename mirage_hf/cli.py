@@ -431,8 +431,7 @@ def main(argv: list[str] | None = None) -> int:
             compile=args.compile,
         )
     except ModelNotFound as err:
-        print(f"{PROG}: {err}", file=sys.stderr)
-        return 1
+        return _stopped(err)
     except (ImportError, OSError, ValueError, RuntimeError) as err:
         where = "" if os.path.isdir(model) else " (no such local folder, so it was tried as a Hub id)"
         where += ", and the Hub cannot be reached" if offline else ""
@@ -449,8 +448,7 @@ def main(argv: list[str] | None = None) -> int:
             progress = functools.partial(_progress_bar, args)
             counts = scan_shard(score, paths, state, args.output, args.format, _fields(args), args.resume, progress)
     except ScanOutputError as err:
-        print(f"{PROG}: cannot resume: {err}", file=sys.stderr)
-        return 1
+        return _stopped(err)
     if counts is None:  # a process of a sharded scan other than the main one: the main process reports
         return 0
     return _report(args, counts, started, sharded=state is not None)
@@ -465,16 +463,20 @@ def _main_ray(args, model: str, paths: PathList, media: MediaOptions, started: f
             counts = _scan_parquet(args, model, paths, media)
         else:
             counts = _scan(args, paths, _ray_scorer(args, model, media))
-    except ImportError as err:
-        print(f"{PROG}: --engine ray: {err}", file=sys.stderr)
-        return 1
-    except ModelNotFound as err:
-        print(f"{PROG}: {err}", file=sys.stderr)
-        return 1
-    except ScanOutputError as err:
-        print(f"{PROG}: cannot resume: {err}", file=sys.stderr)
-        return 1
+    except (ImportError, ModelNotFound, ScanOutputError) as err:
+        return _stopped(err)
     return _report(args, counts, started, sharded=False)
+
+
+STOPPED = {ModelNotFound: "", ScanOutputError: "cannot resume: ", ImportError: "--engine ray: "}
+"""What stops a scan with exit code 1, and the words before its message (ImportError: Ray is not installed)."""
+
+
+def _stopped(err: Exception) -> int:
+    """The one line on stderr and the exit code of a scan that `err` stopped (see STOPPED)."""
+    prefix = next(words for kind, words in STOPPED.items() if isinstance(err, kind))
+    print(f"{PROG}: {prefix}{err}", file=sys.stderr)
+    return 1
 
 
 def _report(args, counts: Counter, started: float, sharded: bool) -> int:

@@ -1,4 +1,5 @@
-"""Options of `train.py`: typed dataclass fields, defaults from a YAML/JSON preset, then command-line overrides.
+"""Options of `train.py` (TrainConfig) and `mirage-eval` (EvalConfig): typed dataclass fields, defaults from a
+YAML/JSON preset, then command-line overrides.
 
 `HfArgumentParser` builds the command line from the fields' types (as transformers' examples do), so
 `--mixed_precision no`, `--calibrate None` and `--train_subsets a b` mean what they say.
