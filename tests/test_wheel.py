@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import TINY_TRAIN_ARGS
+from conftest import TINY_EVAL_ARGS, TINY_TRAIN_ARGS
 from huggingface_hub import SpaceCard
 
 pytestmark = pytest.mark.slow
@@ -73,14 +73,18 @@ def test_the_wheel_ships_the_pretrained_tiny_clip_and_the_demo_finds_it(installe
     assert Path(folder).is_relative_to(site) and actual == card
 
 
-def test_mirage_train_then_mirage_push_from_an_installed_wheel(installed, tmp_path):
-    """A pip user's path: train the demo (tiny options) to an exported model, then stage its repo and Space."""
+def test_mirage_train_mirage_eval_then_mirage_push_from_an_installed_wheel(installed, tmp_path):
+    """A pip user's path: train the demo (tiny options) to an exported model, evaluate it, then stage its repo and
+    Space."""
     site, env = installed
     run([str(site / "bin" / "mirage-train"), *TINY_TRAIN_ARGS, "--max_steps", "4"], cwd=tmp_path, env=env)
     model_dir = tmp_path / "outputs" / "demo" / "model"  # the demo preset's output_dir, relative to where it ran
     assert {"config.json", "model.safetensors", "preprocessor_config.json", "eval_results.json"} <= {
         p.name for p in model_dir.iterdir()
     }
+    evaluate = [str(site / "bin" / "mirage-eval"), "--model", str(model_dir), "--output_dir", "eval", *TINY_EVAL_ARGS]
+    assert run(evaluate, cwd=tmp_path, env=env).splitlines()[-1] == "results written to eval/eval_results.json"
+    assert not (tmp_path / "eval" / "synthetic-data").exists()  # the training run's generated data, reused
     push = [str(site / "bin" / "mirage-push"), "--model_dir", str(model_dir), "--repo_id", "you/mirage-demo"]
     push += ["--space_repo_id", "you/mirage-demo-space", "--license", "apache-2.0", "--staging_dir", "staged"]
     printed = run([*push, "--dry_run"], cwd=tmp_path, env=env)

@@ -106,7 +106,7 @@ SABOTAGES = [
         "mirage-detect --engine ray --resume scores every file again (duplicate rows in the Parquet output)",
         ("tests/test_ray.py::test_resume_after_an_interrupted_job_scores_only_what_is_missing",),
         "mirage_hf/cli.py",
-        "    done = _done(ray_scan.parquet_rows(args.output)) if args.resume else set()\n",
+        "    done = done_paths(ray_scan.parquet_rows(args.output)) if args.resume else set()\n",
         "    done = set()\n",
     ),
     Sabotage(
