@@ -8,6 +8,7 @@ from datasets import IterableDataset
 
 from .data import check_binary_labels, load_data
 from .demo.synthetic import make_synthetic_genimage
+from .train_config import EvaluationOptions
 
 SYNTHETIC_DIR = "synthetic-data"  # in a run's output folder
 SYNTHETIC_STAMP = "options.json"  # the generator options a synthetic-data folder was made with
@@ -24,13 +25,13 @@ def made_with(root: Path, options: dict) -> bool:
     return stamped_options(root) == options
 
 
-def synthetic_data_options(cfg) -> dict:
+def synthetic_data_options(cfg: EvaluationOptions) -> dict:
     """What the "synthetic" data is generated with (`make_synthetic_genimage`); eval_results.json records it, so
     that `mirage-adapt` can regenerate the evaluation data."""
     return {"seed": cfg.seed, **cfg.synthetic}
 
 
-def resolve_dataset(cfg, source: str, trained_model: str | None = None) -> str:
+def resolve_dataset(cfg: EvaluationOptions, source: str, trained_model: str | None = None) -> str:
     """ "synthetic" becomes a generated GenImage-layout folder (made once, deterministic for the options). Given the
     `trained_model` folder under evaluation, the folder of the run that trained it is used when it was made with
     the same options."""
@@ -47,7 +48,7 @@ def resolve_dataset(cfg, source: str, trained_model: str | None = None) -> str:
     return f"genimage:{root}"
 
 
-def load_split(cfg, source: str, split: str, subsets, max_samples):
+def load_split(cfg: EvaluationOptions, source: str, split: str, subsets, max_samples):
     """One split in the standard image/label/subset schema, filtered and checked before any long work."""
     ds = load_data(
         source, split=split, image_column=cfg.image_column, label_column=cfg.label_column,
