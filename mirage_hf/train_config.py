@@ -84,7 +84,8 @@ class EvaluationOptions:
     # --- data --------------------------------------------------------------------------------------
     dataset: str = option(
         "synthetic",
-        'Training data: "synthetic" (generated), "genimage:<root>", "ufd:<root>", a folder, a file or a Hub id.',
+        'Training data, and test data unless eval_dataset: "synthetic" (generated), "genimage:<root>", "ufd:<root>", '
+        "a folder, a file or a Hub id.",
     )
     eval_dataset: str | None = option(None, "Test data (same forms); defaults to `dataset`.")
     eval_split: str = option("val", 'Split of the test data (default "val").')
