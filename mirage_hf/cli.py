@@ -371,13 +371,17 @@ def _write_whole(write, output: str | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except SystemExit as exit_:  # --help (0), a usage error (1) or a stop already reported, as a return code
+        return exit_.code
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     world = int(os.environ.get("WORLD_SIZE", "1"))  # set by accelerate launch (and torchrun) for every process
-    try:
-        args = parser.parse_args(argv)
-        _check_args(parser, args, world)
-    except SystemExit as exit_:  # --help (0) or a usage error (1), as a return code
-        return exit_.code
+    args = parser.parse_args(argv)
+    _check_args(parser, args, world)
 
     model = args.model or (DEFAULT_MODEL if os.path.isdir(DEFAULT_MODEL) else None)
     if model is None:
@@ -388,55 +392,16 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
 
-    provenance = None
-    if args.provenance:
-        try:
-            provenance = functools.partial(read_provenance, c2pa=C2paReader(args.c2pa_trust_anchors))
-        except (ImportError, ValueError) as err:
-            print(f"{PROG}: --provenance: {err}", file=sys.stderr)
-            return 1
-    media = MediaOptions(args.fps, args.max_frames, args.frames, args.stability, provenance)
-
+    media = _media_options(args)
     started = time.perf_counter()
-    empty_folders = []
-    find = ray_scan.find_inputs if args.engine == "ray" else find_images  # URIs (s3://, gs://) for Ray's readers
-    paths = find(args.inputs, args.files_from, on_empty_folder=empty_folders.append)
-    if not paths:
-        print(f"{PROG}: no image or video files found in {' '.join(args.inputs) or args.files_from}", file=sys.stderr)
-        return 2
-    for folder in empty_folders:  # the scan goes on with the other inputs, but says what it found nothing in
-        print(f"{PROG}: no image or video files in {folder}", file=sys.stderr)
-    state = None
-    if world > 1:
-        from accelerate import PartialState
-
-        state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())  # gloo between CPUs
-        if args.resume and (stale := foreign_parts(args.output, world)):
-            print(f"{PROG}: parts of a run with another number of processes exist ({stale[0]}, ...); resume "
-                  "with that number of processes", file=sys.stderr)  # fmt: skip
-            return 1
+    paths = _inputs(args)
+    state = _process_group(args, world) if world > 1 else None
 
     hide_library_bars()  # the weight-loading bar is noise in a command-line tool
     offline = not os.path.isdir(model) and offline_if_hub_unreachable()
     if args.engine == "ray":
         return _main_ray(args, model, paths, media, started)
-    try:
-        detector = Detector.from_pretrained(
-            model,
-            device=args.device or (state.device if state is not None else None),
-            dtype=DTYPES[args.dtype],
-            backend=args.backend,
-            preprocess=args.preprocess,
-            unsure_margin=args.unsure_margin,
-            compile=args.compile,
-        )
-    except ModelNotFound as err:
-        return _stopped(err)
-    except (ImportError, OSError, ValueError, RuntimeError) as err:
-        where = "" if os.path.isdir(model) else " (no such local folder, so it was tried as a Hub id)"
-        where += ", and the Hub cannot be reached" if offline else ""
-        print(f"{PROG}: cannot load the model {model!r}{where}: {err}", file=sys.stderr)
-        return 1
+    detector = _load_detector(args, model, state, offline)
 
     if args.explain:
         os.makedirs(args.explain, exist_ok=True)
@@ -452,6 +417,66 @@ def main(argv: list[str] | None = None) -> int:
     if counts is None:  # a process of a sharded scan other than the main one: the main process reports
         return 0
     return _report(args, counts, started, sharded=state is not None)
+
+
+def _media_options(args) -> MediaOptions:
+    """What to read besides pixels (video frames, stability copies, provenance); exit code 1 if provenance cannot
+    be read."""
+    provenance = None
+    if args.provenance:
+        try:
+            provenance = functools.partial(read_provenance, c2pa=C2paReader(args.c2pa_trust_anchors))
+        except (ImportError, ValueError) as err:
+            print(f"{PROG}: --provenance: {err}", file=sys.stderr)
+            raise SystemExit(1) from err
+    return MediaOptions(args.fps, args.max_frames, args.frames, args.stability, provenance)
+
+
+def _inputs(args) -> PathList:
+    """The files to scan (each once); exit code 2 when there are none. Empty folders are named."""
+    empty_folders = []
+    find = ray_scan.find_inputs if args.engine == "ray" else find_images  # URIs (s3://, gs://) for Ray's readers
+    paths = find(args.inputs, args.files_from, on_empty_folder=empty_folders.append)
+    if not paths:
+        print(f"{PROG}: no image or video files found in {' '.join(args.inputs) or args.files_from}", file=sys.stderr)
+        raise SystemExit(2)
+    for folder in empty_folders:  # the scan goes on with the other inputs, but says what it found nothing in
+        print(f"{PROG}: no image or video files in {folder}", file=sys.stderr)
+    return paths
+
+
+def _process_group(args, world: int):
+    """This process's place in a scan under `accelerate launch` (gloo between CPUs); exit code 1 when the parts to
+    resume were written by another number of processes."""
+    from accelerate import PartialState
+
+    state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())
+    if args.resume and (stale := foreign_parts(args.output, world)):
+        print(f"{PROG}: parts of a run with another number of processes exist ({stale[0]}, ...); resume "
+              "with that number of processes", file=sys.stderr)  # fmt: skip
+        raise SystemExit(1)
+    return state
+
+
+def _load_detector(args, model: str, state, offline: bool) -> Detector:
+    """The detector on this process's device; exit code 1 with what went wrong and where it was looked for."""
+    try:
+        return Detector.from_pretrained(
+            model,
+            device=args.device or (state.device if state is not None else None),
+            dtype=DTYPES[args.dtype],
+            backend=args.backend,
+            preprocess=args.preprocess,
+            unsure_margin=args.unsure_margin,
+            compile=args.compile,
+        )
+    except ModelNotFound as err:
+        raise SystemExit(_stopped(err)) from err
+    except (ImportError, OSError, ValueError, RuntimeError) as err:
+        where = "" if os.path.isdir(model) else " (no such local folder, so it was tried as a Hub id)"
+        where += ", and the Hub cannot be reached" if offline else ""
+        print(f"{PROG}: cannot load the model {model!r}{where}: {err}", file=sys.stderr)
+        raise SystemExit(1) from err
 
 
 def _main_ray(args, model: str, paths: PathList, media: MediaOptions, started: float) -> int:
