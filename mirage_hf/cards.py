@@ -370,6 +370,50 @@ It ships no model code: without `mirage-hf`, `trust_remote_code` cannot load it.
 """
 
 
+def _adaptation_method(results: dict) -> tuple[str, str]:
+    """What an adapter holds and how it was trained, in the card's words."""
+    options = results["options"]
+    trained = "prompts and couplings" + (f" and a rank-{options['lora_r']} LoRA" if options.get("lora_r") else "")
+    anchor = options.get("method", "prompts") == "anchor"
+    if anchor:
+        trained = "added fake anchor (the prompts and couplings are stored unchanged, so the adapter loads as any)"
+    method = (
+        f"One fake anchor for `{results['generator']}` was added beside the detector's class anchors (its logit joins "
+        "the fake class, so p(fake) = 1 - p(real) over every anchor), placed from the new images and trained alone "
+        f"for {options['steps']} steps of AdamW (learning rate {options['learning_rate']:g}, batches of "
+        f"{options['batch_size']}, half new fakes and half reals) on the detector's own loss and distillation of its "
+        f"p(fake) on the real images (weight {options['distill_weight']:g}); the prompts, class anchors and "
+        "calibration are the base detector's"
+        if anchor
+        else f"{options['steps']} steps of AdamW (learning rate {options['learning_rate']:g}, batches of "
+        f"{options['batch_size']}, half new fakes and half reals), starting from the detector's own trained weights, "
+        f"on the detector's own loss plus an L2 penalty toward its weights (weight {options['anchor_weight']:g}) and "
+        f"distillation of its p(fake) on the real images (weight {options['distill_weight']:g})"
+    )
+    return trained, method
+
+
+def _adapter_tables(results: dict) -> list[str]:
+    """The before/after tables: the reference data (forgetting) and the new generator's held-out images."""
+    images = results["images"]
+    tables = [
+        f"Reference data `{_dataset_label(results['reference'].split(' [')[0])}` (what the base detector was "
+        "evaluated on; the old generators):\n\n```\n"
+        + format_before_after(results["before"]["reference"], results["after"]["reference"])
+        + "\n```"
+        if results["before"]["reference"]
+        else "No reference data: forgetting was not measured."
+    ]
+    if results["before"]["holdout"]:
+        tables.append(
+            f"Held-out images of `{results['generator']}` ({images['holdout_fakes']} fakes, {images['holdout_reals']} "
+            "reals; never trained on):\n\n```\n"
+            + format_before_after(results["before"]["holdout"], results["after"]["holdout"])
+            + "\n```"
+        )
+    return tables
+
+
 def adapter_card(
     adapter_dir, repo_id: str | None = None, license: str | None = None, name: str | None = None
 ) -> ModelCard:
@@ -392,24 +436,8 @@ def adapter_card(
         base_model_relation="adapter" if on_hub else None,
     )
     base_text = f"[{base}](https://huggingface.co/{base})" if on_hub else f"`{Path(base).name}` (a local folder)"
-    images, options = results["images"], results["options"]
-    trained = "prompts and couplings" + (f" and a rank-{options['lora_r']} LoRA" if options.get("lora_r") else "")
-    anchor = options.get("method", "prompts") == "anchor"
-    if anchor:
-        trained = "added fake anchor (the prompts and couplings are stored unchanged, so the adapter loads as any)"
-    method = (
-        f"One fake anchor for `{results['generator']}` was added beside the detector's class anchors (its logit joins "
-        "the fake class, so p(fake) = 1 - p(real) over every anchor), placed from the new images and trained alone "
-        f"for {options['steps']} steps of AdamW (learning rate {options['learning_rate']:g}, batches of "
-        f"{options['batch_size']}, half new fakes and half reals) on the detector's own loss and distillation of its "
-        f"p(fake) on the real images (weight {options['distill_weight']:g}); the prompts, class anchors and "
-        "calibration are the base detector's"
-        if anchor
-        else f"{options['steps']} steps of AdamW (learning rate {options['learning_rate']:g}, batches of "
-        f"{options['batch_size']}, half new fakes and half reals), starting from the detector's own trained weights, "
-        f"on the detector's own loss plus an L2 penalty toward its weights (weight {options['anchor_weight']:g}) and "
-        f"distillation of its p(fake) on the real images (weight {options['distill_weight']:g})"
-    )
+    images, calibration = results["images"], results["calibration"]
+    trained, method = _adaptation_method(results)
     forced = ""
     if results.get("forced"):
         forced = (
@@ -417,24 +445,9 @@ def adapter_card(
             + "; ".join(results["refused"])
             + ". Check the tables below before using it.\n"
         )
-    tables = [
-        f"Reference data `{_dataset_label(results['reference'].split(' [')[0])}` (what the base detector was "
-        "evaluated on; the old generators):\n\n```\n"
-        + format_before_after(results["before"]["reference"], results["after"]["reference"])
-        + "\n```"
-        if results["before"]["reference"]
-        else "No reference data: forgetting was not measured."
-    ]
-    if results["before"]["holdout"]:
-        tables.append(
-            f"Held-out images of `{results['generator']}` ({images['holdout_fakes']} fakes, {images['holdout_reals']} "
-            "reals; never trained on):\n\n```\n"
-            + format_before_after(results["before"]["holdout"], results["after"]["holdout"])
-            + "\n```"
-        )
+    tables = _adapter_tables(results)
     changes = [value for classes in results["forgetting"]["change"].values() for value in classes.values()]
     worst_text = f"; the largest loss here is {min(changes):+.1f} points" if changes else ""
-    calibration = results["calibration"]
     calibration_rule = calibration["rule"]
     body = f"""# {name}
 
