@@ -91,7 +91,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Detect AI-generated images and videos with a MiraGe detector (calibrated p(fake) per file).",
         epilog="Exit codes: 0 all scored, 2 some files unreadable or no image found, 1 usage error or no model.",
     )
-    parser.add_argument(
+    _add_inputs(parser)
+    _add_model_options(parser)
+    _add_media_options(parser)
+    _add_output_options(parser)
+    _add_ray_options(parser)
+    return parser
+
+
+def _add_inputs(parser: argparse.ArgumentParser) -> None:
+    """What to scan."""
+    group = parser.add_argument_group("inputs")
+    group.add_argument(
         "inputs",
         nargs="*",
         metavar="INPUT",
@@ -99,48 +110,58 @@ def build_parser() -> argparse.ArgumentParser:
         f"(searched recursively for {', '.join(sorted(e[1:] for e in IMAGE_EXTENSIONS | VIDEO_EXTENSIONS))}; an "
         "animated gif is a video) or glob patterns such as 'shots/**/*.jpg'",
     )
-    parser.add_argument(
+    group.add_argument(
         "--files_from",
         metavar="LIST",
         help="also score the files listed in LIST, one path per line, taken literally ('-': read stdin)",
     )
-    parser.add_argument(
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    """The detector and how it runs."""
+    group = parser.add_argument_group("model")
+    group.add_argument(
         "--model",
         help=f"detector folder or Hub id (default: {DEFAULT_MODEL}, the folder `python train.py` exports)",
     )
-    parser.add_argument("--batch_size", type=positive_int, default=32, help="images per forward pass (default 32)")
-    parser.add_argument(
+    group.add_argument("--batch_size", type=positive_int, default=32, help="images per forward pass (default 32)")
+    group.add_argument(
         "--num_workers",
         type=non_negative_int,
         help="DataLoader processes decoding images while the model scores; 0 decodes in the main process "
         f"(default: the usable CPUs less one, at most 8; here {default_num_workers()})",
     )
-    parser.add_argument(
+    group.add_argument(
         "--backend",
         choices=BACKENDS,
         default="torch",
         help="torch (default), or ONNX Runtime on the graphs `mirage-export-onnx` writes: onnx (fp32) or "
         "onnx-int8 (quantized, fastest on CPU)",
     )
-    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="model dtype (default float32)")
-    parser.add_argument(
+    group.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    group.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="model dtype (default float32)")
+    group.add_argument(
         "--compile", action="store_true", help="torch.compile the image encoder (pays off on large folders)"
     )
-    parser.add_argument(
+    group.add_argument(
         "--preprocess",
         choices=PREPROCESS_MODES,
         help="resize: CLIP's resize and centre crop; center_crop: crop without resizing (keeps pixel traces); "
         "default: the one the model was calibrated with (its config's `preprocess`)",
     )
-    parser.add_argument(
+    group.add_argument(
         "--unsure_margin",
         type=_margin,
         default=DEFAULT_UNSURE_MARGIN,
         help="label 'unsure' when p(fake) is within this distance of 0.5, where the verdict flips "
         f"(default {DEFAULT_UNSURE_MARGIN})",
     )
-    sampling = parser.add_mutually_exclusive_group()
+
+
+def _add_media_options(parser: argparse.ArgumentParser) -> None:
+    """Videos, stability copies and provenance: what is read besides an image's pixels."""
+    group = parser.add_argument_group("videos, stability and provenance")
+    sampling = group.add_mutually_exclusive_group()
     sampling.add_argument(
         "--max_frames",
         type=positive_int,
@@ -151,8 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument(
         "--fps", type=positive_float, help="instead of --max_frames: frames scored per second of video"
     )
-    parser.add_argument("--frames", action="store_true", help="also write a row per scored video frame")
-    parser.add_argument(
+    group.add_argument("--frames", action="store_true", help="also write a row per scored video frame")
+    group.add_argument(
         "--stability",
         action="store_true",
         help="also score degraded copies of each input ("
@@ -160,42 +181,51 @@ def build_parser() -> argparse.ArgumentParser:
         + ") and call the verdict 'unsure' when they fall on both sides of the threshold; adds the column spread "
         f"(costs {len(STABILITY_COPIES) + 1}x the forward passes)",
     )
-    parser.add_argument(
+    group.add_argument(
         "--provenance",
         action="store_true",
         help="also read C2PA manifests and the XMP DigitalSourceType (needs mirage-hf[provenance]); adds the "
         "columns source_type, c2pa_generator, c2pa_signer, c2pa_validation; never changes p(fake)",
     )
-    parser.add_argument(
+    group.add_argument(
         "--c2pa_trust_anchors",
         metavar="PEM",
         help="with --provenance: CA certificates whose signers count as trusted (else a valid manifest is 'valid')",
     )
-    parser.add_argument(
+
+
+def _add_output_options(parser: argparse.ArgumentParser) -> None:
+    """Where and how the rows are written."""
+    group = parser.add_argument_group("output")
+    group.add_argument(
         "--format",
         choices=(*FORMATS, "parquet"),
         help="output format (default table; parquet, with --engine ray, when --output ends in .parquet: a folder of "
         "Parquet files written by the workers)",
     )
-    parser.add_argument(
+    group.add_argument(
         "--output",
         help="write the results to this file instead of stdout: csv and jsonl row by row as batches are scored, "
         "table and json atomically at the end",
     )
-    existing = parser.add_mutually_exclusive_group()
+    existing = group.add_mutually_exclusive_group()
     existing.add_argument(
         "--resume",
         action="store_true",
         help="continue an interrupted scan: skip every path already in --output (csv or jsonl) and append the rest",
     )
     existing.add_argument("--overwrite", action="store_true", help="replace an existing --output")
-    parser.add_argument(
+    group.add_argument(
         "--explain",
         metavar="DIR",
         help="also write per image an overlay PNG (red: pulls towards fake, blue: towards real) into DIR; costs "
         "about 32 forward and backward passes per batch (integrated gradients, see mirage_hf.explain)",
     )
     add_quiet(parser, "progress bar and no summary line")
+
+
+def _add_ray_options(parser: argparse.ArgumentParser) -> None:
+    """The scan on a Ray cluster."""
     ray = parser.add_argument_group('Ray Data, for more than one machine (pip install "mirage-hf[ray]")')
     ray.add_argument(
         "--engine",
@@ -217,7 +247,6 @@ def build_parser() -> argparse.ArgumentParser:
     ray.add_argument(
         "--num_gpus_per_actor", type=non_negative_float, default=0.0, help="GPUs each scoring actor holds (default 0)"
     )
-    return parser
 
 
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace, world: int) -> None:
