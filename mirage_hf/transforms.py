@@ -81,13 +81,20 @@ def _open_target(source: Any) -> tuple[Any, str | None]:
     if not isinstance(source, (str, os.PathLike)):
         raise ImageLoadError(None, f"unsupported source type {type(source).__name__}")
     path = os.fspath(source)
-    if not os.path.exists(path):
-        raise ImageLoadError(name, "file not found")
-    if os.path.isdir(path):
-        raise ImageLoadError(name, "is a directory, not an image file")
-    if os.path.getsize(path) == 0:
-        raise ImageLoadError(name, "empty file")
+    if problem := file_problem(path, "an image"):
+        raise ImageLoadError(name, problem)
     return path, name
+
+
+def file_problem(path: str, kind: str) -> str | None:
+    """Why the file at `path` cannot hold `kind` ("an image", "a video") before any decoder is tried, or None."""
+    if not os.path.exists(path):
+        return "file not found"
+    if os.path.isdir(path):
+        return f"is a directory, not {kind} file"
+    if os.path.getsize(path) == 0:
+        return "empty file"
+    return None
 
 
 class _TruncatedError(Exception):

@@ -18,7 +18,7 @@ from fractions import Fraction
 
 from PIL import Image
 
-from .transforms import MAX_IMAGE_PIXELS, ImageLoadError, open_image, to_rgb
+from .transforms import MAX_IMAGE_PIXELS, ImageLoadError, file_problem, open_image, to_rgb
 
 VIDEO_EXTENSIONS = frozenset({".avi", ".m4v", ".mkv", ".mov", ".mp4", ".webm"})
 """Decoded as videos through PyAV. Animated GIFs (`.gif` with more than one frame) are videos as well."""
@@ -70,12 +70,8 @@ def _av():
 
 def _open_container(path: str):
     """The PyAV container of `path` and its first video stream; VideoLoadError naming the problem otherwise."""
-    if not os.path.exists(path):
-        raise VideoLoadError(path, "file not found")
-    if os.path.isdir(path):
-        raise VideoLoadError(path, "is a directory, not a video file")
-    if os.path.getsize(path) == 0:
-        raise VideoLoadError(path, "empty file")
+    if problem := file_problem(path, "a video"):
+        raise VideoLoadError(path, problem)
     try:
         av = _av()
     except ImportError as err:
