@@ -27,6 +27,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -37,8 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
-from transformers import get_cosine_schedule_with_warmup
+from accelerate import PartialState
 from transformers.models.auto.image_processing_auto import AutoImageProcessor  # top-level: torchvision-only in 5.17
 from transformers.utils import cached_file
 
@@ -55,12 +55,14 @@ from .commands import UsageParser, add_quiet
 from .data import FAKE, REAL, load_data
 from .data_sources import SYNTHETIC_DIR, stamped_options
 from .demo.synthetic import make_synthetic_genimage
+from .engine import Checkpointing, Engine, Optimisation, Task, TrainingLog, make_accelerator
 from .evaluation import evaluate, predict
 from .lora import mirage_lora_config
 from .metrics import RESERVED_SUBSETS, format_before_after, to_jsonable
-from .model_folder import EVAL_RESULTS_FILE, mirage_core
+from .model_folder import EVAL_RESULTS_FILE
 from .modeling_mirage import MiraGeAddedAnchors, MiraGeForImageClassification
-from .progress import hide_library_bars, progress_bar
+from .parameters import mirage_core, trainable_parameters
+from .progress import hide_library_bars
 from .scan import find_images
 from .scoring import check_model_name
 from .transforms import BadImageReport, DetectionCollator, ImageLoadError, Preprocessor, TrainAugmentation, open_image
@@ -99,8 +101,12 @@ class AdaptOptions:
     "anchor" adds a fake anchor for the new generator and trains only it, the prompts, class anchors and
     calibration staying the base's (docs/adaptation.md)."""
 
+    mixed_precision: str = "no"
+    """Autocast of the training and scoring forwards: "no", "fp16" or "bf16" (accelerate's settings)."""
+
     STEPS_MIN, STEPS_MAX = 100, 400
     METHODS = ("prompts", "anchor")
+    MIXED_PRECISION = ("no", "fp16", "bf16")
 
     def resolved_steps(self, n_train_fakes: int) -> int:
         if self.steps is not None:
@@ -122,6 +128,10 @@ class AdaptOptions:
             raise ValueError("anchor_weight, distill_weight, max_forgetting and lora_r must be >= 0")
         if self.method not in self.METHODS:
             raise ValueError(f"method must be one of {', '.join(self.METHODS)}, got {self.method!r}")
+        if self.mixed_precision not in self.MIXED_PRECISION:
+            raise ValueError(
+                f"mixed_precision must be one of {', '.join(self.MIXED_PRECISION)}, got {self.mixed_precision!r}"
+            )
         if self.method == "anchor" and self.lora_r:
             raise ValueError("method 'anchor' trains one anchor and nothing else: it takes no lora_r")
 
@@ -275,7 +285,7 @@ def reference_rows(detector: str, source: str | None, split: str | None, workdir
 
 
 def trained_parameters(model) -> dict[str, torch.nn.Parameter]:
-    return {name: param for name, param in mirage_core(model).named_parameters() if param.requires_grad}
+    return trainable_parameters(mirage_core(model))
 
 
 def anchor_penalty(params: dict, base: dict) -> torch.Tensor:
@@ -291,11 +301,15 @@ def distillation(logit_diff, base_logit_diff, temperature: float) -> torch.Tenso
 
 
 class Batches:
-    """Each step's rows: half new fakes, half reals, drawn in seeded passes over each class."""
+    """Each step's rows: half new fakes, half reals, drawn in seeded passes over each class. It queues row indices,
+    so its `state_dict` (the random state and the queues) resumes the same draws."""
 
     def __init__(self, fakes: list[dict], reals: list[dict], batch_size: int, seed: int):
         self.pools = [(fakes, batch_size // 2 if reals else batch_size), (reals, batch_size - batch_size // 2)]
         self.rng, self.queues = random.Random(seed), [[], []]
+
+    def __iter__(self):
+        return self
 
     def __next__(self) -> list[dict]:
         rows = []
@@ -303,10 +317,30 @@ class Batches:
             while pool and len(self.queues[index]) < n:
                 order = list(range(len(pool)))
                 self.rng.shuffle(order)
-                self.queues[index] += [pool[i] for i in order]
-            rows += self.queues[index][:n]
+                self.queues[index] += order
+            rows += [pool[i] for i in self.queues[index][:n]]
             self.queues[index] = self.queues[index][n:]
         return rows
+
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.getstate(), "queues": self.queues}
+
+    def load_state_dict(self, state: dict) -> None:
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+        self.queues = [list(queue) for queue in state["queues"]]
+
+
+class LossLog(list):
+    """The loss terms every `EVERY` steps (adapt_results.json's loss_log); checkpointed with the run."""
+
+    EVERY = 10
+
+    def state_dict(self) -> dict:
+        return {"entries": list(self)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self[:] = state["entries"]
 
 
 def add_adaptation_lora(model, r: int):
@@ -363,8 +397,12 @@ def optimised_parameters(model, method: str) -> dict[str, torch.nn.Parameter]:
     return {name: p for name, p in params.items() if method != "anchor" or name.startswith(ANCHOR_PREFIX)}
 
 
-def train(model, train_fakes, train_reals, preprocess, options: AdaptOptions, device, quiet=False) -> list[dict]:
-    """Trains the model's weights (`optimised_parameters`) in place; returns the loss terms every 10 steps.
+def train(
+    model, train_fakes, train_reals, preprocess, options: AdaptOptions, accelerator, quiet=False,
+    checkpointing: Checkpointing | None = None,
+) -> list[dict]:  # fmt: skip
+    """Trains the model's weights (`optimised_parameters`) in place with the engine; returns the loss terms every
+    10 steps. Each process draws its own batches (seed + process index); `checkpointing` saves and resumes them.
 
     Distillation keeps the reals' scores at the base detector's: with an added anchor, the base is the model with
     that anchor switched off."""
@@ -375,20 +413,15 @@ def train(model, train_fakes, train_reals, preprocess, options: AdaptOptions, de
         base[ANCHOR_PREFIX + "offsets"] = torch.full_like(base[ANCHOR_PREFIX + "offsets"], MiraGeAddedAnchors.OFF)
     temperature = core.config.calibration_temperature
     steps = options.resolved_steps(len(train_fakes))
-    optimizer = torch.optim.AdamW(params.values(), lr=options.learning_rate, weight_decay=0.0)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, max(1, steps // 20), steps)
-    collate = DetectionCollator(preprocess)
-    batches = Batches(train_fakes, train_reals, options.batch_size, options.seed)
-    torch.manual_seed(options.seed)
-    preprocess.augmentation.reseed(options.seed)
-    log, model = [], model.train()
-    resting = [param for name, param in trained_parameters(model).items() if name not in params]
-    for param in resting:  # no gradient through the vision tower for weights that do not move (they stay saved)
-        param.requires_grad_(False)
-    for step in progress_bar(range(1, steps + 1), desc="adapt", disable=quiet):
-        batch = collate(next(batches))
+    collate, seed = DetectionCollator(preprocess), options.seed + accelerator.process_index
+    batches = Batches(train_fakes, train_reals, options.batch_size, seed)
+    torch.manual_seed(seed)
+    preprocess.augmentation.reseed(seed)
+    device = accelerator.device
+
+    def loss(model, batch):
         pixel_values, labels = batch["pixel_values"].to(device), batch["labels"].to(device)
-        output = core(pixel_values=pixel_values, labels=labels)
+        output = model(pixel_values=pixel_values, labels=labels)
         terms = {"model": output.loss}
         if options.anchor_weight and options.method == "prompts":
             terms["anchor"] = options.anchor_weight * anchor_penalty(params, base)
@@ -399,27 +432,50 @@ def train(model, train_fakes, train_reals, preprocess, options: AdaptOptions, de
                     core, base, kwargs={"pixel_values": pixel_values[real]}
                 ).logit_diff
             terms["distill"] = options.distill_weight * distillation(output.logit_diff[real], base_diff, temperature)
-        loss = sum(terms.values())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad()
-        if step % 10 == 0 or step == steps:
-            log.append({"step": step, **{name: float(value.detach()) for name, value in terms.items()}})
+        return {"loss": sum(terms.values()), **terms}
+
+    log = LossLog()
+
+    def record(output, state, last, epoch_done):
+        if state.global_step % LossLog.EVERY == 0 or last:
+            terms = {name: float(value.detach()) for name, value in output.items() if name != "loss"}
+            log.append({"step": state.global_step, **terms})
+
+    resting = [param for name, param in trained_parameters(model).items() if name not in params]
+    for param in resting:  # no gradient through the vision tower for weights that do not move (they stay saved)
+        param.requires_grad_(False)
+    optimisation = Optimisation(options.learning_rate, steps, max(1, steps // 20), max_grad_norm=1.0)
+    if checkpointing is not None:
+        parts = {"batches": batches, "augmentation": preprocess.augmentation, "loss_log": log}
+        checkpointing = dataclasses.replace(checkpointing, process_state=parts)
+    engine = Engine(accelerator, Task(model, list(params.values()), loss), optimisation, checkpointing)
+    state = engine.resume()
+    progress = TrainingLog(accelerator, LossLog.EVERY, steps, state, desc="adapt", quiet=quiet)
+    engine.train(lambda state: map(collate, batches), state, progress, after_step=record)
     for param in resting:
         param.requires_grad_(True)
-    return log
+    return list(log)
 
 
 # ----------------------------------------------------------------------------------------- measuring it
+
+
+def shardable(rows: list[dict], accelerator):
+    """The rows as evaluation shards them over several processes (a `datasets.Dataset`); as they are for one."""
+    if accelerator.num_processes == 1:
+        return rows
+    from datasets import Dataset
+
+    return Dataset.from_list(rows)
 
 
 def measure(model, rows, preprocess, accelerator, batch_size, quiet=False) -> dict:
     """Per-subset metrics of `model` on `rows` (`mirage_hf.evaluation`), with its calibration."""
     if not rows:
         return {}
-    results, _ = evaluate(model, rows, preprocess, accelerator, batch_size=batch_size, quiet=quiet)
+    results, _ = evaluate(
+        model, shardable(rows, accelerator), preprocess, accelerator, batch_size=batch_size, quiet=quiet
+    )
     return results["clean"]
 
 
@@ -444,7 +500,9 @@ def refit_calibration(model, holdout, preprocess, accelerator, batch_size, quiet
             f"{MIN_PER_CLASS} per class"
         )
         return kept_calibration(config, why)
-    scored = predict(model, holdout, preprocess, accelerator, batch_size, desc="calibrate", quiet=quiet)
+    scored = predict(
+        model, shardable(holdout, accelerator), preprocess, accelerator, batch_size, desc="calibrate", quiet=quiet
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a fallback is reported in the record, and the base's values are kept
         record = calibrate(scored.logit_diff, scored.labels)
@@ -542,17 +600,20 @@ def adapt(
     device=None,
     quiet: bool = False,
     force: bool = False,
+    checkpointing: Checkpointing | None = None,
 ) -> Adaptation:
     """Adapts `detector` (folder or Hub id) to the new generator whose images are `fakes` (rows of `image_rows`).
 
     `reals` are real images (recommended: without them the detector learns from fakes alone, and only the
     reference data says what that did to real images). The returned `Adaptation` holds the adapted model, the
     before/after tables and, in `refused`, why the forgetting guard would not write it. Too few readable fakes to
-    train on and hold out raise AdaptError, unless `force` (then the record warns).
+    train on and hold out raise AdaptError, unless `force` (then the record warns). `checkpointing` says where
+    and how often training saves checkpoints, and which one it resumes from.
     """
     options = options or AdaptOptions()
     reals = reals or []
     started = time.perf_counter()
+    quiet = quiet or not PartialState().is_main_process  # one process speaks
     say = (lambda *args: None) if quiet else (lambda message: print(f"{PROG}: {message}", file=sys.stderr))
     check_model_name(detector)
     if is_detector_adapter(detector):
@@ -567,7 +628,7 @@ def adapt(
         raise AdaptError(f"{shortfall}{unreadable}; give more, or pass --force to adapt on these")
     check_not_the_same_images(fakes, reals)
 
-    accelerator = Accelerator(cpu=device == "cpu")
+    accelerator = make_accelerator(cpu=device == "cpu", mixed_precision=options.mixed_precision)
     model = MiraGeForImageClassification.from_pretrained(detector)
     if model.config.added_fake_anchors:
         raise AdaptError(f"{detector} already has added anchors; adapt the detector it was made from")
@@ -606,7 +667,7 @@ def adapt(
         steps = options.resolved_steps(len(train_fakes))
         say(f"training on {len(train_fakes)} fakes and {len(train_reals)} reals for {steps} steps "
             f"({len(held_fakes)} fakes and {len(held_reals)} reals held out)")  # fmt: skip
-        log = train(model, train_fakes, train_reals, train_preprocess, options, accelerator.device, quiet)
+        log = train(model, train_fakes, train_reals, train_preprocess, options, accelerator, quiet, checkpointing)
         model.eval()
         if lora is not None:
             from peft import get_peft_model_state_dict
@@ -739,9 +800,27 @@ def build_parser() -> argparse.ArgumentParser:
                         "anchors, prompts and calibration kept; prompts: retrain the detector's prompts")  # fmt: skip
     parser.add_argument("--seed", type=int, default=defaults.seed,
                         help="seed of the hold-out split, the batches and the new weights (default %(default)s)")  # fmt: skip
+    parser.add_argument("--mixed_precision", choices=AdaptOptions.MIXED_PRECISION, default=defaults.mixed_precision,
+                        help="autocast the forwards in bf16 or fp16 (default %(default)s)")  # fmt: skip
+    parser.add_argument("--save_every", type=int, default=0, metavar="N",
+                        help=f"save a checkpoint every N steps, in <output>{CHECKPOINTS_SUFFIX} (default 0: none)")  # fmt: skip
+    parser.add_argument("--resume_from_checkpoint", metavar="latest|PATH",
+                        help="resume the training from this checkpoint, or the newest one with 'latest'")  # fmt: skip
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     add_quiet(parser, "progress bar")
     return parser
+
+
+CHECKPOINTS_SUFFIX = ".training"  # <output>.training/checkpoints/step_*: beside the adapter folder, never in it
+
+
+def training_checkpoints(args, output: str) -> Checkpointing | None:
+    """Where `--save_every` / `--resume_from_checkpoint` keep the training's checkpoints; None without them."""
+    if not (args.save_every or args.resume_from_checkpoint):
+        return None
+    return Checkpointing(
+        output + CHECKPOINTS_SUFFIX, args.save_every, total_limit=2, resume_from=args.resume_from_checkpoint
+    )
 
 
 def default_output(detector: str) -> str:
@@ -755,12 +834,14 @@ def check_args(parser, args) -> AdaptOptions:
     output = args.output or default_output(args.detector)
     if os.path.exists(output) and not args.overwrite:
         parser.error(f"--output {output!r} exists; pass --overwrite to replace it")
+    if args.save_every < 0:
+        parser.error(f"--save_every must be >= 0, got {args.save_every}")
     try:
         return AdaptOptions(
             steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
             anchor_weight=args.anchor_weight, distill_weight=args.distill_weight, holdout=args.holdout,
             lora_r=args.lora_r, max_forgetting=args.max_forgetting, generator=args.generator, seed=args.seed,
-            method=args.method,
+            method=args.method, mixed_precision=args.mixed_precision,
         )  # fmt: skip
     except ValueError as error:
         parser.error(str(error))
@@ -787,11 +868,13 @@ def main(argv=None) -> int:
         adaptation = adapt(
             args.detector, fakes, reals, options, reference=args.reference, reference_split=args.reference_split,
             measure_forgetting=not (args.force and args.reference is None and base_eval_results(args.detector) is None),
-            device=args.device, quiet=args.quiet, force=args.force,
+            device=args.device, quiet=args.quiet, force=args.force, checkpointing=training_checkpoints(args, output),
         )  # fmt: skip
     except (AdaptError, OSError) as error:
         print(f"{PROG}: {error}", file=sys.stderr)
         return 1
+    if not PartialState().is_main_process:  # the first process reports and writes
+        return REFUSED if adaptation.refused and not args.force else 0
     results = adaptation.results
     if results["images"]["unreadable"]:
         print(f"{PROG}: {results['images']['unreadable_summary']}", file=sys.stderr)
@@ -803,6 +886,7 @@ def main(argv=None) -> int:
               "or adapt with more real images, a larger --anchor_weight or fewer --steps.", file=sys.stderr)  # fmt: skip
         return REFUSED
     adaptation.save(output, force=args.force)
+    shutil.rmtree(output + CHECKPOINTS_SUFFIX, ignore_errors=True)  # the adapter is whole: its checkpoints are spent
     forced = " despite the guard (--force; the card says so)" if adaptation.refused else ""
     print(
         f"{PROG}: wrote {output}{forced}: {100 * results['adapter_fraction']:.2f}% of the detector's weights; load it "
@@ -817,3 +901,7 @@ def script() -> None:
 
 
 __all__ = ["AdaptOptions", "Adaptation", "AdaptError", "adapt", "image_rows", "dataset_rows"]
+
+
+if __name__ == "__main__":  # `accelerate launch -m mirage_hf.adaptation ...`
+    script()

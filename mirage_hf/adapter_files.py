@@ -31,6 +31,7 @@ from .configuration_mirage import MiraGeConfig
 from .file_hashes import sha256_of_files
 from .lora import mirage_lora_config
 from .modeling_mirage import MiraGeForImageClassification, MiraGeModel
+from .parameters import trainable_parameters
 
 ADAPTER_CONFIG_NAME = "mirage_adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "mirage_adapter.safetensors"
@@ -38,10 +39,6 @@ ADAPT_RESULTS_NAME = "adapt_results.json"  # what `mirage-adapt` measured: befor
 LORA_PREFIX = "lora."  # LoRA matrices in the weights file, peft's names after this prefix
 # What a hub kwarg of the adapter's repo must not carry over to its base's: the base has its own revision.
 ADAPTER_REPO_ONLY = ("revision", "subfolder", "_commit_hash", "adapter_kwargs", "trust_remote_code")
-
-
-def _trainable(model) -> set[str]:
-    return {name for name, param in model.named_parameters() if param.requires_grad}
 
 
 def save_adapter(model, save_directory) -> None:
@@ -60,7 +57,7 @@ def save_adapter(model, save_directory) -> None:
 
 
 def _trained_state(model) -> dict:
-    trainable = _trainable(model)
+    trainable = trainable_parameters(model).keys()
     return {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items() if name in trainable}
 
 
@@ -88,7 +85,7 @@ def from_adapter(model_class, adapter_directory, base_model=None, **kwargs):
 def _load_trained(model, state: dict, adapter_directory) -> None:
     """Loads an adapter's weights into `model`, which must expect exactly these trainable weights."""
     _, unexpected = model.load_state_dict(state, strict=False)
-    missing = _trainable(model) - state.keys()
+    missing = trainable_parameters(model).keys() - state.keys()
     if unexpected or missing:
         raise ValueError(
             f"The adapter in {str(adapter_directory)!r} does not match the model it describes: "
@@ -180,7 +177,7 @@ def load_detector_adapter(model_class, name_or_path, base_model=None, config=Non
 
 def merge_lora(model, lora: dict, lora_state: dict):
     """`model` with the LoRA matrices `lora_state` (peft's names) merged into its CLIP."""
-    trainable = _trainable(model)
+    trainable = trainable_parameters(model).keys()
     settings = mirage_lora_config(
         model, r=lora["r"], alpha=lora["alpha"], target_modules=lora["target_modules"], save_trainable_modules=False
     )

@@ -22,6 +22,7 @@ from transformers.utils import cached_file
 
 from .atomic import commit, staging_path
 from .file_hashes import sha256_of_files
+from .parameters import trainable_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ def frozen_base_fingerprint(clip_name_or_path: str) -> dict:
 
 
 def _frozen_parameters(model) -> set[str]:
-    return {name for name, param in model.named_parameters() if not param.requires_grad}
+    return {name for name, _ in model.named_parameters()} - trainable_parameters(model).keys()
 
 
 def keep_frozen_base_out_of_checkpoints(accelerator, fingerprint: dict):

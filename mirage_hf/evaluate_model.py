@@ -14,11 +14,11 @@ from transformers.models.auto.image_processing_auto import AutoImageProcessor  #
 
 from .commands import one_line_errors
 from .data_sources import load_split, resolve_dataset
+from .engine import make_accelerator
 from .evaluation import Evaluation
 from .progress import configure_logging
 from .scoring import ModelNotFound, load_scorer
 from .train_config import EvalConfig, parse_args
-from .training import make_accelerator
 from .transforms import scoring_preprocessor
 
 PROG = "mirage-eval"

@@ -14,20 +14,11 @@ from accelerate.utils import extract_model_from_parallel
 
 from .atomic import atomic_write
 from .modeling_mirage import MiraGeModel
+from .parameters import mirage_core
 from .transforms import image_processor_for
 
 EVAL_RESULTS_FILE = "eval_results.json"  # the results a model folder (and a training run's folder) holds
 BACKEND_EVAL_RESULTS_FILE = "eval_results_{backend}.json"  # what `mirage-eval --backend ...` measured, in ONNX_DIR
-
-
-def mirage_core(model) -> MiraGeModel:
-    """The MiraGe model inside DDP / FSDP / torch.compile (accelerate unwraps those) and PEFT (LoRA stays injected)."""
-    model = extract_model_from_parallel(model, keep_torch_compile=False)
-    if hasattr(model, "get_base_model"):
-        model = model.get_base_model()
-    if not isinstance(model, MiraGeModel):
-        raise TypeError(f"no MiraGe model inside {type(model).__name__}")
-    return model
 
 
 def mergeable_copy(model) -> MiraGeModel:

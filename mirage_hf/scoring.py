@@ -14,8 +14,8 @@ import torch
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import AutoModelForImageClassification
 
-from .model_folder import mirage_core
 from .onnx_runtime import ONNX_FILES, OnnxModel, onnx_providers
+from .parameters import mirage_core
 
 BACKENDS = ("torch", *ONNX_FILES)  # what scores images: PyTorch, or ONNX Runtime on one of the exported graphs
 SCORE_FIELDS = ("logits", "logit_diff", "p_fake")  # the calibrated outputs (`MiraGeOutput`) every scorer returns

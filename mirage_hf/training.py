@@ -4,39 +4,29 @@ Runs unchanged on one CPU, one GPU or many (`accelerate launch --multi_gpu train
 Accelerate, evaluation by `evaluation.predict`, and only rank 0 writes files.
 """
 
-import dataclasses
 import math
-import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 from datasets import IterableDataset
 from torch.utils.data import DataLoader, Subset
-from transformers import get_cosine_schedule_with_warmup
 from transformers.models.auto.image_processing_auto import AutoImageProcessor  # top-level: torchvision-only in 5.17
 
 from .building import clip_config_dict, from_clip, offline_if_hub_unreachable
 from .calibration import calibrate
-from .checkpoints import (
-    frozen_base_fingerprint,
-    keep_frozen_base_out_of_checkpoints,
-    load_checkpoint,
-    resolve_resume,
-    save_checkpoint,
-)
+from .checkpoints import frozen_base_fingerprint
 from .commands import one_line_errors
 from .data_sources import load_split, resolve_dataset
 from .demo.tiny import PRETRAINED_TINY_CLIP, save_tiny_clip
+from .engine import Checkpointing, Engine, Optimisation, Task, TrainingLog, TrainState, due, make_accelerator
 from .evaluation import Evaluation, predict
 from .lora import add_lora
 from .metrics import to_jsonable
-from .model_folder import mirage_core
 from .modeling_mirage import MiraGeForImageClassification
-from .progress import configure_logging, logger, progress_bar
+from .parameters import mirage_core, trainable_parameters
+from .progress import configure_logging, logger
 from .scoring import ModelNotFound
 from .train_config import TrainConfig
 from .transforms import (
@@ -141,76 +131,6 @@ def train_loader(dataset, cfg: TrainConfig, collate, epoch: int) -> DataLoader:
 # ------------------------------------------------------------------------------------------- training
 
 
-@dataclass
-class TrainState:
-    """Where a run stands: saved as each checkpoint's progress.json, so a resumed run continues mid-epoch."""
-
-    global_step: int = 0
-    epoch: int = 0
-    batches_in_epoch: int = 0  # micro-batches of `epoch` already trained on
-    best_score: float | None = None  # mean accuracy of the exported model
-
-
-def due(step: int, every: int, epoch_done: bool) -> bool:
-    """Whether a periodic action (evaluation, checkpoint) runs now: every N steps, or at epoch ends for N = 0."""
-    return step % every == 0 if every else epoch_done
-
-
-class LossWindow:
-    """Sums of the loss terms over the optimiser steps since the last log, kept on the device.
-
-    Reading a loss (`.item()`) waits for the GPU to finish; doing it once per log instead of once per step lets
-    the next steps be queued while the current one runs.
-    """
-
-    def __init__(self):
-        self.sums, self.steps = {}, 0
-
-    def add(self, output):
-        for name, value in output.items():
-            if name.startswith("loss") and value is not None and value.ndim == 0:
-                self.sums[name] = self.sums.get(name, 0) + value.detach().float()
-        self.steps += 1
-
-    def pop_means(self) -> dict[str, float]:
-        means = (torch.stack(list(self.sums.values())) / self.steps).tolist()  # the one device sync
-        terms = dict(zip(self.sums, means, strict=True))
-        self.sums, self.steps = {}, 0
-        return terms
-
-
-class TrainingLog:
-    """What training reports as it runs: the progress bar, loss means every `log_every` steps, unreadable images."""
-
-    def __init__(self, accelerator, cfg: TrainConfig, total_steps: int, state: TrainState):
-        self.accelerator, self.log_every = accelerator, cfg.log_every
-        self.losses, self.bad_images = LossWindow(), BadImageReport()
-        self.bar = progress_bar(
-            total=total_steps, initial=state.global_step, desc="train", disable=not accelerator.is_local_main_process
-        )
-
-    def step(self, output, step: int, lr: float, last: bool):
-        """After an optimiser step: `output` is None for a batch of unreadable files only."""
-        self.bar.update(1)
-        if output is not None:
-            self.losses.add(output)
-        if self.losses.steps and (last or step % self.log_every == 0):
-            terms = self.losses.pop_means()
-            self.accelerator.log({f"train/{k}": v for k, v in terms.items()} | {"train/lr": lr}, step=step)
-            postfix = {k.removeprefix("loss_") or "loss": f"{v:.3f}" for k, v in terms.items()}
-            self.bar.set_postfix(postfix, refresh=False)  # shown at the bar's next redraw, not as a line of its own
-
-    def close(self):
-        self.bar.close()
-        if self.bad_images.count:
-            logger.warning("training: %s", self.bad_images.summary(), main_process_only=False)  # per process
-
-
-def empty_batch_loss(model):
-    """A zero loss touching every trainable parameter, so DDP stays in step when a batch was all bad files."""
-    return sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
-
-
 def steps_per_epoch(cfg: TrainConfig, train_set, accelerator) -> int:
     if isinstance(train_set, IterableDataset):
         if not cfg.max_steps:
@@ -235,13 +155,6 @@ def prepare_data(cfg: TrainConfig, accelerator):
         split = train_set.train_test_split(test_size=cfg.calibration_holdout, seed=cfg.seed, stratify_by_column="label")
         train_set, calibration_set = split["train"], split["test"]
     return clip_path, train_set, calibration_set, eval_set
-
-
-def make_accelerator(**options) -> Accelerator:
-    """An Accelerator that joins the processes of `accelerate launch --multi_gpu` (torchrun) on a machine without
-    GPUs too, through gloo: accelerate would otherwise run each of them alone, on all the data."""
-    several_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return Accelerator(cpu=several_processes and not torch.cuda.is_available(), **options)
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -273,77 +186,60 @@ def train(cfg: TrainConfig) -> dict:
         return evaluation.final(model.eval().to(accelerator.device), export=True)
 
     model.train()
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate, weight_decay=cfg.weight_decay
-    )
     total_steps = cfg.max_steps or steps_per_epoch(cfg, train_set, accelerator) * cfg.num_epochs
-    scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    keep_frozen_base_out_of_checkpoints(accelerator, frozen_base_fingerprint(clip_path))
+    bad_images = BadImageReport()
+    optimisation = Optimisation(
+        cfg.learning_rate, total_steps, int(cfg.warmup_ratio * total_steps), weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+    )  # fmt: skip
+    checkpointing = Checkpointing(
+        cfg.output_dir, cfg.save_every, cfg.checkpoints_total_limit, cfg.resume_from_checkpoint,
+        frozen_base=frozen_base_fingerprint(clip_path),
+    )  # fmt: skip
+    engine = Engine(accelerator, detection_task(model, bad_images), optimisation, checkpointing)
     accelerator.init_trackers(
         "mirage", config=to_jsonable({k: v for k, v in vars(cfg).items() if not isinstance(v, (dict, list))})
     )
+    state = engine.resume()
 
-    state = TrainState()
-    resumed = load_checkpoint(accelerator, resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint))
-    if resumed:
-        state = TrainState(**resumed)
-        logger.info("resumed from step %d (epoch %d, batch %d)", state.global_step, state.epoch, state.batches_in_epoch)
+    def evaluate_when_due(output, state, last, epoch_done):
+        if last or due(state.global_step, cfg.eval_every, epoch_done):
+            evaluation.evaluate_and_export(engine.model, state)
 
-    log = TrainingLog(accelerator, cfg, total_steps, state)
-    while state.global_step < total_steps:
-        loader = accelerator.prepare(train_loader(train_set, cfg, train_collate, state.epoch))
-        train_one_epoch(cfg, accelerator, model, optimizer, scheduler, loader, state, total_steps, evaluation, log)
-    log.close()
+    log = TrainingLog(accelerator, cfg.log_every, total_steps, state, desc="train")
+    engine.train(
+        lambda state: epoch_batches(cfg, accelerator, train_set, train_collate, state), state, log,
+        after_step=evaluate_when_due,
+    )  # fmt: skip
+    if bad_images.count:
+        logger.warning("training: %s", bad_images.summary(), main_process_only=False)  # per process
     if state.best_score is None:  # resumed from a checkpoint taken after the last step
-        evaluation.evaluate_and_export(model, state)
+        evaluation.evaluate_and_export(engine.model, state)
 
     results = calibrate_and_export(cfg, accelerator, evaluation)
     accelerator.end_training()
     return results
 
 
-def train_one_epoch(cfg, accelerator, model, optimizer, scheduler, loader, state, total_steps, evaluation, log):
-    """One pass over `loader` (from `state.batches_in_epoch` on after a resume), stopping early at `total_steps`.
+def detection_task(model, bad_images: BadImageReport) -> Task:
+    """Detection as a task of the engine: the model's own loss (MiraGe's terms) on each batch of readable images;
+    the unreadable ones go into `bad_images`."""
 
-    Each optimiser step advances `state`; the model is evaluated (and exported when best) and a checkpoint saved
-    on their schedules, and always at the last step.
-    """
-    try:
-        epoch_length = len(loader)
-    except TypeError:  # a stream: its epoch ends when it runs out
-        epoch_length = None
+    def loss(model, batch):
+        bad_images.add(batch["failed"])
+        if not batch["labels"].numel():
+            return None
+        return model(pixel_values=batch["pixel_values"], labels=batch["labels"])
+
+    return Task(model, list(trainable_parameters(model).values()), loss)
+
+
+def epoch_batches(cfg, accelerator, train_set, collate, state: TrainState):
+    """The batches of `state.epoch` from where `state` stands: a resumed run skips those it trained on."""
+    loader = accelerator.prepare(train_loader(train_set, cfg, collate, state.epoch))
     if state.batches_in_epoch:
         loader = accelerator.skip_first_batches(loader, state.batches_in_epoch)
-    for batch in loader:
-        log.bad_images.add(batch["failed"])
-        with accelerator.accumulate(model):
-            if batch["labels"].numel():
-                output = model(pixel_values=batch["pixel_values"], labels=batch["labels"])
-                loss = output.loss
-            else:
-                output, loss = None, empty_batch_loss(model)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and cfg.max_grad_norm:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad()
-        state.batches_in_epoch += 1
-        if not accelerator.sync_gradients:
-            continue
-        state.global_step += 1
-        finished, epoch_done = state.global_step >= total_steps, state.batches_in_epoch == epoch_length
-        log.step(output, state.global_step, scheduler.get_last_lr()[0], last=finished)
-        if epoch_done:
-            state.epoch, state.batches_in_epoch = state.epoch + 1, 0
-        if finished or due(state.global_step, cfg.eval_every, epoch_done):
-            evaluation.evaluate_and_export(model, state)
-        if finished or due(state.global_step, cfg.save_every, epoch_done):
-            save_checkpoint(accelerator, cfg.output_dir, dataclasses.asdict(state), cfg.checkpoints_total_limit)
-        if finished or epoch_done:
-            return
-    state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+    return loader
 
 
 def calibrate_and_export(cfg, accelerator, evaluation: "Evaluation") -> dict:

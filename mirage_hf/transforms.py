@@ -297,6 +297,14 @@ class TrainAugmentation:
         info = torch.utils.data.get_worker_info()
         self._worker_id = None if info is None else info.id
 
+    def state_dict(self) -> dict:
+        """Where the random draws stand (JSON-able), for a checkpoint."""
+        return {"rng": self.rng.getstate()}
+
+    def load_state_dict(self, state: dict) -> None:
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+
     def __call__(self, img: Image.Image) -> Image.Image:
         rng = self._generator()
         if rng.random() < self.resize_prob:

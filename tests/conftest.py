@@ -33,13 +33,23 @@ TINY_EVAL_ARGS = [
 """The options of TINY_TRAIN_ARGS that mirage-eval takes: the same generated data, scored the same way."""
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
+def reset_accelerator_state():
     """Accelerate keeps one state per process; each in-process training run configures its own."""
     from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    reset_accelerator_state()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def fresh_accelerator_state_for_module_fixtures():
+    """Module fixtures that train (test_adapt's `adapted`) start before the first test's reset."""
+    reset_accelerator_state()
 
 
 class LoadReports(logging.Handler):

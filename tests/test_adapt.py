@@ -2,14 +2,17 @@
 forgetting guard, publishing, and bad input."""
 
 import contextlib
+import dataclasses
 import io
 import json
+import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import scaled_p_fake, with_threshold
+from conftest import reset_accelerator_state, scaled_p_fake, with_threshold
 from PIL import Image
 from safetensors import safe_open
 from transformers import AutoModel, AutoModelForImageClassification, pipeline
@@ -18,9 +21,11 @@ from transformers.models.auto.image_processing_auto import AutoImageProcessor  #
 from mirage_hf import MiraGeForImageClassification, from_adapter, from_clip
 from mirage_hf.adaptation import AdaptError, AdaptOptions, adapt, effect_warnings, image_rows, main, reference_rows
 from mirage_hf.adapter_files import ADAPT_RESULTS_NAME, ADAPTER_WEIGHTS_NAME
+from mirage_hf.checkpoints import frozen_base_fingerprint
 from mirage_hf.cli import main as detect
 from mirage_hf.data import FAKE, REAL
 from mirage_hf.demo.synthetic import make_synthetic_genimage
+from mirage_hf.engine import Checkpointing
 from mirage_hf.inference import Detector
 from mirage_hf.transforms import open_image
 
@@ -45,11 +50,13 @@ def rows_of(folder, label):
     return image_rows(sorted(folder.glob("*.png")), label, "")
 
 
-def run_adapt(detector_dir, world, options=FAST, fakes=None, reals=None):
+def run_adapt(detector_dir, world, options=FAST, fakes=None, reals=None, **kwargs):
     fakes = rows_of(folder_of(world, FAKE), FAKE) if fakes is None else fakes
     reals = rows_of(folder_of(world, REAL), REAL) if reals is None else reals
     reference = f"genimage:{world}"
-    return adapt(str(detector_dir), fakes, reals, options, reference=reference, reference_split="val", quiet=True)
+    return adapt(
+        str(detector_dir), fakes, reals, options, reference=reference, reference_split="val", quiet=True, **kwargs
+    )
 
 
 def cli(*argv) -> tuple[int, str, str]:
@@ -416,3 +423,130 @@ def test_images_from_a_file_list_and_from_a_labelled_data_set(detector_dir, worl
     assert code == 0, err
     images = json.loads((output / ADAPT_RESULTS_NAME).read_text())["images"]
     assert (images["fakes"], images["reals"]) == (17, 12)  # 5 listed + 12 of the data set's fakes; its 12 reals
+
+
+# ------------------------------------------------------------------- the engine: resume, mixed precision, processes
+
+
+@pytest.mark.parametrize("method", ["anchor", "prompts"])
+def test_an_interrupted_adaptation_resumes_to_the_same_weights_and_loss_log(detector_dir, world, tmp_path, monkeypatch,
+                                                                           caplog, method):  # fmt: skip
+    """Killed after the step-4 checkpoint and resumed with `latest`: bit for bit the weights, loss log and tables of
+    an uninterrupted run (the row stream wraps mid-run and the augmentation flips: both are restored)."""
+    import mirage_hf.engine as engine
+
+    caplog.set_level("INFO", logger="mirage_hf")
+    options = AdaptOptions(steps=6, batch_size=8, holdout=0.25, generator="diffusion", method=method,
+                           learning_rate=0.05)  # fmt: skip
+    straight = run_adapt(detector_dir, world, options)
+    real_save = engine.save_checkpoint
+
+    class Killed(Exception):
+        pass
+
+    def save_then_die(accelerator, output_dir, progress, total_limit):
+        real_save(accelerator, output_dir, progress, total_limit)
+        if progress["global_step"] == 4:
+            raise Killed
+
+    checkpoints = Checkpointing(str(tmp_path / "run"), every=2, frozen_base=frozen_base_fingerprint(str(detector_dir)))
+    monkeypatch.setattr(engine, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        run_adapt(detector_dir, world, options, checkpointing=checkpoints)
+    monkeypatch.setattr(engine, "save_checkpoint", real_save)
+    resumed = run_adapt(
+        detector_dir, world, options, checkpointing=dataclasses.replace(checkpoints, resume_from="latest")
+    )
+    assert "resumed from step 4" in caplog.text
+    (checkpoint,) = (tmp_path / "run" / "checkpoints").glob("step_00000004")
+    with safe_open(checkpoint / "model.safetensors", "pt") as handle:  # what trains; the detector stays out
+        assert not any(name.startswith("clip.") for name in handle.keys())
+
+    want, got = straight.model.state_dict(), resumed.model.state_dict()
+    assert want.keys() == got.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=0, msg=key)
+    assert resumed.results["loss_log"] == straight.results["loss_log"]
+    assert resumed.results["after"] == straight.results["after"]
+
+
+def test_adaptation_in_bf16_computes_in_bfloat16_and_lands_near_the_fp32_weights(detector_dir, world):
+    options = AdaptOptions(steps=6, batch_size=8, holdout=0.25, generator="diffusion", method="prompts",
+                           learning_rate=0.05)  # fmt: skip
+    detector = MiraGeForImageClassification.from_pretrained(detector_dir)
+    base = {name: param.detach() for name, param in detector.named_parameters() if param.requires_grad}
+    fp32 = run_adapt(detector_dir, world, options).model.state_dict()
+    reset_accelerator_state()  # one precision per process: as a new run of mirage-adapt
+    dtypes = []
+
+    def watch(module, args, output):
+        if type(module).__name__ == "CLIPMLP" and module.training:
+            dtypes.append(output.dtype)
+
+    hook = torch.nn.modules.module.register_module_forward_hook(watch)
+    try:
+        bf16 = run_adapt(detector_dir, world, dataclasses.replace(options, mixed_precision="bf16")).model.state_dict()
+    finally:
+        hook.remove()
+    assert dtypes and set(dtypes) == {torch.bfloat16}
+    trained = [name for name in base if not torch.equal(fp32[name], base[name])]
+    assert trained and all(bf16[name].dtype == torch.float32 for name in trained)  # fp32 weights, bf16 compute
+    step32 = torch.cat([(fp32[name] - base[name]).flatten() for name in trained])
+    step16 = torch.cat([(bf16[name] - base[name]).flatten() for name in trained])
+    assert torch.nn.functional.cosine_similarity(step32, step16, dim=0) > 0.95
+    assert (step16 - step32).norm() < 0.25 * step32.norm()
+
+
+RECORDING_ADAPT_PY = """
+import json, sys
+from accelerate import PartialState
+from mirage_hf import adaptation, engine
+
+drawn, draw, train, rates = [], adaptation.Batches.__next__, engine.Engine.train, []
+
+def record(self):
+    rows = draw(self)
+    drawn.append([row["image"]["path"] for row in rows])
+    return rows
+
+def train_and_record_rate(self, *args, **kwargs):
+    rates.append(self.scheduler.get_last_lr()[0])
+    state = train(self, *args, **kwargs)
+    rates.append(self.scheduler.get_last_lr()[0])
+    return state
+
+adaptation.Batches.__next__, engine.Engine.train = record, train_and_record_rate
+code = adaptation.main(sys.argv[2:])
+state = PartialState()
+with open(f"{sys.argv[1]}.rank{state.process_index}.json", "w") as out:
+    json.dump({"world_size": state.num_processes, "code": code, "drawn": drawn, "rates": rates}, out)
+"""
+
+
+def test_two_process_adaptation_each_process_draws_its_own_batches(detector_dir, world, tmp_path):
+    """`accelerate launch --multi_gpu` with 2 CPU processes (gloo): DDP adaptation where each process draws its own
+    rows (seed + process index), on the schedule of one process (warm-up from 0, decayed to 0 at the last step,
+    though accelerate steps it once per process); one adapter is written, and the checkpoints beside it are
+    removed."""
+    import subprocess
+    import sys
+
+    from test_training import free_port
+
+    script, record, output = tmp_path / "adapt.py", tmp_path / "record", tmp_path / "adapter"
+    script.write_text(RECORDING_ADAPT_PY)
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+        "1", "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
+        str(script), str(record), *map(str, adapt_argv(detector_dir, world, output, "--force", "--save_every", 1, "--steps", 3)),
+    ]  # fmt: skip
+    root = Path(__file__).resolve().parent.parent  # this checkout's package, not an installed one
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root)}
+    result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    ranks = [json.loads(Path(f"{record}.rank{rank}.json").read_text()) for rank in range(2)]
+    assert [rank["world_size"] for rank in ranks] == [2, 2] and [rank["code"] for rank in ranks] == [0, 0]
+    assert len(ranks[0]["drawn"]) == len(ranks[1]["drawn"]) == 3  # --steps 3, one batch per step and process
+    assert ranks[0]["drawn"] != ranks[1]["drawn"]
+    assert ranks[0]["rates"] == ranks[1]["rates"] == [0.0, 0.0]
+    assert (output / ADAPTER_WEIGHTS_NAME).is_file() and not Path(f"{output}.training").exists()

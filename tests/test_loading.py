@@ -15,7 +15,7 @@ from transformers import AutoModel, AutoModelForImageClassification, CLIPModel, 
 
 from mirage_hf import MiraGeForImageClassification, MiraGeModel, from_adapter, from_clip, save_adapter
 from mirage_hf.lora import add_lora
-from mirage_hf.model_folder import mirage_core
+from mirage_hf.parameters import mirage_core
 
 
 def trained(model, steps=3):

@@ -86,12 +86,12 @@ def test_the_test_split_never_influences_temperature_threshold_or_weights(tmp_pa
 
 
 def test_interrupted_training_resumes_to_the_same_parameters(tmp_path, monkeypatch, caplog):
-    import mirage_hf.training as training
+    import mirage_hf.engine as engine
 
     args = ["--max_steps", "6", "--save_every", "2", "--calibrate", "null"]
     straight = run(tmp_path / "straight", *args)
 
-    real_save = training.save_checkpoint
+    real_save = engine.save_checkpoint
 
     class Killed(Exception):
         pass
@@ -101,10 +101,10 @@ def test_interrupted_training_resumes_to_the_same_parameters(tmp_path, monkeypat
         if progress["global_step"] == 4:
             raise Killed
 
-    monkeypatch.setattr(training, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(engine, "save_checkpoint", save_then_die)
     with pytest.raises(Killed):
         run(tmp_path / "resumed", *args)
-    monkeypatch.setattr(training, "save_checkpoint", real_save)
+    monkeypatch.setattr(engine, "save_checkpoint", real_save)
     resumed = run(tmp_path / "resumed", *args, "--resume_from_checkpoint", "latest")
     assert "resumed from step 4" in caplog.text
 
@@ -129,7 +129,7 @@ def test_loss_terms_are_logged_every_log_every_steps_as_window_means(tmp_path, m
 
 
 def test_loss_window_averages_each_term_over_its_steps_then_starts_over():
-    from mirage_hf.training import LossWindow
+    from mirage_hf.engine import LossWindow
 
     window = LossWindow()
     window.add({"loss": torch.tensor(1.0), "loss_ce": torch.tensor(0.5), "logits": torch.zeros(2, 2)})
@@ -382,7 +382,7 @@ def test_ufd_layout_in_bf16(tmp_path, monkeypatch):
     from PIL import Image
 
     import mirage_hf.training as training
-    from mirage_hf.model_folder import mirage_core
+    from mirage_hf.parameters import mirage_core
 
     dtypes = []
     build_model = training.build_model

@@ -239,6 +239,25 @@ SABOTAGES = [
         "    if False:\n",
     ),
     Sabotage(
+        "adapt-resume-redraws-rows",
+        "a resumed mirage-adapt draws its rows afresh instead of where the checkpoint stood",
+        (
+            "tests/test_adapt.py::test_an_interrupted_adaptation_resumes_to_the_same_weights_and_loss_log[prompts]",
+            "tests/test_adapt.py::test_an_interrupted_adaptation_resumes_to_the_same_weights_and_loss_log[anchor]",
+        ),
+        "mirage_hf/adaptation.py",
+        '        parts = {"batches": batches, "augmentation": preprocess.augmentation, "loss_log": log}\n',
+        '        parts = {"augmentation": preprocess.augmentation, "loss_log": log}\n',
+    ),
+    Sabotage(
+        "adapt-ignores-mixed-precision",
+        "mirage-adapt ignores --mixed_precision bf16",
+        ("tests/test_adapt.py::test_adaptation_in_bf16_computes_in_bfloat16_and_lands_near_the_fp32_weights",),
+        "mirage_hf/adaptation.py",
+        "mixed_precision=options.mixed_precision)",
+        'mixed_precision="no")',
+    ),
+    Sabotage(
         "resume-restarts-the-epoch",
         "--resume_from_checkpoint replays the epoch's batches from its start",
         ("tests/test_training.py::test_interrupted_training_resumes_to_the_same_parameters",),

@@ -16,11 +16,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import Accelerator
 from PIL import Image
 from sklearn.metrics import roc_auc_score
-from transformers import CLIPModel, get_cosine_schedule_with_warmup
+from transformers import CLIPModel
 
+from ..engine import Engine, Optimisation, Task, TrainingLog, TrainState
 from ..file_hashes import sha256_of_files
+from ..parameters import trainable_parameters
 from .caption_world import PRETRAINING_GENERATORS, caption, captioned_pairs, content_scene, render, vocabulary
 from .tiny import PROMPT_WORDS, tiny_clip_config, tiny_image_processor, tiny_tokenizer
 
@@ -52,27 +55,35 @@ def pixel_values(images: list[np.ndarray], processor) -> torch.Tensor:
 def pretrain(steps: int, seed: int, batch_scenes: int, learning_rate: float, log=print, curve: list | None = None):
     """The pretrained (model, tokenizer, processor) and the final loss (mean of the last 100 steps); each step sees
     2 * batch_scenes new captioned images. With `curve`, appends pair accuracy and content retrieval on a fixed
-    held-out batch every CURVE_EVERY steps (no randomness of the run is touched, so the weights stay the same)."""
+    held-out batch every CURVE_EVERY steps (no randomness of the run is touched, so the weights stay the same).
+    On the CPU: the recipe's weights are reproducible there, bit for bit."""
     model, tokenizer, processor = build(seed)
     rng = np.random.default_rng([seed, 1])
     heldout = heldout_pairs(np.random.default_rng([seed, 2]), CURVE_SCENES) if curve is not None else None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.05)
-    schedule = get_cosine_schedule_with_warmup(optimizer, max(1, steps // 20), steps)
-    model.train()
+    accelerator = Accelerator(cpu=True)
+
+    def captioned_batches(state):  # endless: each step's new captioned pairs
+        while True:
+            images, captions, _ = zip(*captioned_pairs(rng, batch_scenes, ARCHITECTURE["image_size"]), strict=True)
+            yield tokenizer(list(captions), padding=True, return_tensors="pt"), pixel_values(images, processor)
+
+    def clip_loss(model, batch):
+        text, pixels = batch
+        return model(**text, pixel_values=pixels, return_loss=True)
+
+    task = Task(model, list(trainable_parameters(model).values()), clip_loss)
+    optimisation = Optimisation(
+        learning_rate, steps, max(1, steps // 20), weight_decay=0.05, betas=(0.9, 0.98), eps=1e-6, max_grad_norm=1.0
+    )
+    engine, state = Engine(accelerator, task, optimisation), TrainState()
     start, losses = time.time(), []
-    for step in range(1, steps + 1):
-        images, captions, _ = zip(*captioned_pairs(rng, batch_scenes, ARCHITECTURE["image_size"]), strict=True)
-        text = tokenizer(list(captions), padding=True, return_tensors="pt")
-        loss = model(**text, pixel_values=pixel_values(images, processor), return_loss=True).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-        if step % 100 == 0 or step == steps:
+
+    def report(output, state, last, epoch_done):
+        step = state.global_step
+        losses.append(output["loss"].item())
+        if step % 100 == 0 or last:
             log(f"step {step}/{steps}  loss {np.mean(losses[-100:]):.4f}  {time.time() - start:.0f} s")
-        if heldout is not None and (step % CURVE_EVERY == 0 or step == steps):
+        if heldout is not None and (step % CURVE_EVERY == 0 or last):
             model.eval()
             curve.append(
                 {
@@ -85,6 +96,10 @@ def pretrain(steps: int, seed: int, batch_scenes: int, learning_rate: float, log
             log(
                 f"  held-out: pair accuracy {curve[-1]['pair_accuracy']:.3f}, content retrieval {curve[-1]['content_retrieval']:.3f}"
             )
+
+    engine.train(
+        captioned_batches, state, TrainingLog(accelerator, 100, steps, state, desc="pretrain"), after_step=report
+    )
     model.eval()
     return model, tokenizer, processor, float(np.mean(losses[-100:]))
 
