@@ -589,6 +589,117 @@ def adapter_fraction(model, lora_state: dict | None, base: dict) -> float:
     return adapter_bytes / base["weights_bytes"]
 
 
+@dataclass
+class NewImages:
+    """The new generator's readable images (rows tagged with its subset), split into what trains and what is held
+    out, and what could not be read."""
+
+    train_fakes: list[dict]
+    train_reals: list[dict]
+    held_fakes: list[dict]
+    held_reals: list[dict]
+    unreadable: BadImageReport
+
+    @property
+    def holdout(self) -> list[dict]:
+        return self.held_fakes + self.held_reals
+
+    def counts(self) -> dict:
+        fakes, reals = len(self.train_fakes) + len(self.held_fakes), len(self.train_reals) + len(self.held_reals)
+        return {
+            "fakes": fakes, "reals": reals,
+            "train_fakes": len(self.train_fakes), "train_reals": len(self.train_reals),
+            "holdout_fakes": len(self.held_fakes), "holdout_reals": len(self.held_reals),
+            "unreadable": self.unreadable.count, "unreadable_summary": self.unreadable.summary(),
+        }  # fmt: skip
+
+
+def new_images(fakes, reals, options: AdaptOptions, force: bool) -> tuple[NewImages, str | None]:
+    """The readable new images, split; and, under `force`, why they are too few (AdaptError without it)."""
+    report = BadImageReport()
+    fakes, reals = readable(fakes, report), readable(reals, report)
+    unreadable = f" ({report.summary()})" if report.count else ""
+    if not fakes:
+        raise AdaptError(f"no readable image of the new generator{unreadable}")
+    shortfall = too_few_fakes(len(fakes), options.holdout)
+    if shortfall and not force:
+        raise AdaptError(f"{shortfall}{unreadable}; give more, or pass --force to adapt on these")
+    check_not_the_same_images(fakes, reals)
+    name = options.generator or NEW_GENERATOR
+    fakes, reals = [dict(row, subset=name) for row in fakes], [dict(row, subset=name) for row in reals]
+    train_fakes, held_fakes = split_holdout(fakes, options.holdout, options.seed)
+    train_reals, held_reals = split_holdout(reals, options.holdout, options.seed) if reals else ([], [])
+    return NewImages(train_fakes, train_reals, held_fakes, held_reals, report), shortfall
+
+
+def check_detector_name(detector: str) -> None:
+    """AdaptError for a name that is no detector folder or Hub id, or for an adapter (adapters do not stack)."""
+    check_model_name(detector)
+    if is_detector_adapter(detector):
+        raise AdaptError(f"{detector} is an adapter; adapt its base detector instead (adapters do not stack)")
+
+
+def base_detector(detector: str) -> tuple[MiraGeForImageClassification, dict]:
+    """The detector to adapt and its fingerprint (with its weights' size); AdaptError for one that cannot be."""
+    model = MiraGeForImageClassification.from_pretrained(detector)
+    if model.config.added_fake_anchors:
+        raise AdaptError(f"{detector} already has added anchors; adapt the detector it was made from")
+    if not trained_parameters(model):
+        raise AdaptError(f"{detector} is a {model.config.mode} detector: it has no trained weights to adapt")
+    base = detector_fingerprint(detector)
+    base["weights_bytes"] = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    return model, base
+
+
+def adapted(model, detector, images: NewImages, image_processor, options, accelerator, quiet, checkpointing):
+    """The model after training (LoRA merged), the LoRA's settings and state (or None) and the loss log."""
+    lora = None
+    if options.lora_r:
+        model, lora = add_adaptation_lora(model, options.lora_r)
+    preprocess = Preprocessor(image_processor, model.config.preprocess)
+    if options.method == "anchor":
+        model = with_new_anchor(detector, images.train_fakes, images.train_reals, preprocess, accelerator.device)
+    augmentation = TrainAugmentation(preprocess.image_size, resize_prob=0.0, blur_prob=0.0, jpeg_prob=0.0)
+    train_preprocess = Preprocessor(image_processor, model.config.preprocess, augmentation)
+    log = train(
+        model, images.train_fakes, images.train_reals, train_preprocess, options, accelerator, quiet, checkpointing
+    )
+    model.eval()
+    if lora is not None:
+        from peft import get_peft_model_state_dict
+
+        lora["state"] = {k: v.detach().cpu() for k, v in get_peft_model_state_dict(model).items()}
+        model = model.merge_and_unload()
+        for param in model.clip.parameters():
+            param.requires_grad_(False)
+    return model, lora, log
+
+
+def guard_verdict(before: dict, after: dict, name: str, options: AdaptOptions, measured: bool) -> dict:
+    """The forgetting guard on the reference data, the new generator's before/after, the warnings and the
+    reasons the adapter is refused (empty: it may be written)."""
+    new_subset = name if name in before["reference"] else None
+    guard = forgetting(before["reference"], after["reference"], new_subset, options.max_forgetting)
+    new_before = before["reference"].get(new_subset) or before["holdout"].get(name, {})
+    new_after = after["reference"].get(new_subset) or after["holdout"].get(name, {})
+    refused = [
+        f"{subset} lost {-guard['change'][subset][key]:.1f} points of {GUARDED[key]} (margin {options.max_forgetting:g})"
+        for subset, key in guard["beyond_margin"]
+    ]
+    if not measured:
+        refused.append("forgetting was not measured (no reference data)")
+    return {
+        "forgetting": guard,
+        "new_generator": {
+            "subset": new_subset or (name if before["holdout"] else None),
+            "before": new_before,
+            "after": new_after,
+        },
+        "warnings": effect_warnings(before["holdout"].get(name) or new_before, after["holdout"].get(name) or new_after),
+        "refused": refused,
+    }
+
+
 def adapt(
     detector: str,
     fakes: list[dict],
@@ -611,38 +722,16 @@ def adapt(
     and how often training saves checkpoints, and which one it resumes from.
     """
     options = options or AdaptOptions()
-    reals = reals or []
     started = time.perf_counter()
     quiet = quiet or not PartialState().is_main_process  # one process speaks
     say = (lambda *args: None) if quiet else (lambda message: print(f"{PROG}: {message}", file=sys.stderr))
-    check_model_name(detector)
-    if is_detector_adapter(detector):
-        raise AdaptError(f"{detector} is an adapter; adapt its base detector instead (adapters do not stack)")
-    report = BadImageReport()
-    fakes, reals = readable(fakes, report), readable(reals, report)
-    unreadable = f" ({report.summary()})" if report.count else ""
-    if not fakes:
-        raise AdaptError(f"no readable image of the new generator{unreadable}")
-    shortfall = too_few_fakes(len(fakes), options.holdout)
-    if shortfall and not force:
-        raise AdaptError(f"{shortfall}{unreadable}; give more, or pass --force to adapt on these")
-    check_not_the_same_images(fakes, reals)
-
+    check_detector_name(detector)
+    images, shortfall = new_images(fakes, reals or [], options, force)
     accelerator = make_accelerator(cpu=device == "cpu", mixed_precision=options.mixed_precision)
-    model = MiraGeForImageClassification.from_pretrained(detector)
-    if model.config.added_fake_anchors:
-        raise AdaptError(f"{detector} already has added anchors; adapt the detector it was made from")
-    if not trained_parameters(model):
-        raise AdaptError(f"{detector} is a {model.config.mode} detector: it has no trained weights to adapt")
-    base = detector_fingerprint(detector)
-    base["weights_bytes"] = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    model, base = base_detector(detector)
     image_processor = AutoImageProcessor.from_pretrained(detector)
     preprocess = Preprocessor(image_processor, model.config.preprocess)
     name = options.generator or NEW_GENERATOR
-    fakes, reals = [dict(row, subset=name) for row in fakes], [dict(row, subset=name) for row in reals]
-    train_fakes, held_fakes = split_holdout(fakes, options.holdout, options.seed)
-    train_reals, held_reals = split_holdout(reals, options.holdout, options.seed) if reals else ([], [])
-    holdout = held_fakes + held_reals
     model.to(accelerator.device)
 
     with tempfile.TemporaryDirectory(prefix="mirage-adapt-") as workdir:
@@ -653,81 +742,43 @@ def adapt(
 
         def scored(model) -> dict:
             return {part: measure(model, rows, preprocess, accelerator, options.eval_batch_size, quiet)
-                    for part, rows in (("reference", ref_rows), ("holdout", holdout))}  # fmt: skip
+                    for part, rows in (("reference", ref_rows), ("holdout", images.holdout))}  # fmt: skip
 
         before = scored(model)
-
-        lora = None
-        if options.lora_r:
-            model, lora = add_adaptation_lora(model, options.lora_r)
-        if options.method == "anchor":
-            model = with_new_anchor(detector, train_fakes, train_reals, preprocess, accelerator.device)
-        augmentation = TrainAugmentation(preprocess.image_size, resize_prob=0.0, blur_prob=0.0, jpeg_prob=0.0)
-        train_preprocess = Preprocessor(image_processor, model.config.preprocess, augmentation)
-        steps = options.resolved_steps(len(train_fakes))
-        say(f"training on {len(train_fakes)} fakes and {len(train_reals)} reals for {steps} steps "
-            f"({len(held_fakes)} fakes and {len(held_reals)} reals held out)")  # fmt: skip
-        log = train(model, train_fakes, train_reals, train_preprocess, options, accelerator, quiet, checkpointing)
-        model.eval()
-        if lora is not None:
-            from peft import get_peft_model_state_dict
-
-            lora["state"] = {k: v.detach().cpu() for k, v in get_peft_model_state_dict(model).items()}
-            model = model.merge_and_unload()
-            for param in model.clip.parameters():
-                param.requires_grad_(False)
+        steps = options.resolved_steps(len(images.train_fakes))
+        say(f"training on {len(images.train_fakes)} fakes and {len(images.train_reals)} reals for {steps} steps "
+            f"({len(images.held_fakes)} fakes and {len(images.held_reals)} reals held out)")  # fmt: skip
+        model, lora, log = adapted(model, detector, images, image_processor, options, accelerator, quiet, checkpointing)
         if options.method == "anchor":  # the old decision stays where it was: the base's temperature and threshold
             calibration = kept_calibration(model.config, "--method anchor")
         else:
-            calibration = refit_calibration(model, holdout, preprocess, accelerator, options.eval_batch_size, quiet)
+            calibration = refit_calibration(
+                model, images.holdout, preprocess, accelerator, options.eval_batch_size, quiet
+            )
         after = scored(model)
 
-    new_subset = name if name in before["reference"] else None
-    guard = forgetting(before["reference"], after["reference"], new_subset, options.max_forgetting)
-    new_before = before["reference"].get(new_subset) or before["holdout"].get(name, {})
-    new_after = after["reference"].get(new_subset) or after["holdout"].get(name, {})
-    notes = effect_warnings(before["holdout"].get(name) or new_before, after["holdout"].get(name) or new_after)
+    verdict = guard_verdict(before, after, name, options, measure_forgetting)
     if shortfall:
-        notes.insert(0, f"adapted with --force on {shortfall}")
-    refused = [
-        f"{subset} lost {-guard['change'][subset][key]:.1f} points of {GUARDED[key]} (margin {options.max_forgetting:g})"
-        for subset, key in guard["beyond_margin"]
-    ]
-    if not measure_forgetting:
-        refused.append("forgetting was not measured (no reference data)")
-    lora_state = None if lora is None else lora["state"]
+        verdict["warnings"].insert(0, f"adapted with --force on {shortfall}")
     results = {
         "base_model": base,
         "generator": name,
         "reference": ref_name,
-        "images": {
-            "fakes": len(fakes),
-            "reals": len(reals),
-            "train_fakes": len(train_fakes),
-            "train_reals": len(train_reals),
-            "holdout_fakes": len(held_fakes),
-            "holdout_reals": len(held_reals),
-            "unreadable": report.count,
-            "unreadable_summary": report.summary(),
-        },  # fmt: skip
+        "images": images.counts(),
         "options": {**dataclasses.asdict(options), "steps": steps},
         "preprocess": model.config.preprocess,
         "before": before,
         "after": after,
-        "new_generator": {
-            "subset": new_subset or (name if holdout else None),
-            "before": new_before,
-            "after": new_after,
-        },
+        "new_generator": verdict["new_generator"],
         "calibration": calibration,
-        "forgetting": guard,
-        "refused": refused,
-        "warnings": notes,
-        "adapter_fraction": adapter_fraction(model, lora_state, base),
+        "forgetting": verdict["forgetting"],
+        "refused": verdict["refused"],
+        "warnings": verdict["warnings"],
+        "adapter_fraction": adapter_fraction(model, None if lora is None else lora["state"], base),
         "loss_log": log,
         "seconds": time.perf_counter() - started,
     }
-    return Adaptation(model, results, image_processor, lora, refused)
+    return Adaptation(model, results, image_processor, lora, verdict["refused"])
 
 
 # ------------------------------------------------------------------------------------------------ reporting
