@@ -10,6 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import mirage_hf
 from mirage_hf import from_clip
@@ -153,6 +154,14 @@ def detector_dir(clip_dir, tmp_path_factory):
     model.config.decision_threshold, model.config.calibration_temperature = 0.3, 1.0
     model.config._name_or_path = "tiny-random-mirage"
     return export_model(model, AutoImageProcessor.from_pretrained(clip_dir), tmp_path_factory.mktemp("run") / "model")
+
+
+def random_images(root: Path, count: int, size: tuple[int, int], seed: int, name: str = "{:03d}.png") -> Path:
+    """`count` distinct noise images of `size` (height, width) in `root`, named `name.format(index)`."""
+    rng = np.random.default_rng(seed)
+    for index in range(count):
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(root / name.format(index))
+    return root
 
 
 def scaled_p_fake(model_dir, images) -> np.ndarray:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import random_images
 from PIL import Image
 
 import mirage_hf.scan
@@ -218,10 +219,7 @@ def subprocess_env():
 @pytest.fixture(scope="module")
 def many_images(tmp_path_factory):
     """300 distinct small images and two broken files: enough batches of one to kill a scan in the middle."""
-    root = tmp_path_factory.mktemp("many")
-    rng = np.random.default_rng(1)
-    for index in range(300):
-        Image.fromarray(rng.integers(0, 255, (12, 10, 3), dtype=np.uint8)).save(root / f"img-{index:04d}.png")
+    root = random_images(tmp_path_factory.mktemp("many"), 300, (12, 10), seed=1, name="img-{:04d}.png")
     (root / "img-0100-broken.png").write_text("not an image")
     (root / "img-0200-broken.jpg").write_bytes(b"")
     return root

@@ -9,10 +9,10 @@ import sys
 import threading
 import time
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import ray
+from conftest import random_images
 from PIL import Image
 from test_video import demo_frames, write_gif, write_video
 
@@ -124,11 +124,7 @@ def test_uris_of_a_folder_and_of_files_score_as_the_local_paths(capsys, folder, 
 
 @pytest.fixture(scope="module")
 def many_images(tmp_path_factory):
-    root = tmp_path_factory.mktemp("many")
-    rng = np.random.default_rng(0)
-    for index in range(160):
-        Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(root / f"{index:03d}.png")
-    return root
+    return random_images(tmp_path_factory.mktemp("many"), 160, (24, 24), seed=0)
 
 
 def scoring_actor_pids() -> list[int]:
