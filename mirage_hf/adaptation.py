@@ -62,7 +62,7 @@ from .metrics import RESERVED_SUBSETS, format_before_after, to_jsonable
 from .model_folder import EVAL_RESULTS_FILE
 from .modeling_mirage import MiraGeAddedAnchors, MiraGeForImageClassification
 from .parameters import mirage_core, trainable_parameters
-from .progress import hide_library_bars
+from .progress import configure_logging, hide_library_bars
 from .scan import find_images
 from .scoring import check_model_name
 from .transforms import BadImageReport, DetectionCollator, ImageLoadError, Preprocessor, TrainAugmentation, open_image
@@ -906,6 +906,8 @@ def main(argv=None) -> int:
     except SystemExit as exit_:  # --help (0) or a usage error (1), as a return code
         return exit_.code
     output = args.output or default_output(args.detector)
+    if not args.quiet:
+        configure_logging()  # the engine's messages (where a resumed run continues) reach the command line
     hide_library_bars()  # the weight-loading bar is noise in a command-line tool
     offline_if_hub_unreachable()
     try:

@@ -497,6 +497,33 @@ def test_adaptation_in_bf16_computes_in_bfloat16_and_lands_near_the_fp32_weights
     assert (step16 - step32).norm() < 0.25 * step32.norm()
 
 
+def test_a_resumed_mirage_adapt_says_where_it_resumed(detector_dir, world, tmp_path, monkeypatch, caplog):
+    """mirage-adapt killed after its step-2 checkpoint and run again with --resume_from_checkpoint latest says on
+    its command line that it continued from step 2 (the engine's log reaches the command line)."""
+    import logging
+
+    import mirage_hf.engine as engine
+
+    logging.getLogger("mirage_hf").setLevel(logging.NOTSET)  # as in a fresh process: no earlier command set it
+    real_save = engine.save_checkpoint
+
+    class Killed(Exception):
+        pass
+
+    def save_then_die(accelerator, output_dir, progress, total_limit):
+        real_save(accelerator, output_dir, progress, total_limit)
+        raise Killed
+
+    argv = [str(a) for a in adapt_argv(detector_dir, world, tmp_path / "adapter", "--steps", 4, "--save_every", 2)]
+    argv.remove("-q")
+    monkeypatch.setattr(engine, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        main(argv)
+    monkeypatch.setattr(engine, "save_checkpoint", real_save)
+    assert main([*argv, "--resume_from_checkpoint", "latest", "--force"]) == 0
+    assert "resumed from step 2" in caplog.text
+
+
 RECORDING_ADAPT_PY = """
 import json, sys
 from accelerate import PartialState
