@@ -1,5 +1,6 @@
 """Tiny CLIP checkpoints built in the tests: no Hub access, a few milliseconds per forward."""
 
+import contextlib
 import gzip
 import logging
 import os
@@ -154,6 +155,30 @@ def detector_dir(clip_dir, tmp_path_factory):
     model.config.decision_threshold, model.config.calibration_temperature = 0.3, 1.0
     model.config._name_or_path = "tiny-random-mirage"
     return export_model(model, AutoImageProcessor.from_pretrained(clip_dir), tmp_path_factory.mktemp("run") / "model")
+
+
+class Killed(Exception):
+    """Stands for a SIGKILL that lands right after a checkpoint was written."""
+
+
+@contextlib.contextmanager
+def killed_after_checkpoint(monkeypatch, step: int | None = None):
+    """The run inside stops (`Killed`) once the engine has saved the checkpoint of `step` (None: the first)."""
+    import mirage_hf.engine as engine
+
+    real_save = engine.save_checkpoint
+
+    def save_then_die(accelerator, output_dir, progress, total_limit):
+        real_save(accelerator, output_dir, progress, total_limit)
+        if step is None or progress["global_step"] == step:
+            raise Killed
+
+    monkeypatch.setattr(engine, "save_checkpoint", save_then_die)
+    try:
+        with pytest.raises(Killed):
+            yield
+    finally:
+        monkeypatch.setattr(engine, "save_checkpoint", real_save)
 
 
 def random_images(root: Path, count: int, size: tuple[int, int], seed: int, name: str = "{:03d}.png") -> Path:

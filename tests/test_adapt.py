@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import reset_accelerator_state, scaled_p_fake, with_threshold
+from conftest import killed_after_checkpoint, reset_accelerator_state, scaled_p_fake, with_threshold
 from PIL import Image
 from safetensors import safe_open
 from transformers import AutoModel, AutoModelForImageClassification, pipeline
@@ -433,27 +433,13 @@ def test_an_interrupted_adaptation_resumes_to_the_same_weights_and_loss_log(dete
                                                                            caplog, method):  # fmt: skip
     """Killed after the step-4 checkpoint and resumed with `latest`: bit for bit the weights, loss log and tables of
     an uninterrupted run (the row stream wraps mid-run and the augmentation flips: both are restored)."""
-    import mirage_hf.engine as engine
-
     caplog.set_level("INFO", logger="mirage_hf")
     options = AdaptOptions(steps=6, batch_size=8, holdout=0.25, generator="diffusion", method=method,
                            learning_rate=0.05)  # fmt: skip
     straight = run_adapt(detector_dir, world, options)
-    real_save = engine.save_checkpoint
-
-    class Killed(Exception):
-        pass
-
-    def save_then_die(accelerator, output_dir, progress, total_limit):
-        real_save(accelerator, output_dir, progress, total_limit)
-        if progress["global_step"] == 4:
-            raise Killed
-
     checkpoints = Checkpointing(str(tmp_path / "run"), every=2, frozen_base=frozen_base_fingerprint(str(detector_dir)))
-    monkeypatch.setattr(engine, "save_checkpoint", save_then_die)
-    with pytest.raises(Killed):
+    with killed_after_checkpoint(monkeypatch, step=4):
         run_adapt(detector_dir, world, options, checkpointing=checkpoints)
-    monkeypatch.setattr(engine, "save_checkpoint", real_save)
     resumed = run_adapt(
         detector_dir, world, options, checkpointing=dataclasses.replace(checkpoints, resume_from="latest")
     )
@@ -502,24 +488,11 @@ def test_a_resumed_mirage_adapt_says_where_it_resumed(detector_dir, world, tmp_p
     its command line that it continued from step 2 (the engine's log reaches the command line)."""
     import logging
 
-    import mirage_hf.engine as engine
-
     logging.getLogger("mirage_hf").setLevel(logging.NOTSET)  # as in a fresh process: no earlier command set it
-    real_save = engine.save_checkpoint
-
-    class Killed(Exception):
-        pass
-
-    def save_then_die(accelerator, output_dir, progress, total_limit):
-        real_save(accelerator, output_dir, progress, total_limit)
-        raise Killed
-
     argv = [str(a) for a in adapt_argv(detector_dir, world, tmp_path / "adapter", "--steps", 4, "--save_every", 2)]
     argv.remove("-q")
-    monkeypatch.setattr(engine, "save_checkpoint", save_then_die)
-    with pytest.raises(Killed):
+    with killed_after_checkpoint(monkeypatch):
         main(argv)
-    monkeypatch.setattr(engine, "save_checkpoint", real_save)
     assert main([*argv, "--resume_from_checkpoint", "latest", "--force"]) == 0
     assert "resumed from step 2" in caplog.text
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_EVAL_ARGS
+from conftest import TINY_EVAL_ARGS, killed_after_checkpoint
 from conftest import TINY_TRAIN_ARGS as TINY
 from transformers import pipeline
 
@@ -86,25 +86,10 @@ def test_the_test_split_never_influences_temperature_threshold_or_weights(tmp_pa
 
 
 def test_interrupted_training_resumes_to_the_same_parameters(tmp_path, monkeypatch, caplog):
-    import mirage_hf.engine as engine
-
     args = ["--max_steps", "6", "--save_every", "2", "--calibrate", "null"]
     straight = run(tmp_path / "straight", *args)
-
-    real_save = engine.save_checkpoint
-
-    class Killed(Exception):
-        pass
-
-    def save_then_die(accelerator, output_dir, progress, total_limit):
-        real_save(accelerator, output_dir, progress, total_limit)
-        if progress["global_step"] == 4:
-            raise Killed
-
-    monkeypatch.setattr(engine, "save_checkpoint", save_then_die)
-    with pytest.raises(Killed):
+    with killed_after_checkpoint(monkeypatch, step=4):
         run(tmp_path / "resumed", *args)
-    monkeypatch.setattr(engine, "save_checkpoint", real_save)
     resumed = run(tmp_path / "resumed", *args, "--resume_from_checkpoint", "latest")
     assert "resumed from step 4" in caplog.text
 
