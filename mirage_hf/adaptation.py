@@ -801,65 +801,90 @@ def summary_tables(results: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    defaults = AdaptOptions()
     parser = UsageParser(
         prog=PROG,
         description="Adapt a trained MiraGe detector to a new generator from a few of its images; writes an adapter "
-        "folder that from_pretrained, pipeline() and mirage-detect load, unless the detector forgets the "
+        "folder that the Auto classes, pipeline() and mirage-detect load, unless the detector forgets the "
         "generators it knew.",
         epilog="Exit codes: 0 written, 1 usage error or unusable input, 3 refused by the forgetting guard.",
     )
-    parser.add_argument("detector", help="trained detector folder or Hub id")
-    parser.add_argument("--fakes", nargs="+", default=[], metavar="INPUT",
+    _add_image_options(parser)
+    _add_guard_options(parser)
+    _add_training_options(parser)
+    _add_output_options(parser)
+    add_quiet(parser, "progress bar")
+    return parser
+
+
+def _add_image_options(parser: argparse.ArgumentParser) -> None:
+    """The detector to adapt, the new generator's images and the real ones."""
+    group = parser.add_argument_group("detector and new images")
+    group.add_argument("detector", help="trained detector folder or Hub id")
+    group.add_argument("--fakes", nargs="+", default=[], metavar="INPUT",
                         help="images of the new generator: files, folders (recursive) or glob patterns")  # fmt: skip
-    parser.add_argument("--files_from", metavar="LIST", help="also the fakes listed in LIST, one path per line")
-    parser.add_argument("--reals", nargs="+", default=[], metavar="INPUT", help="real images (recommended)")
-    parser.add_argument("--reals_from", metavar="LIST", help="also the real images listed in LIST")
-    parser.add_argument("--dataset", help="a labelled data set (folder, genimage:/ufd: root, file or Hub id): its "
+    group.add_argument("--files_from", metavar="LIST", help="also the fakes listed in LIST, one path per line")
+    group.add_argument("--reals", nargs="+", default=[], metavar="INPUT", help="real images (recommended)")
+    group.add_argument("--reals_from", metavar="LIST", help="also the real images listed in LIST")
+    group.add_argument("--dataset", help="a labelled data set (folder, genimage:/ufd: root, file or Hub id): its "
                         "fakes are the new generator's, its reals the reals")  # fmt: skip
-    parser.add_argument("--dataset_split", default="train", help="split of --dataset (default train)")
-    parser.add_argument("--generator", help="name of the new generator (a reference subset of this name measures it)")
-    parser.add_argument("--reference", help="data the detector knows, to measure forgetting on (default: the data in "
+    group.add_argument("--dataset_split", default="train", help="split of --dataset (default train)")
+    group.add_argument("--generator", help="name of the new generator (a reference subset of this name measures it)")
+
+
+def _add_guard_options(parser: argparse.ArgumentParser) -> None:
+    """What the forgetting guard measures and allows."""
+    defaults = AdaptOptions()
+    group = parser.add_argument_group("forgetting guard")
+    group.add_argument("--reference", help="data the detector knows, to measure forgetting on (default: the data in "
                         "its eval_results.json, regenerated when it was the generated demo data)")  # fmt: skip
-    parser.add_argument("--reference_split", help="split of --reference (default val)")
-    parser.add_argument("--output", help="adapter folder to write (default: <detector>-adapter, or <name>-adapter)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
-    parser.add_argument("--max_forgetting", type=float, default=defaults.max_forgetting,
+    group.add_argument("--reference_split", help="split of --reference (default val)")
+    group.add_argument("--max_forgetting", type=float, default=defaults.max_forgetting,
                         help="largest loss in points of real accuracy and of fake accuracy on any old generator "
                         "(default %(default)s)")  # fmt: skip
-    parser.add_argument("--force", action="store_true", help="write the adapter even when the guard refuses (the "
+    group.add_argument("--force", action="store_true", help="write the adapter even when the guard refuses (the "
                         "card says so), no reference data exists or the new fakes are too few")  # fmt: skip
-    parser.add_argument("--steps", type=int, help="optimiser steps (default: 10 passes over the fakes, 100 to 400)")
-    parser.add_argument("--batch_size", type=int, default=defaults.batch_size,
+
+
+def _add_training_options(parser: argparse.ArgumentParser) -> None:
+    """How the adapter is trained (the engine's options: precision, checkpoints, device)."""
+    defaults = AdaptOptions()
+    group = parser.add_argument_group("training")
+    group.add_argument("--method", choices=AdaptOptions.METHODS, default=defaults.method,
+                        help="anchor (default): add a fake anchor for the new generator and train only it, the old "
+                        "anchors, prompts and calibration kept; prompts: retrain the detector's prompts")  # fmt: skip
+    group.add_argument("--steps", type=int, help="optimiser steps (default: 10 passes over the fakes, 100 to 400)")
+    group.add_argument("--batch_size", type=int, default=defaults.batch_size,
                         help="images per step, half new fakes and half reals (default %(default)s)")  # fmt: skip
-    parser.add_argument("--learning_rate", type=float, default=defaults.learning_rate,
+    group.add_argument("--learning_rate", type=float, default=defaults.learning_rate,
                         help="AdamW learning rate (default %(default)s)")  # fmt: skip
-    parser.add_argument("--anchor_weight", type=float, default=defaults.anchor_weight,
+    group.add_argument("--anchor_weight", type=float, default=defaults.anchor_weight,
                         help="L2 penalty toward the detector's weights (default %(default)s; 0 = off)")  # fmt: skip
-    parser.add_argument("--distill_weight", type=float, default=defaults.distill_weight,
+    group.add_argument("--distill_weight", type=float, default=defaults.distill_weight,
                         help="distillation of the detector's scores on reals (default %(default)s; 0 = off)")  # fmt: skip
-    parser.add_argument("--holdout", type=float, default=defaults.holdout,
+    group.add_argument("--holdout", type=float, default=defaults.holdout,
                         help="fraction of the new images held out (default %(default)s)")  # fmt: skip
-    parser.add_argument(
+    group.add_argument(
         "--lora_r",
         type=int,
         default=defaults.lora_r,
         help="also train a fresh LoRA of this rank (default %(default)s: none)",
     )
-    parser.add_argument("--method", choices=AdaptOptions.METHODS, default=defaults.method,
-                        help="anchor (default): add a fake anchor for the new generator and train only it, the old "
-                        "anchors, prompts and calibration kept; prompts: retrain the detector's prompts")  # fmt: skip
-    parser.add_argument("--seed", type=int, default=defaults.seed,
+    group.add_argument("--seed", type=int, default=defaults.seed,
                         help="seed of the hold-out split, the batches and the new weights (default %(default)s)")  # fmt: skip
-    parser.add_argument("--mixed_precision", choices=AdaptOptions.MIXED_PRECISION, default=defaults.mixed_precision,
+    group.add_argument("--mixed_precision", choices=AdaptOptions.MIXED_PRECISION, default=defaults.mixed_precision,
                         help="autocast the forwards in bf16 or fp16 (default %(default)s)")  # fmt: skip
-    parser.add_argument("--save_every", type=int, default=0, metavar="N",
+    group.add_argument("--save_every", type=int, default=0, metavar="N",
                         help=f"save a checkpoint every N steps, in <output>{CHECKPOINTS_SUFFIX} (default 0: none)")  # fmt: skip
-    parser.add_argument("--resume_from_checkpoint", metavar="latest|PATH",
+    group.add_argument("--resume_from_checkpoint", metavar="latest|PATH",
                         help="resume the training from this checkpoint, or the newest one with 'latest'")  # fmt: skip
-    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    add_quiet(parser, "progress bar")
-    return parser
+    group.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+
+
+def _add_output_options(parser: argparse.ArgumentParser) -> None:
+    """Where the adapter goes."""
+    group = parser.add_argument_group("output")
+    group.add_argument("--output", help="adapter folder to write (default: <detector>-adapter, or <name>-adapter)")
+    group.add_argument("--overwrite", action="store_true", help="replace an existing --output")
 
 
 CHECKPOINTS_SUFFIX = ".training"  # <output>.training/checkpoints/step_*: beside the adapter folder, never in it
