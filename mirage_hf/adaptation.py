@@ -65,7 +65,15 @@ from .parameters import mirage_core, trainable_parameters
 from .progress import configure_logging, hide_library_bars
 from .scan import find_images
 from .scoring import check_model_name
-from .transforms import BadImageReport, DetectionCollator, ImageLoadError, Preprocessor, TrainAugmentation, open_image
+from .transforms import (
+    BadImageReport,
+    DetectionCollator,
+    ImageLoadError,
+    Preprocessor,
+    TrainAugmentation,
+    open_image,
+    random_state,
+)
 
 PROG = "mirage-adapt"
 REFUSED = 3  # exit code: the forgetting guard kept the adapter from being written
@@ -326,8 +334,7 @@ class Batches:
         return {"rng": self.rng.getstate(), "queues": self.queues}
 
     def load_state_dict(self, state: dict) -> None:
-        version, internal, gauss = state["rng"]
-        self.rng.setstate((version, tuple(internal), gauss))
+        self.rng.setstate(random_state(state["rng"]))
         self.queues = [list(queue) for queue in state["queues"]]
 
 

@@ -256,6 +256,12 @@ def random_crop(img: Image.Image, size: int, rng: random.Random) -> Image.Image:
     return _padded_crop(img, size, left, top)
 
 
+def random_state(saved) -> tuple:
+    """A `random.Random` state from its JSON round trip (`getstate()` written as lists): what `setstate` takes."""
+    version, internal, gauss = saved
+    return version, tuple(internal), gauss
+
+
 class TrainAugmentation:
     """Training augmentation in the CNNSpot tradition: with the given probabilities a down-then-up resize,
     a Gaussian blur and a JPEG re-compression (quality uniform in `jpeg_quality`), then a random crop to
@@ -302,8 +308,7 @@ class TrainAugmentation:
         return {"rng": self.rng.getstate()}
 
     def load_state_dict(self, state: dict) -> None:
-        version, internal, gauss = state["rng"]
-        self.rng.setstate((version, tuple(internal), gauss))
+        self.rng.setstate(random_state(state["rng"]))
 
     def __call__(self, img: Image.Image) -> Image.Image:
         rng = self._generator()
