@@ -160,8 +160,17 @@ def _gif_frames(path: str, times: Sequence[float]) -> list[Image.Image]:
         return frames
 
 
+def _rgb_image(frame, converter) -> Image.Image:
+    """A decoded frame as an RGB image, converted by the caller's own `converter` rather than `frame.to_image()`'s
+    per-thread one (PyAV >= 18.1.1): a forked DataLoader worker that reuses a converter its parent made hangs on the
+    parent's scaling threads."""
+    plane = converter.reformat(frame, format="rgb24").planes[0]
+    return Image.frombuffer("RGB", (plane.width, plane.height), bytes(plane), "raw", "RGB", plane.line_size, 1)
+
+
 def _container_frames(path: str, times: Sequence[float]) -> list[Image.Image]:
-    container, stream = _open_container(path)
+    container, stream = _open_container(path)  # first: a VideoLoadError naming the extra where PyAV is missing
+    converter = _av().video.reformatter.VideoReformatter()  # this call's own: see _rgb_image
     with container:
         base = stream.time_base
         start, duration = _start_and_duration(container, stream)
@@ -184,7 +193,7 @@ def _container_frames(path: str, times: Sequence[float]) -> list[Image.Image]:
                 raise VideoLoadError(
                     path, f"truncated: no frame at {time:.2f} s of {duration:.2f} s (data ends at {end})"
                 )
-            frames.append(to_rgb(frame.to_image()))
+            frames.append(to_rgb(_rgb_image(frame, converter)))
         return frames
 
 

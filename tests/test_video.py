@@ -241,6 +241,33 @@ def test_a_mixed_scan_killed_with_sigkill_resumes_to_one_row_per_file(capsys, mi
         assert ours == pytest.approx(theirs, abs=2e-4) if ours["p_fake"] is not None else ours == theirs
 
 
+AFTER_OWN_DECODE = """
+import sys, av
+from mirage_hf.cli import main
+with av.open(sys.argv[1]) as container:  # the caller's own decode first: PyAV >= 18.1.1 keeps its converter per thread
+    next(container.decode(video=0)).to_image()
+sys.exit(main([*sys.argv[1:3], "--model", sys.argv[3], "--max_frames", "3", "--batch_size", "1", "--num_workers", "1",
+               "--format", "jsonl", "--quiet", "--output", sys.argv[4]]))
+"""
+
+
+def test_forked_decode_workers_do_not_hang_after_the_parent_decoded_a_video(detector_dir, tmp_path):
+    """A process that converted a frame itself (a user's code, or an earlier scan in it) then scans with forked
+    DataLoader workers: a worker that reused the parent's cached frame converter waited forever on the parent's
+    scaling threads (PyAV 18.1.1)."""
+    frames = demo_frames(4)
+    videos = [write_video(tmp_path / f"{name}.mp4", frames, 4) for name in ("a", "b")]
+    command = [sys.executable, "-c", AFTER_OWN_DECODE, *videos, str(detector_dir), str(tmp_path / "rows.jsonl")]
+    try:
+        result = subprocess.run(command, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True,
+                                text=True, timeout=120)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        pytest.fail("the scan hung in its decode worker")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = jsonl((tmp_path / "rows.jsonl").read_text())
+    assert [row["frames"] for row in rows if row["frame"] is None] == [3, 3]
+
+
 MEMORY_PROBE = """
 import resource, sys
 from mirage_hf.cli import main
