@@ -265,6 +265,14 @@ SABOTAGES = [
         "        loader = accelerator.skip_first_batches(loader, state.batches_in_epoch)\n",
         "        pass\n",
     ),
+    Sabotage(
+        "video-frames-through-pyav-cache",
+        "a scan's decode workers hang once their process has converted a video frame itself (PyAV >= 18.1.1)",
+        ("tests/test_video.py::test_forked_decode_workers_do_not_hang_after_the_parent_decoded_a_video",),
+        "mirage_hf/video.py",
+        "frames.append(to_rgb(_rgb_image(frame, converter)))",
+        "frames.append(to_rgb(frame.to_image()))",
+    ),
 ]
 
 
