@@ -18,7 +18,7 @@ from fractions import Fraction
 
 from PIL import Image
 
-from .transforms import MAX_IMAGE_PIXELS, ImageLoadError, file_problem, open_image, to_rgb
+from .transforms import MAX_IMAGE_PIXELS, ImageLoadError, file_problem, open_image
 
 VIDEO_EXTENSIONS = frozenset({".avi", ".m4v", ".mkv", ".mov", ".mp4", ".webm"})
 """Decoded as videos through PyAV. Animated GIFs (`.gif` with more than one frame) are videos as well."""
@@ -193,7 +193,7 @@ def _container_frames(path: str, times: Sequence[float]) -> list[Image.Image]:
                 raise VideoLoadError(
                     path, f"truncated: no frame at {time:.2f} s of {duration:.2f} s (data ends at {end})"
                 )
-            frames.append(to_rgb(_rgb_image(frame, converter)))
+            frames.append(_rgb_image(frame, converter))
         return frames
 
 

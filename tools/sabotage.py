@@ -270,8 +270,8 @@ SABOTAGES = [
         "a scan's decode workers hang once their process has converted a video frame itself (PyAV >= 18.1.1)",
         ("tests/test_video.py::test_forked_decode_workers_do_not_hang_after_the_parent_decoded_a_video",),
         "mirage_hf/video.py",
-        "frames.append(to_rgb(_rgb_image(frame, converter)))",
-        "frames.append(to_rgb(frame.to_image()))",
+        "frames.append(_rgb_image(frame, converter))",
+        "frames.append(frame.to_image())",
     ),
 ]
 
